@@ -1,0 +1,32 @@
+"""Test-wide settings, in the style of Equinox's conftest: strict promotion, fake devices, no network."""
+import os
+import socket
+
+# Several fake CPU devices so the per-device child training is tested; must precede the first jax import.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-tfds-data-dir")
+os.environ["NO_GCE_CHECK"] = "true"
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+class NetworkBlocked(RuntimeError):
+    pass
+
+
+def _refuse(*args, **kwargs):
+    raise NetworkBlocked(f"network access attempted in a test: {args[:1]}")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any download attempt (TFDS, pretrained weights, GCS metadata) fails at once instead of hanging."""
+    monkeypatch.setattr(socket.socket, "connect", _refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", _refuse)
+    monkeypatch.setattr(socket, "create_connection", _refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", _refuse)
+    yield

@@ -1,0 +1,668 @@
+"""The μ2Net+ multitask system and one active-task iteration (paper Section 3, Algorithm 1, Table 1).
+
+A `System` holds components by id and one retained `Model` (path) per task. A model is an ordered tuple of
+component ids; a component is shared or owned by *data* (which models list its id), never by object identity.
+`task_iteration(system, task, config, key)` is a pure function returning the extended system; μ2Net, μ2Net+ and the
+Section 4 baselines are settings of the same functions (`Method`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import augment
+import score as sc
+import vit
+
+# --- Table 1: the search space as data -----------------------------------------------------------------------
+
+MU_VALUES = tuple(round(0.02 * i, 2) for i in range(1, 16))  # Section 3: multiples of 0.02 in [0.02, 0.3]
+_DELTAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+
+TABLE1: dict[str, tuple] = {
+    "lr": (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
+    "warmup": (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3),
+    "momentum": (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99),
+    "nesterov": (False, True),
+    "crop_area_min": (0.05, 0.5, 0.95, 1.0),
+    "crop_aspect_min": (0.5, 0.75, 1.0),
+    "flip": (False, True),
+    "brightness": _DELTAS,
+    "contrast": _DELTAS,
+    "saturation": _DELTAS,
+    "hue": _DELTAS,
+    "quality": _DELTAS,
+    "resolution": (224, 384),
+}
+AUG_KEYS = ("crop_area_min", "crop_aspect_min", "flip", "brightness", "contrast", "saturation", "hue", "quality")
+PLUS_DEFAULTS: dict[str, Any] = dict(  # μ2Net+ (method-notes "Search space defaults"): every augmentation off
+    lr=0.01, warmup=0.05, momentum=0.9, nesterov=False, crop_area_min=1.0, crop_aspect_min=1.0, flip=False,
+    brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, quality=0.0, resolution=384, mu=0.2,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """Valid values per tunable hyperparameter (order = neighbour order) and the defaults of a fresh model."""
+
+    values: Mapping[str, tuple]
+    defaults: Mapping[str, Any]
+
+
+def search_space(depth: int, resolutions: Sequence[int] = (224, 384), method: str = "plus",
+                 resolution: int | None = None) -> SearchSpace:
+    """Table 1 for a root of `depth` blocks. `method="plus"`: μ2Net+ (layer removal, both resolutions, image
+    quality, learned μ); `"mu2net"`: μ2Net's space (fixed largest resolution, global μ as a hyperparameter)."""
+    values = dict(TABLE1, resolution=tuple(resolutions))
+    defaults = dict(PLUS_DEFAULTS, resolution=resolution or max(resolutions), num_layers=depth)
+    if method == "plus":
+        values["num_layers"] = tuple(range(depth + 1))
+    elif method == "mu2net":
+        del values["quality"]
+        values["resolution"] = (defaults["resolution"],)
+        values["mu"] = MU_VALUES
+    else:
+        raise ValueError(f"search_space: method={method!r}; expected 'plus' or 'mu2net'")
+    return SearchSpace(values, defaults)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """How children are made. μ2Net+ is the default; the others are settings, not code paths.
+
+    learned_mu: per-action μ table (μ2Net+ ext. 4) instead of the model's single μ for every action.
+    clone: "mu" (Algorithm 1), "all" (full fine-tune), "top:K" (blocks ≥ K trained, below shared frozen),
+      "none" (only the forced head / encoder_norm / adapters).
+    adapter_dim: > 0 inserts `residual_adapter_{i}` before every block (Section 4 baseline).
+    hp_moves: mutate hyperparameters; parents: "any" (Algorithm 1) or "root" (baselines start at the root).
+    """
+
+    learned_mu: bool = True
+    clone: str = "mu"
+    adapter_dim: int = 0
+    hp_moves: bool = True
+    parents: str = "any"
+
+    def __post_init__(self):
+        ok = self.clone in ("mu", "all", "none") or (self.clone.startswith("top:") and self.clone[4:].isdigit())
+        if not ok:
+            raise ValueError(f"Method.clone={self.clone!r}; expected 'mu', 'all', 'none' or 'top:K'")
+        if self.parents not in ("any", "root"):
+            raise ValueError(f"Method.parents={self.parents!r}; expected 'any' or 'root'")
+
+
+METHODS: dict[str, Method] = {
+    "mu2net+": Method(),
+    "mu2net": Method(learned_mu=False),
+    "munet": Method(learned_mu=False),
+    "finetune": Method(clone="all", hp_moves=False, parents="root"),
+    "adapters": Method(clone="none", adapter_dim=64, hp_moves=False, parents="root"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One task iteration's budget and scoring (Algorithm 1; Section 4 and 5 settings)."""
+
+    space: SearchSpace
+    method: Method = Method()
+    generations: int = 4
+    children: int = 8
+    cycles: int = 4
+    samples_cap: int = 51_200
+    batch_size: int = 16
+    s: float = 0.99
+    P: float = math.inf
+    F: float = math.inf
+    eval_batch: int = 256
+    split: str = "mask"  # how trainable/frozen is compiled: "mask" | "hybrid" | "partition" (bench/compile.py)
+
+
+# --- the system --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A path: its task, ordered component ids, hyperparameters, μ table, parent and metrics."""
+
+    id: str
+    task: str
+    components: tuple[str, ...]
+    hp: Mapping[str, Any]
+    mu: Mapping[str, float]
+    parent: str | None
+    metrics: Mapping[str, float]
+
+
+ROOT = "root"
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    """Components by id (parameters and bfloat16 momentum), the retained model of every task, the root (pinned:
+    its components are never trained or collected) and the lineage of retained models (for ancestor look-ups)."""
+
+    cfg: vit.Config
+    params: Mapping[str, eqx.Module]
+    momentum: Mapping[str, eqx.Module]
+    models: Mapping[str, Model]
+    root: Model
+    lineage: Mapping[str, tuple[str | None, tuple[str, ...]]]  # model id -> (parent id, component ids)
+    counter: int = 0
+
+    def component_ids(self) -> set[str]:
+        return {c for m in (self.root, *self.models.values()) for c in m.components}
+
+
+def kind(cid: str) -> str:
+    """Component name of an id: 'encoderblock_3:17' -> 'encoderblock_3'."""
+    return cid.rsplit(":", 1)[0]
+
+
+def zeros_like_bf16(tree: eqx.Module) -> eqx.Module:
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.bfloat16), tree)
+
+
+def new_system(cfg: vit.Config, root: Mapping[str, eqx.Module], hp: Mapping[str, Any]) -> System:
+    """A system holding only the root model (e.g. an AugReg checkpoint or a random init), momentum zero."""
+    ids = tuple(f"{name}:{i}" for i, name in enumerate(root))
+    params = {cid: root[kind(cid)] for cid in ids}
+    model = Model(ROOT, ROOT, ids, dict(hp), {}, None, {})
+    return System(cfg, params, {c: zeros_like_bf16(p) for c, p in params.items()}, {}, model,
+                  {ROOT: (None, ids)}, len(ids))
+
+
+def sharers(system: System, task: str) -> dict[str, int]:
+    """#models(p) of eq. 2: for each component, the retained models of tasks other than `task` using it."""
+    n: dict[str, int] = {}
+    for m in system.models.values():
+        if m.task != task:
+            for c in set(m.components):
+                n[c] = n.get(c, 0) + 1
+    return n
+
+
+def model_size(params: Mapping[str, eqx.Module], model: Model, shares: Mapping[str, int]) -> float:
+    """#accounted-params of eq. 2."""
+    ids = model.components
+    return sc.accounted_params([sc.param_count(params[c]) for c in ids], [shares.get(c, 0) for c in ids])
+
+
+def model_flops(cfg: vit.Config, params: Mapping[str, eqx.Module], model: Model, num_classes: int) -> int:
+    """#flops of eq. 1: one image's forward pass at the model's depth and resolution."""
+    depth = sum(kind(c).startswith("encoderblock_") for c in model.components)
+    adapter = next((params[c].Dense_0.kernel.shape[1] for c in model.components
+                    if kind(c).startswith("residual_adapter_")), 0)
+    return sc.flops(cfg, depth, int(model.hp["resolution"]), num_classes, adapter)
+
+
+def accounted_params(system: System, model: Model) -> float:
+    return model_size(system.params, model, sharers(system, model.task))
+
+
+# --- mutations (Section 3, method-notes "Mutations") ---------------------------------------------------------
+
+
+def neighbour(values: tuple, value: Any, key: jax.Array) -> Any:
+    """One step ±1 (probability ½ each) in the list of valid values, clamped at the ends."""
+    i = nearest(values, value)
+    j = min(max(i + (1 if jax.random.bernoulli(key) else -1), 0), len(values) - 1)
+    return values[j]
+
+
+def nearest(values: tuple, value: Any) -> int:
+    if value in values:
+        return values.index(value)
+    return int(np.argmin([abs(float(v) - float(value)) for v in values]))
+
+
+def uniform(key: jax.Array) -> float:
+    return float(jax.random.uniform(key))
+
+
+class Sampler:
+    """Draws the random decisions of one child from a key, in a fixed order (one fresh subkey per draw)."""
+
+    def __init__(self, key: jax.Array):
+        self.key = key
+
+    def next(self) -> jax.Array:
+        self.key, k = jax.random.split(self.key)
+        return k
+
+
+def query(action: str, hp: Mapping[str, Any], mu: dict[str, float], learned: bool, rng: Sampler) -> bool:
+    """Whether mutation `action` fires (Algorithm 1 line 20). Learned μ (μ2Net+): the table entry starts at the
+    model's μ, first moves ±1 step with probability μ, is stored in the child, then fires if it beats U(0,1)."""
+    if not learned:
+        return hp["mu"] > uniform(rng.next())
+    value = mu.get(action, hp["mu"])
+    if hp["mu"] > uniform(rng.next()):
+        value = neighbour(MU_VALUES, value, rng.next())
+    mu[action] = value
+    return value > uniform(rng.next())
+
+
+@dataclasses.dataclass(frozen=True)
+class Child:
+    """An untrained child: its model (fresh id), which positions train, and the new components it owns."""
+
+    model: Model
+    trainable: tuple[bool, ...]
+    new: Mapping[str, tuple[eqx.Module, eqx.Module]]  # id -> (params, momentum) of cloned / fresh components
+    threshold: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """What a task iteration can read: the system plus the active population's own components and lineage."""
+
+    system: System
+    params: Mapping[str, eqx.Module]
+    momentum: Mapping[str, eqx.Module]
+    lineage: Mapping[str, tuple[str | None, tuple[str, ...]]]
+
+    def ancestors(self, model_id: str | None) -> Iterator[tuple[str, ...]]:
+        while model_id is not None and model_id in self.lineage:
+            parent, comps = self.lineage[model_id]
+            yield comps
+            model_id = parent
+        yield self.system.root.components
+
+    def find(self, model_id: str, name: str, ok: Callable[[eqx.Module], bool] = lambda p: True) -> str | None:
+        """Nearest surviving component called `name` on the path from model `model_id` up to the root."""
+        for comps in self.ancestors(model_id):
+            for c in comps:
+                if kind(c) == name and c in self.params and ok(self.params[c]):
+                    return c
+        return None
+
+
+def frozen_ids(system: System, task: str) -> set[str]:
+    """Components locked by the root or by a retained model of another task: a child may only share them frozen.
+    Everything else reachable was trained for `task` in progress and is always cloned (method-notes)."""
+    return set(system.root.components) | set(sharers(system, task))
+
+
+def make_child(pool: Pool, parent: Model, task: str, num_classes: int, config: Config, key: jax.Array,
+               child_id: str, counter: int, parent_score: float) -> tuple[Child, int]:
+    """Algorithm 1 lines 17–24: sample the mutations Δ of `parent` and apply them. Returns the child and the
+    advanced id counter (fresh component ids are `name:counter`)."""
+    system, method, space = pool.system, config.method, config.space
+    rng = Sampler(key)
+    hp = dict(space.defaults) | dict(parent.hp)
+    mu = dict(parent.mu) if method.learned_mu else {}
+    if method.hp_moves:  # μ first: in μ2Net it is a hyperparameter that sets the other mutations' rate
+        for name in sorted(space.values, key=lambda n: n != "mu"):
+            if query(f"hp:{name}", hp, mu, method.learned_mu, rng):
+                hp[name] = neighbour(space.values[name], hp[name], rng.next())
+    cfg = system.cfg
+    comps = list(parent.components)
+    names = [kind(c) for c in comps]
+
+    # Layer removal / re-adding: num_layers moves one step; blocks are re-added from the nearest ancestor.
+    depth = sum(n.startswith("encoderblock_") for n in names)
+    want = int(hp.get("num_layers", depth))
+    hp["num_layers"] = want
+    blocks = [c for c in comps if kind(c).startswith("encoderblock_")]
+    for i in range(depth, want):
+        blocks.append(pool.find(parent.id, f"encoderblock_{i}"))
+    blocks = blocks[:want]
+    adapters: list[str | None] = []
+    if method.adapter_dim:
+        have = {kind(c): c for c in comps if kind(c).startswith("residual_adapter_")}
+        adapters = [have.get(f"residual_adapter_{i}") for i in range(want)]
+
+    # Resolution: the position embedding of the nearest ancestor with that size, else the root's resampled.
+    res = int(hp["resolution"])
+    g = vit.grid(res, cfg.patch)
+    pe_id = next(c for c in comps if kind(c) == "posembed_input")
+    fresh: dict[str, tuple[eqx.Module, eqx.Module]] = {}
+    owned: set[str] = set()
+
+    def new_id(name: str) -> str:
+        nonlocal counter
+        counter += 1
+        return f"{name}:{counter}"
+
+    if pool.params[pe_id].pos_embedding.shape[1] != 1 + g * g:
+        pe_id = pool.find(parent.id, "posembed_input", lambda p: p.pos_embedding.shape[1] == 1 + g * g)
+        if pe_id is None:
+            root_pe = next(c for c in system.root.components if kind(c) == "posembed_input")
+            pe = vit.resample_posembed(pool.params[root_pe], res, cfg.patch)
+            pe_id = new_id("posembed_input")
+            fresh[pe_id] = (pe, zeros_like_bf16(pe))
+            owned.add(pe_id)
+
+    by_name = {kind(c): c for c in comps}
+    body = [by_name["embedding"], by_name["cls"], pe_id]
+    for i, b in enumerate(blocks):
+        if method.adapter_dim:
+            body.append(adapters[i] or f"new:residual_adapter_{i}")
+        body.append(b)
+    head_id = by_name["head"] if parent.task == task else "new:head"
+    ordered = body + [by_name["encoder_norm"], head_id]
+
+    # Cloning: forced for encoder_norm and head (make-trainable-head), always for components being trained for
+    # this task, else with probability μ(clone:<name>) — or as the baseline's fixed rule says.
+    locked = frozen_ids(system, task)
+    top = int(method.clone[4:]) if method.clone.startswith("top:") else None
+    out: list[str] = []
+    trainable: list[bool] = []
+    for c in ordered:
+        name = c[4:] if c.startswith("new:") else kind(c)
+        if c in owned:
+            out.append(c), trainable.append(True)
+            continue
+        if c.startswith("new:"):
+            fid = new_id(name)
+            p = (vit.init_head(cfg, num_classes) if name == "head"
+                 else vit.init_adapter(cfg, rng.next(), method.adapter_dim))
+            fresh[fid] = (p, zeros_like_bf16(p))
+            out.append(fid), trainable.append(True)
+            continue
+        if name in ("encoder_norm", "head") or name.startswith("residual_adapter_") or c not in locked:
+            clone = True
+        elif method.clone == "mu":
+            clone = query(f"clone:{name}", hp, mu, method.learned_mu, rng)
+        elif method.clone == "all":
+            clone = True
+        elif top is not None:
+            i = vit.block_index(name)
+            clone = i is not None and i >= top
+        else:
+            clone = False
+        if clone:
+            fid = new_id(name)
+            mom = pool.momentum.get(c)
+            fresh[fid] = (pool.params[c], mom if mom is not None else zeros_like_bf16(pool.params[c]))
+            out.append(fid), trainable.append(True)
+        else:
+            out.append(c), trainable.append(False)
+
+    model = Model(child_id, task, tuple(out), hp, mu, parent.id, {})
+    threshold = parent_score if parent.task == task else -math.inf
+    return Child(model, tuple(trainable), fresh, threshold), counter
+
+
+def sample_parent(active: Sequence[Model], scores: Mapping[str, float], others: Sequence[Model],
+                  selections: Mapping[str, int], key: jax.Array) -> Model:
+    """Algorithm 1 lines 7–16: walk the active population best-first, then the other models in random order;
+    accept a candidate with probability 0.5^#selections; if none is accepted, pick uniformly from all."""
+    k_perm, k_walk, k_uni = jax.random.split(key, 3)
+    ranked = sorted(active, key=lambda m: -scores[m.id])
+    perm = [others[int(i)] for i in jax.random.permutation(k_perm, len(others))] if others else []
+    candidates = ranked + perm
+    draws = jax.random.uniform(k_walk, (len(candidates),))
+    for m, x in zip(candidates, draws):
+        if 0.5 ** selections.get(m.id, 0) > float(x):
+            return m
+    return candidates[int(jax.random.randint(k_uni, (), 0, len(candidates)))]
+
+
+# --- training one child (method-notes "Training one child") --------------------------------------------------
+
+
+class HParams(eqx.Module):
+    """Optimizer and preprocessing hyperparameters as traced scalars, so a new value never recompiles."""
+
+    lr: jax.Array
+    warmup: jax.Array
+    momentum: jax.Array
+    nesterov: jax.Array
+    aug: augment.Aug
+
+    @staticmethod
+    def of(hp: Mapping[str, Any]) -> HParams:
+        f = lambda v: jnp.asarray(float(v), jnp.float32)  # noqa: E731
+        return HParams(f(hp["lr"]), f(hp["warmup"]), f(hp["momentum"]), f(hp["nesterov"]),
+                       augment.Aug.from_hparams({k: hp[k] for k in AUG_KEYS}))
+
+
+def learning_rate(step: jax.Array, total: jax.Array, hp: HParams) -> jax.Array:
+    """Linear warm-up from lr/1000 to lr over warmup·T steps, then cosine decay to 0 at T."""
+    t, total = step.astype(jnp.float32), total.astype(jnp.float32)
+    w = hp.warmup * total
+    warm = hp.lr / 1000 + (hp.lr - hp.lr / 1000) * t / jnp.maximum(w, 1.0)
+    frac = jnp.clip((t - w) / jnp.maximum(total - w, 1.0), 0.0, 1.0)
+    return jnp.where(t < w, warm, 0.5 * hp.lr * (1 + jnp.cos(jnp.pi * frac)))
+
+
+@eqx.filter_jit
+def train_step(diff, frozen, mom, mask, x, y, key, hp: HParams, step, total, res: int):
+    """One SGD step on the trainable half: clip by global norm 1.0, momentum kept in bfloat16 (Nesterov traced)."""
+
+    def loss_fn(d):
+        logits = vit.forward(eqx.combine(d, frozen), augment.train_preprocess(key, x, hp.aug, res))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, g = eqx.filter_value_and_grad(loss_fn)(diff)
+    g = tuple(jax.tree.map(lambda a: a * mask[i], gi) for i, gi in enumerate(g))
+    g = jax.tree.map(lambda a: a * jnp.minimum(1.0, 1.0 / (optax.global_norm(g) + 1e-12)), g)
+    m = jax.tree.map(lambda mi, gi: (hp.momentum * mi.astype(jnp.float32) + gi), mom, g)
+    u = jax.tree.map(lambda mi, gi: jnp.where(hp.nesterov > 0, hp.momentum * mi + gi, mi), m, g)
+    lr = learning_rate(step, total, hp)
+    diff = jax.tree.map(lambda p, ui: p - lr * ui, diff, u)
+    return diff, jax.tree.map(lambda a: a.astype(jnp.bfloat16), m), loss
+
+
+@eqx.filter_jit
+def correct(components, x, y, res: int) -> jax.Array:
+    """Number of correct predictions in a batch; padding rows (label −1) never count."""
+    pred = jnp.argmax(vit.forward(components, augment.eval_preprocess(x, res)), axis=-1)
+    return jnp.sum((pred == y) & (y >= 0))
+
+
+class TaskData(Protocol):
+    """What a task iteration reads (implemented by data.py; see its docs)."""
+
+    name: str
+    num_classes: int
+    num_train: int
+    image_size: int
+
+    def train_batch(self, seed: int, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+
+def accuracy(components: Sequence[eqx.Module], task: TaskData, split: str, res: int, batch: int,
+             device: jax.Device | None = None) -> float:
+    comps = jax.device_put(tuple(components), device)
+    n = hits = 0
+    for x, y in task.eval_batches(split, batch):
+        hits += int(correct(comps, jax.device_put(x, device), jax.device_put(y, device), res))
+        n += int((y >= 0).sum())
+    return hits / max(n, 1)
+
+
+def split(components: tuple, momentum: tuple, trainable: tuple[bool, ...], how: str):
+    """Trainable/frozen halves for `train_step`, the matching momentum and the per-component gradient mask.
+
+    "partition": only trainable arrays are differentiated (one compile per trainable pattern); "mask": all are
+    differentiated and frozen gradients zeroed (one compile per architecture); "hybrid": the frozen prefix below
+    the lowest trainable component is cut off (no backward there), the rest is masked.
+    """
+    if how == "partition":
+        spec = trainable
+    elif how == "mask":
+        spec = (True,) * len(trainable)
+    elif how == "hybrid":
+        first = trainable.index(True)
+        spec = tuple(i >= first for i in range(len(trainable)))
+    else:
+        raise ValueError(f"Config.split={how!r}; expected 'mask', 'hybrid' or 'partition'")
+    diff, frozen = eqx.partition(components, spec)
+    mom, _ = eqx.partition(momentum, spec)
+    return diff, frozen, mom, jnp.asarray(trainable, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A child's best kept snapshot (Algorithm 1 line 29), or None when no cycle reached its threshold."""
+
+    model: Model
+    params: Mapping[str, eqx.Module]
+    momentum: Mapping[str, eqx.Module]
+    score: float
+
+
+def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: jax.Array,
+                device: jax.Device | None = None, log: Callable[[dict], None] | None = None) -> Trained | None:
+    """Algorithm 1 lines 26–32: #cycles cycles of min(1 epoch, samples cap), validate after each, keep the best
+    snapshot whose score is at least the running threshold."""
+    model, ids = child.model, child.model.components
+    params = {**pool.params, **{c: p for c, (p, _) in child.new.items()}}
+    comps = tuple(params[c] for c in ids)
+    mom = tuple(child.new[c][1] if c in child.new else zeros_like_bf16(p) for c, p in zip(ids, comps))
+    diff, frozen, mom, mask = split(comps, mom, child.trainable, config.split)
+    diff, frozen, mom, mask = jax.device_put((diff, frozen, mom, mask), device)
+    hp = jax.device_put(HParams.of(model.hp), device)
+    res = int(model.hp["resolution"])
+    steps = max(1, min(task.num_train, config.samples_cap) // config.batch_size)
+    total = jnp.asarray(config.cycles * steps, jnp.int32)
+    seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+    shares = sharers(pool.system, task.name)
+    size = model_size(params, model, shares)
+    flops = model_flops(pool.system.cfg, params, model, task.num_classes)
+    threshold, best = child.threshold, None
+    t = 0
+    for cycle in range(config.cycles):
+        for _ in range(steps):
+            x, y = task.train_batch(seed, t, config.batch_size)
+            k = jax.random.fold_in(key, t)
+            diff, mom, loss = train_step(diff, frozen, mom, mask, *jax.device_put((x, y), device), k, hp,
+                                         jax.device_put(jnp.asarray(t, jnp.int32), device), total, res)
+            t += 1
+        trained = eqx.combine(diff, frozen)
+        q = accuracy(trained, task, "validation", res, config.eval_batch, device)
+        s = sc.score(q, size, flops, config.s, config.P, config.F)
+        if log:
+            log(dict(event="cycle", child=model.id, cycle=cycle, loss=float(loss), quality=q, score=s))
+        if s >= threshold:
+            threshold = s
+            snap = {c: (trained[i], mom[i]) for i, c in enumerate(ids) if child.trainable[i]}
+            best = (snap, q, s)
+    if best is None:
+        return None
+    snap, q, s = best
+    on_host = jax.device_put(snap, jax.devices("cpu")[0])
+    metrics = dict(quality=q, score=s, params=size, flops=flops)
+    return Trained(dataclasses.replace(model, metrics=metrics), {c: p for c, (p, _) in on_host.items()},
+                   {c: m for c, (_, m) in on_host.items()}, s)
+
+
+# --- one task iteration (Algorithm 1) ------------------------------------------------------------------------
+
+
+def model_score(system: System, model: Model, config: Config, num_classes: int) -> float:
+    """Eq. 1 for a retained model in the current system (sharing may have changed since it was trained)."""
+    q = model.metrics.get("quality", 0.0)
+    return sc.score(q, accounted_params(system, model), model_flops(system.cfg, system.params, model, num_classes),
+                    config.s, config.P, config.F)
+
+
+def task_iteration(system: System, task: TaskData, config: Config, key: jax.Array,
+                   log: Callable[[dict], None] | None = None) -> System:
+    """One active-task iteration (Algorithm 1) as a pure function: #generations × #children children, each
+    trained on its own device when several exist; only the task's best model is kept, and every component no
+    retained model (nor the root) uses is dropped. Children of one generation are sampled from the population at
+    the generation's start, so the result does not depend on how many devices train them."""
+    t = task.name
+    devices = jax.local_devices()
+    incumbent = system.models.get(t)
+    if incumbent is not None and incumbent.hp.get("resolution") is None:
+        raise ValueError(f"model of task {t!r} has no resolution hyperparameter")
+    active: list[Model] = [incumbent] if incumbent else []
+    scores = {m.id: model_score(system, m, config, task.num_classes) for m in active}
+    others = [] if config.method.parents == "root" else [m for m in system.models.values() if m.task != t]
+    others = sorted(others, key=lambda m: m.task) + [system.root]
+    pool_params, pool_mom = dict(system.params), dict(system.momentum)
+    lineage = dict(system.lineage)
+    counter, selections = system.counter, {}
+    for gen in range(config.generations):
+        kg = jax.random.fold_in(key, gen)
+        pool = Pool(system, pool_params, pool_mom, lineage)
+        children = []
+        for i in range(config.children):
+            kp, kc, kt = jax.random.split(jax.random.fold_in(kg, i), 3)
+            parent = (system.root if config.method.parents == "root" and not active
+                      else sample_parent(active, scores, others if config.method.parents == "any" else [],
+                                         selections, kp))
+            selections[parent.id] = selections.get(parent.id, 0) + 1
+            child_id = f"{t}/{counter}"
+            child, counter = make_child(pool, parent, t, task.num_classes, config, kc, child_id, counter,
+                                        scores.get(parent.id, -math.inf))
+            counter += 1
+            children.append((child, kt))
+            if log:
+                log(dict(event="child", task=t, generation=gen, child=child_id, parent=parent.id,
+                         trainable=sum(child.trainable), hp=dict(child.model.hp)))
+        results = _train_all(pool, children, task, config, devices, log)
+        for r in results:
+            if r is None:
+                continue
+            active.append(r.model)
+            scores[r.model.id] = r.score
+            pool_params.update(r.params)
+            pool_mom.update(r.momentum)
+            lineage[r.model.id] = (r.model.parent, r.model.components)
+        if log:
+            log(dict(event="generation", task=t, generation=gen, retained=sum(r is not None for r in results),
+                     best=max(scores.values(), default=None)))
+    if not active:
+        return dataclasses.replace(system, counter=counter)
+    best = max(active, key=lambda m: scores[m.id])
+    test = accuracy([pool_params[c] for c in best.components], task, "test", int(best.hp["resolution"]),
+                    config.eval_batch)
+    best = dataclasses.replace(best, metrics={**best.metrics, "score": scores[best.id], "test": test})
+    models = {**system.models, t: best}
+    return collect(dataclasses.replace(system, models=models, counter=counter), pool_params, pool_mom, lineage)
+
+
+def _train_all(pool: Pool, children: list[tuple[Child, jax.Array]], task: TaskData, config: Config,
+               devices: Sequence[jax.Device], log) -> list[Trained | None]:
+    """Trains a generation's children, one per local device at a time (the paper's one child per TPU core)."""
+    if len(devices) == 1:
+        return [train_child(pool, c, task, config, k, devices[0], log) for c, k in children]
+    with concurrent.futures.ThreadPoolExecutor(len(devices)) as ex:
+        futs = [ex.submit(train_child, pool, c, task, config, k, devices[i % len(devices)], log)
+                for i, (c, k) in enumerate(children)]
+        return [f.result() for f in futs]
+
+
+def collect(system: System, params: Mapping[str, eqx.Module], momentum: Mapping[str, eqx.Module],
+            lineage: Mapping[str, tuple[str | None, tuple[str, ...]]]) -> System:
+    """Keeps the components some retained model or the root uses, and the lineage of retained models."""
+    used = system.component_ids()
+    keep_lineage = {}
+    for m in (system.root, *system.models.values()):
+        mid = m.id
+        while mid is not None and mid in lineage and mid not in keep_lineage:
+            keep_lineage[mid] = lineage[mid]
+            mid = lineage[mid][0]
+    return dataclasses.replace(
+        system,
+        params={c: params[c] for c in sorted(used, key=_order)},
+        momentum={c: momentum[c] for c in sorted(used, key=_order)},
+        lineage=dict(sorted(keep_lineage.items())),
+    )
+
+
+def _order(cid: str) -> tuple[int, str]:
+    return int(cid.rsplit(":", 1)[1]), cid
+
+
+def assemble(system: System, model: Model) -> list[eqx.Module]:
+    """A model's components by id lookup, in order, ready for `vit.forward`."""
+    return [system.params[c] for c in model.components]

@@ -1,0 +1,310 @@
+"""The Vision Transformer as named components (paper Section 3, Figure 1; method-notes "Components").
+
+A model ("path") is an ordered list of components; `forward` runs any such list. Every component is a small
+Equinox module whose field names follow the AugReg checkpoint layout (big_vision / vision_transformer), so that
+loading a checkpoint is a rename: `Transformer/encoderblock_3/MlpBlock_3/Dense_0/kernel` is
+`components["encoderblock_3"].MlpBlock_3.Dense_0.kernel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.ndimage
+from jaxtyping import Array, Float, PRNGKeyArray
+
+EPS = 1e-6  # AugReg LayerNorm epsilon
+
+
+def _lift(p: Array, x: Array) -> Array:
+    """`p` with leading unit axes up to x's rank: the broadcast made explicit, so strict rank promotion holds."""
+    return jax.lax.broadcast_to_rank(p, x.ndim)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    width: int
+    depth: int
+    mlp_dim: int
+    heads: int
+    patch: int = 16
+
+
+CONFIGS: dict[str, Config] = {
+    "Ti/16": Config(192, 12, 768, 3),
+    "S/16": Config(384, 12, 1536, 6),
+    "B/16": Config(768, 12, 3072, 12),
+    "L/16": Config(1024, 24, 4096, 16),
+    # Test and quickstart sizes: 4-px patches so 8-32 px images give a few tokens.
+    "tiny": Config(32, 2, 64, 2, patch=4),
+    "tiny4": Config(64, 4, 128, 4, patch=4),
+}
+
+
+# --- components --------------------------------------------------------------------------------------------
+
+
+class Dense(eqx.Module):
+    kernel: Array  # (..in, ..out) as in the checkpoint
+    bias: Array
+
+    def __call__(self, x: Array) -> Array:
+        y = x @ self.kernel
+        return y + _lift(self.bias, y)
+
+
+class LayerNorm(eqx.Module):
+    scale: Array
+    bias: Array
+
+    def __call__(self, x: Array) -> Array:
+        xc = x - x.mean(-1, keepdims=True)  # one centring feeds both uses: 7 flops per element in the HLO
+        var = jnp.square(xc).mean(-1, keepdims=True)
+        return xc * jax.lax.rsqrt(var + EPS) * _lift(self.scale, x) + _lift(self.bias, x)
+
+
+class MultiHeadDotProductAttention(eqx.Module):
+    query: Dense  # kernel (D, H, D/H), bias (H, D/H)
+    key: Dense
+    value: Dense
+    out: Dense  # kernel (H, D/H, D), bias (D,)
+
+    def __call__(self, x: Float[Array, "b n d"]) -> Float[Array, "b n d"]:
+        q, k, v = (_proj(x, p) for p in (self.query, self.key, self.value))
+        a = jnp.einsum("bqhk,bnhk->bhqn", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+        o = jnp.einsum("bhqn,bnhk->bqhk", jax.nn.softmax(a, axis=-1), v)
+        y = jnp.einsum("bqhk,hkd->bqd", o, self.out.kernel)
+        return y + _lift(self.out.bias, y)
+
+
+def _proj(x: Float[Array, "b n d"], p: Dense) -> Float[Array, "b n h k"]:
+    y = jnp.einsum("bnd,dhk->bnhk", x, p.kernel)
+    return y + _lift(p.bias, y)
+
+
+class MlpBlock(eqx.Module):
+    Dense_0: Dense
+    Dense_1: Dense
+
+    def __call__(self, x: Array) -> Array:
+        return self.Dense_1(jax.nn.gelu(self.Dense_0(x), approximate=True))
+
+
+class EncoderBlock(eqx.Module):
+    """Pre-LN transformer layer: `encoderblock_{i}`."""
+
+    LayerNorm_0: LayerNorm
+    MultiHeadDotProductAttention_1: MultiHeadDotProductAttention
+    LayerNorm_2: LayerNorm
+    MlpBlock_3: MlpBlock
+
+    def __call__(self, x: Array) -> Array:
+        x = x + self.MultiHeadDotProductAttention_1(self.LayerNorm_0(x))
+        return x + self.MlpBlock_3(self.LayerNorm_2(x))
+
+
+class Embedding(eqx.Module):
+    """16x16 stride-16 patch convolution (`embedding`), written as patchify + matmul (identical maths)."""
+
+    kernel: Array  # (p, p, 3, D), HWIO as in the checkpoint
+    bias: Array
+
+    def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b n d"]:
+        p = self.kernel.shape[0]
+        b, h, w, c = x.shape
+        x = x.reshape(b, h // p, p, w // p, p, c)
+        y = jnp.einsum("bipjqc,pqcd->bijd", x, self.kernel).reshape(b, (h // p) * (w // p), -1)
+        return y + _lift(self.bias, y)
+
+
+class Cls(eqx.Module):
+    """The class token (`cls`), prepended to the patch tokens."""
+
+    cls: Array  # (1, 1, D)
+
+    def __call__(self, x: Array) -> Array:
+        return jnp.concatenate([jnp.broadcast_to(self.cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
+
+
+class PosEmbed(eqx.Module):
+    """`posembed_input`; its size fixes the model's input resolution."""
+
+    pos_embedding: Array  # (1, 1 + g*g, D)
+
+    def __call__(self, x: Array) -> Array:
+        return x + self.pos_embedding
+
+
+class Head(eqx.Module):
+    """`head`: a Dense on the class token; zero-initialised (method-notes)."""
+
+    kernel: Array  # (D, classes)
+    bias: Array
+
+    def __call__(self, x: Array) -> Array:
+        y = x[:, 0] @ self.kernel
+        return y + _lift(self.bias, y)
+
+
+class ResidualAdapter(eqx.Module):
+    """`residual_adapter_{i}`, the Section 4 baseline: x + up(gelu(down(LN(x)))), placed before block i."""
+
+    LayerNorm_0: LayerNorm
+    Dense_0: Dense
+    Dense_1: Dense  # zero-initialised, so a fresh adapter is the identity
+
+    def __call__(self, x: Array) -> Array:
+        return x + self.Dense_1(jax.nn.gelu(self.Dense_0(self.LayerNorm_0(x)), approximate=True))
+
+
+Component = Embedding | Cls | PosEmbed | EncoderBlock | LayerNorm | Head | ResidualAdapter
+
+
+def forward(components: Sequence[eqx.Module], images: Float[Array, "b h w 3"]) -> Float[Array, "b k"]:
+    """Runs an ordered list of components (any depth 0..N, with or without adapters) on images in [-1, 1]."""
+    x = images
+    for c in components:
+        x = c(x)
+    return x
+
+
+# --- initialisation ----------------------------------------------------------------------------------------
+
+
+def grid(res: int, patch: int) -> int:
+    if res % patch:
+        raise ValueError(f"resolution {res} is not a multiple of the patch size {patch}")
+    return res // patch
+
+
+def _dense(key: PRNGKeyArray, fan_in: int, shape: tuple[int, ...], bias: tuple[int, ...]) -> Dense:
+    k = jax.random.truncated_normal(key, -2.0, 2.0, shape) * math.sqrt(1.0 / fan_in)
+    return Dense(k.astype(jnp.float32), jnp.zeros(bias, jnp.float32))
+
+
+def _norm(d: int) -> LayerNorm:
+    return LayerNorm(jnp.ones((d,), jnp.float32), jnp.zeros((d,), jnp.float32))
+
+
+def init_block(cfg: Config, key: PRNGKeyArray) -> EncoderBlock:
+    d, h = cfg.width, cfg.heads
+    kq, kk, kv, ko, k0, k1 = jax.random.split(key, 6)
+    att = MultiHeadDotProductAttention(
+        *(_dense(k, d, (d, h, d // h), (h, d // h)) for k in (kq, kk, kv)), _dense(ko, d, (h, d // h, d), (d,))
+    )
+    mlp = MlpBlock(_dense(k0, d, (d, cfg.mlp_dim), (cfg.mlp_dim,)), _dense(k1, cfg.mlp_dim, (cfg.mlp_dim, d), (d,)))
+    return EncoderBlock(_norm(d), att, _norm(d), mlp)
+
+
+def init_head(cfg: Config, num_classes: int) -> Head:
+    return Head(jnp.zeros((cfg.width, num_classes), jnp.float32), jnp.zeros((num_classes,), jnp.float32))
+
+
+def init_adapter(cfg: Config, key: PRNGKeyArray, dim: int) -> ResidualAdapter:
+    down = _dense(key, cfg.width, (cfg.width, dim), (dim,))
+    up = Dense(jnp.zeros((dim, cfg.width), jnp.float32), jnp.zeros((cfg.width,), jnp.float32))
+    return ResidualAdapter(_norm(cfg.width), down, up)
+
+
+def init(cfg: Config, key: PRNGKeyArray, num_classes: int, res: int) -> dict[str, eqx.Module]:
+    """A fresh root model: {"embedding", "cls", "posembed_input", "encoderblock_0".., "encoder_norm", "head"}."""
+    ke, kp, *kb = jax.random.split(key, 2 + cfg.depth)
+    p, d, g = cfg.patch, cfg.width, grid(res, cfg.patch)
+    comps: dict[str, eqx.Module] = {
+        "embedding": Embedding(*dataclasses.astuple(_dense(ke, p * p * 3, (p, p, 3, d), (d,)))),
+        "cls": Cls(jnp.zeros((1, 1, d), jnp.float32)),
+        "posembed_input": PosEmbed((jax.random.normal(kp, (1, 1 + g * g, d)) * 0.02).astype(jnp.float32)),
+    }
+    comps |= {f"encoderblock_{i}": init_block(cfg, k) for i, k in enumerate(kb)}
+    comps |= {"encoder_norm": _norm(d), "head": init_head(cfg, num_classes)}
+    return comps
+
+
+def resolution(posembed: PosEmbed, patch: int) -> int:
+    """The input resolution a position embedding fixes."""
+    return math.isqrt(posembed.pos_embedding.shape[1] - 1) * patch
+
+
+def resample_posembed(posembed: PosEmbed, res: int, patch: int) -> PosEmbed:
+    """Position embedding for another resolution (method-notes): keep the class-token row, reshape the grid to
+    (g, g, D) and zoom it by g_new/g_old with scipy's order-1 spline (`jax.image.resize` gives other values)."""
+    pe = np.asarray(posembed.pos_embedding)
+    g_old, g_new = math.isqrt(pe.shape[1] - 1), grid(res, patch)
+    tok, grid_ = pe[0, :1], pe[0, 1:].reshape(g_old, g_old, -1)
+    zoomed = scipy.ndimage.zoom(grid_, (g_new / g_old, g_new / g_old, 1), order=1)
+    out = np.concatenate([tok, zoomed.reshape(g_new * g_new, -1)], axis=0)[None]
+    return PosEmbed(jnp.asarray(out, dtype=posembed.pos_embedding.dtype))
+
+
+# --- AugReg checkpoints ------------------------------------------------------------------------------------
+
+_PREFIX = "opt/target/"
+
+
+def _flat(tree: eqx.Module, prefix: str) -> dict[str, Array]:
+    """'/'-joined AugReg key for every array of a component."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        out[prefix + "/".join(k.name for k in path)] = leaf
+    return out
+
+
+def _key_prefix(name: str) -> str:
+    return "" if name in ("embedding", "cls", "head") else "Transformer/"
+
+
+def to_flat(components: Mapping[str, eqx.Module]) -> dict[str, Array]:
+    """Components -> AugReg '/'-keyed arrays (`cls` is a bare key in the checkpoint)."""
+    out: dict[str, Array] = {}
+    for name, c in components.items():
+        flat = _flat(c, f"{_key_prefix(name)}{name}/")
+        out |= {("cls" if k == "cls/cls" else k): v for k, v in flat.items()}
+    return out
+
+
+def save_augreg(path: str | Path, components: Mapping[str, eqx.Module]) -> None:
+    np.savez(path, **{k: np.asarray(v) for k, v in to_flat(components).items()})
+
+
+def load_augreg(path: str | Path, cfg: Config, num_classes: int | None = None) -> dict[str, eqx.Module]:
+    """Loads an AugReg `.npz` (keys optionally under `opt/target/`) into named components.
+
+    The expected key set and shapes come from `init` evaluated abstractly; a mismatch raises a ValueError listing
+    the keys missing from the file, the keys in the file the model does not have, and every shape mismatch.
+    `num_classes=None` takes the head size from the file.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k.removeprefix(_PREFIX): z[k] for k in z.files}
+    if "head/bias" in arrays and num_classes is None:
+        num_classes = int(arrays["head/bias"].shape[0])
+    pe = arrays.get("Transformer/posembed_input/pos_embedding")
+    res = cfg.patch * math.isqrt(pe.shape[1] - 1) if pe is not None else 224
+    shapes = jax.eval_shape(lambda: init(cfg, jax.random.key(0), num_classes or 1000, res))
+    want = to_flat(shapes)
+    missing, extra = sorted(set(want) - set(arrays)), sorted(set(arrays) - set(want))
+    bad = [f"{k}: file {arrays[k].shape} vs model {want[k].shape}" for k in want if k in arrays
+           and tuple(arrays[k].shape) != tuple(want[k].shape)]
+    if missing or extra or bad:
+        raise ValueError(
+            f"{path}: checkpoint does not match ViT config {cfg}:\n  missing from file: {missing}\n"
+            f"  extra in file: {extra}\n  shape mismatches: {bad}"
+        )
+    out = {}
+    for name, shape in shapes.items():
+        keys = to_flat({name: shape})
+        leaves = [jnp.asarray(arrays[k], jnp.float32) for k in keys]
+        out[name] = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), leaves)
+    return out
+
+
+def block_index(name: str) -> int | None:
+    m = re.fullmatch(r"(?:encoderblock|residual_adapter)_(\d+)", name)
+    return int(m.group(1)) if m else None
