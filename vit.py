@@ -9,6 +9,7 @@ loading a checkpoint is a rename: `Transformer/encoderblock_3/MlpBlock_3/Dense_0
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -185,46 +186,63 @@ def grid(res: int, patch: int) -> int:
     return res // patch
 
 
-def _dense(key: PRNGKeyArray, fan_in: int, shape: tuple[int, ...], bias: tuple[int, ...]) -> Dense:
-    k = jax.random.truncated_normal(key, -2.0, 2.0, shape) * math.sqrt(1.0 / fan_in)
-    return Dense(k.astype(jnp.float32), jnp.zeros(bias, jnp.float32))
+def _kernels(key: PRNGKeyArray, specs: Sequence[tuple[int, tuple[int, ...]]]) -> list[Array]:
+    """LeCun truncated-normal kernels (flax `lecun_normal`: variance 1/fan_in, cut at 2σ) for (fan_in, shape)
+    specs, all cut from ONE draw: XLA on CPU takes ~0.3 s to compile each random op, one op per block keeps
+    `init` fast."""
+    sizes = [math.prod(s) for _, s in specs]
+    z = jax.random.truncated_normal(key, -2.0, 2.0, (sum(sizes),), jnp.float32) / 0.87962566103423978
+    parts = jnp.split(z, np.cumsum(sizes)[:-1].tolist())
+    return [(w * math.sqrt(1.0 / f)).reshape(s) for w, (f, s) in zip(parts, specs, strict=True)]
+
+
+def _zeros(*shape: int) -> Array:
+    return jnp.zeros(shape, jnp.float32)
 
 
 def _norm(d: int) -> LayerNorm:
-    return LayerNorm(jnp.ones((d,), jnp.float32), jnp.zeros((d,), jnp.float32))
+    return LayerNorm(jnp.ones((d,), jnp.float32), _zeros(d))
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def init_block(cfg: Config, key: PRNGKeyArray) -> EncoderBlock:
-    d, h = cfg.width, cfg.heads
-    kq, kk, kv, ko, k0, k1 = jax.random.split(key, 6)
-    att = MultiHeadDotProductAttention(
-        *(_dense(k, d, (d, h, d // h), (h, d // h)) for k in (kq, kk, kv)), _dense(ko, d, (h, d // h, d), (d,))
-    )
-    mlp = MlpBlock(_dense(k0, d, (d, cfg.mlp_dim), (cfg.mlp_dim,)), _dense(k1, cfg.mlp_dim, (cfg.mlp_dim, d), (d,)))
-    return EncoderBlock(_norm(d), att, _norm(d), mlp)
+    d, h, m = cfg.width, cfg.heads, cfg.mlp_dim
+    q, k, v, o, w0, w1 = _kernels(key, [(d, (d, h, d // h))] * 3 + [(d, (h, d // h, d)), (d, (d, m)), (m, (m, d))])
+    att = MultiHeadDotProductAttention(*(Dense(w, _zeros(h, d // h)) for w in (q, k, v)), Dense(o, _zeros(d)))
+    return EncoderBlock(_norm(d), att, _norm(d), MlpBlock(Dense(w0, _zeros(m)), Dense(w1, _zeros(d))))
 
 
 def init_head(cfg: Config, num_classes: int) -> Head:
-    return Head(jnp.zeros((cfg.width, num_classes), jnp.float32), jnp.zeros((num_classes,), jnp.float32))
+    return Head(_zeros(cfg.width, num_classes), _zeros(num_classes))
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "dim"))
 def init_adapter(cfg: Config, key: PRNGKeyArray, dim: int) -> ResidualAdapter:
-    down = _dense(key, cfg.width, (cfg.width, dim), (dim,))
-    up = Dense(jnp.zeros((dim, cfg.width), jnp.float32), jnp.zeros((cfg.width,), jnp.float32))
-    return ResidualAdapter(_norm(cfg.width), down, up)
+    (down,) = _kernels(key, [(cfg.width, (cfg.width, dim))])
+    up = Dense(_zeros(dim, cfg.width), _zeros(cfg.width))  # zero: a fresh adapter is the identity
+    return ResidualAdapter(_norm(cfg.width), Dense(down, _zeros(dim)), up)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "res"))
+def _stem(cfg: Config, key: PRNGKeyArray, res: int) -> tuple[Embedding, Cls, PosEmbed]:
+    p, d, g = cfg.patch, cfg.width, grid(res, cfg.patch)
+    ke, kp = jax.random.split(key)
+    (emb,) = _kernels(ke, [(p * p * 3, (p, p, 3, d))])
+    pe = jax.random.normal(kp, (1, 1 + g * g, d), jnp.float32) * 0.02
+    return Embedding(emb, _zeros(d)), Cls(_zeros(1, 1, d)), PosEmbed(pe)
 
 
 def init(cfg: Config, key: PRNGKeyArray, num_classes: int, res: int) -> dict[str, eqx.Module]:
-    """A fresh root model: {"embedding", "cls", "posembed_input", "encoderblock_0".., "encoder_norm", "head"}."""
-    ke, kp, *kb = jax.random.split(key, 2 + cfg.depth)
-    p, d, g = cfg.patch, cfg.width, grid(res, cfg.patch)
-    comps: dict[str, eqx.Module] = {
-        "embedding": Embedding(*dataclasses.astuple(_dense(ke, p * p * 3, (p, p, 3, d), (d,)))),
-        "cls": Cls(jnp.zeros((1, 1, d), jnp.float32)),
-        "posembed_input": PosEmbed((jax.random.normal(kp, (1, 1 + g * g, d)) * 0.02).astype(jnp.float32)),
-    }
+    """A fresh root model: {"embedding", "cls", "posembed_input", "encoderblock_0".., "encoder_norm", "head"}.
+
+    Not jitted as a whole: the stem compiles once per (config, resolution) and `init_block` once per config, so
+    models of another head size or depth reuse them.
+    """
+    ks, *kb = jax.random.split(key, 1 + cfg.depth)
+    emb, cls, pe = _stem(cfg, ks, res)
+    comps: dict[str, eqx.Module] = {"embedding": emb, "cls": cls, "posembed_input": pe}
     comps |= {f"encoderblock_{i}": init_block(cfg, k) for i, k in enumerate(kb)}
-    comps |= {"encoder_norm": _norm(d), "head": init_head(cfg, num_classes)}
+    comps |= {"encoder_norm": _norm(cfg.width), "head": init_head(cfg, num_classes)}
     return comps
 
 
@@ -246,7 +264,14 @@ def resample_posembed(posembed: PosEmbed, res: int, patch: int) -> PosEmbed:
 
 # --- AugReg checkpoints ------------------------------------------------------------------------------------
 
-_PREFIX = "opt/target/"
+_PREFIX = "opt/target/"  # older files store the parameters under the optimizer's target
+
+# Keys real ViT files carry that this model has no place for. They are reported, never silently dropped.
+_QUIRKS = {
+    "pre_logits/": "`pre_logits` is the Dense+tanh representation layer of the original (2020) ViT i21k files; "
+    "the AugReg files (Steiner et al., 2021) this project starts from have none, and this model has no such layer",
+    "opt/state/": "optimizer state saved beside `opt/target/`: not part of the model",
+}
 
 
 def _flat(tree: eqx.Module, prefix: str) -> dict[str, Array]:
@@ -293,12 +318,15 @@ def load_augreg(path: str | Path, cfg: Config, num_classes: int | None = None) -
     bad = [f"{k}: file {arrays[k].shape} vs model {want[k].shape}" for k in want if k in arrays
            and tuple(arrays[k].shape) != tuple(want[k].shape)]
     if missing or extra or bad:
+        hints = [h for prefix, h in _QUIRKS.items() if any(k.startswith(prefix) for k in extra)]
         raise ValueError(
             f"{path}: checkpoint does not match ViT config {cfg}:\n  missing from file: {missing}\n"
-            f"  extra in file: {extra}\n  shape mismatches: {bad}"
+            f"  extra in file: {extra}\n  shape mismatches: {bad}" + "".join(f"\n  note: {h}" for h in hints)
         )
     out = {}
-    for name, shape in shapes.items():
+    for name in ["embedding", "cls", "posembed_input", *(f"encoderblock_{i}" for i in range(cfg.depth)),
+                 "encoder_norm", "head"]:  # path order; eval_shape's dict comes back sorted
+        shape = shapes[name]
         keys = to_flat({name: shape})
         leaves = [jnp.asarray(arrays[k], jnp.float32) for k in keys]
         out[name] = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), leaves)
