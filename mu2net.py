@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -288,6 +289,16 @@ class Pool:
         return None
 
 
+def layers(pool: Pool, parent: Model, n: int) -> list[str]:
+    """The child's n blocks: the parent's, cut from the top (layer removal), or extended with block i taken
+    from the nearest ancestor that still has it, ultimately the root (re-adding)."""
+    blocks = [c for c in parent.components if kind(c).startswith("encoderblock_")]
+    blocks += [pool.find(parent.id, f"encoderblock_{i}") for i in range(len(blocks), n)]
+    if None in blocks:
+        raise ValueError(f"no ancestor of {parent.id!r} has encoderblock_{blocks.index(None)}")
+    return blocks[:n]
+
+
 def frozen_ids(system: System, task: str) -> set[str]:
     """Components locked by the root or by a retained model of another task: a child may only share them frozen.
     Everything else reachable was trained for `task` in progress and is always cloned (method-notes)."""
@@ -314,10 +325,7 @@ def make_child(pool: Pool, parent: Model, task: str, num_classes: int, config: C
     depth = sum(n.startswith("encoderblock_") for n in names)
     want = int(hp.get("num_layers", depth))
     hp["num_layers"] = want
-    blocks = [c for c in comps if kind(c).startswith("encoderblock_")]
-    for i in range(depth, want):
-        blocks.append(pool.find(parent.id, f"encoderblock_{i}"))
-    blocks = blocks[:want]
+    blocks = layers(pool, parent, want)
     adapters: list[str | None] = []
     if method.adapter_dim:
         have = {kind(c): c for c in comps if kind(c).startswith("residual_adapter_")}
@@ -438,17 +446,44 @@ def learning_rate(step: jax.Array, total: jax.Array, hp: HParams) -> jax.Array:
     return jnp.where(t < w, warm, 0.5 * hp.lr * (1 + jnp.cos(jnp.pi * frac)))
 
 
+def padded_classes(k: int) -> int:
+    """Heads are trained at a padded width so that tasks with different class counts share one compiled step."""
+    return max(16, 1 << (k - 1).bit_length())
+
+
+def pad_head(head: vit.Head, width: int) -> vit.Head:
+    k = head.bias.shape[0]
+    return vit.Head(jnp.pad(head.kernel, ((0, 0), (0, width - k))), jnp.pad(head.bias, (0, width - k)))
+
+
+def unpad_head(head: vit.Head, k: int) -> vit.Head:
+    return vit.Head(head.kernel[:, :k], head.bias[:k])
+
+
+def logits(components, images: jax.Array, num_classes: jax.Array) -> jax.Array:
+    """Forward pass; the padded head columns (index ≥ num_classes) get −1e30, so their softmax weight and
+    gradients are exactly zero and the padding never changes what is learned."""
+    z = vit.forward(components, images)
+    return jnp.where(jnp.arange(z.shape[-1])[None, :] < num_classes, z, -1e30)
+
+
+# Compiled on its own (once per batch shape and resolution) rather than inside `train_step`: it costs as much to
+# compile as a tiny ViT's forward and backward, and every architecture would otherwise pay for it again.
+preprocess = jax.jit(augment.train_preprocess, static_argnums=3)
+
+
 @eqx.filter_jit
-def train_step(diff, frozen, mom, mask, x, y, key, hp: HParams, step, total, res: int):
+def train_step(diff, frozen, mom, mask, x, y, hp: HParams, step, total, k):
     """One SGD step on the trainable half: clip by global norm 1.0, momentum kept in bfloat16 (Nesterov traced)."""
 
     def loss_fn(d):
-        logits = vit.forward(eqx.combine(d, frozen), augment.train_preprocess(key, x, hp.aug, res))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        z = logits(eqx.combine(d, frozen), x, k)
+        return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
 
     loss, g = eqx.filter_value_and_grad(loss_fn)(diff)
     g = tuple(jax.tree.map(lambda a: a * mask[i], gi) for i, gi in enumerate(g))
-    g = jax.tree.map(lambda a: a * jnp.minimum(1.0, 1.0 / (optax.global_norm(g) + 1e-12)), g)
+    flat, unravel = jax.flatten_util.ravel_pytree(g)  # one flat norm compiles faster than a per-leaf tree of sums
+    g = unravel(flat * jnp.minimum(1.0, 1.0 / (jnp.linalg.norm(flat) + 1e-12)))
     m = jax.tree.map(lambda mi, gi: (hp.momentum * mi.astype(jnp.float32) + gi), mom, g)
     u = jax.tree.map(lambda mi, gi: jnp.where(hp.nesterov > 0, hp.momentum * mi + gi, mi), m, g)
     lr = learning_rate(step, total, hp)
@@ -457,9 +492,9 @@ def train_step(diff, frozen, mom, mask, x, y, key, hp: HParams, step, total, res
 
 
 @eqx.filter_jit
-def correct(components, x, y, res: int) -> jax.Array:
+def correct(components, x, y, k, res: int) -> jax.Array:
     """Number of correct predictions in a batch; padding rows (label −1) never count."""
-    pred = jnp.argmax(vit.forward(components, augment.eval_preprocess(x, res)), axis=-1)
+    pred = jnp.argmax(logits(components, augment.eval_preprocess(x, res), k), axis=-1)
     return jnp.sum((pred == y) & (y >= 0))
 
 
@@ -478,10 +513,13 @@ class TaskData(Protocol):
 
 def accuracy(components: Sequence[eqx.Module], task: TaskData, split: str, res: int, batch: int,
              device: jax.Device | None = None) -> float:
-    comps = jax.device_put(tuple(components), device)
+    """Top-1 accuracy on a split (validation: the fixed subset; test: the whole split)."""
+    *body, head = components
+    comps = jax.device_put((*body, pad_head(head, padded_classes(task.num_classes))), device)
+    k = jax.device_put(jnp.asarray(task.num_classes, jnp.int32), device)
     n = hits = 0
     for x, y in task.eval_batches(split, batch):
-        hits += int(correct(comps, jax.device_put(x, device), jax.device_put(y, device), res))
+        hits += int(correct(comps, jax.device_put(x, device), jax.device_put(y, device), k, res))
         n += int((y >= 0).sum())
     return hits / max(n, 1)
 
@@ -523,14 +561,17 @@ def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: j
     snapshot whose score is at least the running threshold."""
     model, ids = child.model, child.model.components
     params = {**pool.params, **{c: p for c, (p, _) in child.new.items()}}
-    comps = tuple(params[c] for c in ids)
+    kpad = padded_classes(task.num_classes)
+    comps = tuple(params[c] for c in ids[:-1]) + (pad_head(params[ids[-1]], kpad),)
     mom = tuple(child.new[c][1] if c in child.new else zeros_like_bf16(p) for c, p in zip(ids, comps))
+    mom = mom[:-1] + (pad_head(mom[-1], kpad),)
     diff, frozen, mom, mask = split(comps, mom, child.trainable, config.split)
     diff, frozen, mom, mask = jax.device_put((diff, frozen, mom, mask), device)
     hp = jax.device_put(HParams.of(model.hp), device)
     res = int(model.hp["resolution"])
     steps = max(1, min(task.num_train, config.samples_cap) // config.batch_size)
-    total = jnp.asarray(config.cycles * steps, jnp.int32)
+    total, ncls = jax.device_put((jnp.asarray(config.cycles * steps, jnp.int32),
+                                  jnp.asarray(task.num_classes, jnp.int32)), device)
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
     shares = sharers(pool.system, task.name)
     size = model_size(params, model, shares)
@@ -540,18 +581,21 @@ def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: j
     for cycle in range(config.cycles):
         for _ in range(steps):
             x, y = task.train_batch(seed, t, config.batch_size)
-            k = jax.random.fold_in(key, t)
-            diff, mom, loss = train_step(diff, frozen, mom, mask, *jax.device_put((x, y), device), k, hp,
-                                         jax.device_put(jnp.asarray(t, jnp.int32), device), total, res)
+            x, y = jax.device_put((x, y), device)
+            x = preprocess(jax.device_put(jax.random.fold_in(key, t), device), x, hp.aug, res)
+            diff, mom, loss = train_step(diff, frozen, mom, mask, x, y, hp,
+                                         jax.device_put(jnp.asarray(t, jnp.int32), device), total, ncls)
             t += 1
         trained = eqx.combine(diff, frozen)
+        trained = trained[:-1] + (unpad_head(trained[-1], task.num_classes),)
         q = accuracy(trained, task, "validation", res, config.eval_batch, device)
         s = sc.score(q, size, flops, config.s, config.P, config.F)
         if log:
             log(dict(event="cycle", child=model.id, cycle=cycle, loss=float(loss), quality=q, score=s))
         if s >= threshold:
             threshold = s
-            snap = {c: (trained[i], mom[i]) for i, c in enumerate(ids) if child.trainable[i]}
+            m = mom[:-1] + (unpad_head(mom[-1], task.num_classes),)
+            snap = {c: (trained[i], m[i]) for i, c in enumerate(ids) if child.trainable[i]}
             best = (snap, q, s)
     if best is None:
         return None
@@ -573,13 +617,13 @@ def model_score(system: System, model: Model, config: Config, num_classes: int) 
 
 
 def task_iteration(system: System, task: TaskData, config: Config, key: jax.Array,
-                   log: Callable[[dict], None] | None = None) -> System:
+                   log: Callable[[dict], None] | None = None, devices: Sequence[jax.Device] | None = None) -> System:
     """One active-task iteration (Algorithm 1) as a pure function: #generations × #children children, each
     trained on its own device when several exist; only the task's best model is kept, and every component no
     retained model (nor the root) uses is dropped. Children of one generation are sampled from the population at
     the generation's start, so the result does not depend on how many devices train them."""
     t = task.name
-    devices = jax.local_devices()
+    devices = list(devices or jax.local_devices())
     incumbent = system.models.get(t)
     if incumbent is not None and incumbent.hp.get("resolution") is None:
         raise ValueError(f"model of task {t!r} has no resolution hyperparameter")
@@ -663,6 +707,41 @@ def _order(cid: str) -> tuple[int, str]:
     return int(cid.rsplit(":", 1)[1]), cid
 
 
+def identical(a: System, b: System) -> bool:
+    """Bit-for-bit equality of two systems: models, lineage, counter, and every parameter and momentum array."""
+    if (a.cfg, a.models, a.root, a.lineage, a.counter) != (b.cfg, b.models, b.root, b.lineage, b.counter):
+        return False
+    if list(a.params) != list(b.params) or list(a.momentum) != list(b.momentum):
+        return False
+    same = lambda x, y: (x.dtype, x.shape) == (y.dtype, y.shape) and (  # noqa: E731
+        np.asarray(x).tobytes() == np.asarray(y).tobytes())
+    trees = [(a.params, b.params), (a.momentum, b.momentum)]
+    return all(jax.tree.structure(x[k]) == jax.tree.structure(y[k]) and
+               all(map(same, jax.tree.leaves(x[k]), jax.tree.leaves(y[k]))) for x, y in trees for k in x)
+
+
 def assemble(system: System, model: Model) -> list[eqx.Module]:
     """A model's components by id lookup, in order, ready for `vit.forward`."""
     return [system.params[c] for c in model.components]
+
+
+class Compiles:
+    """Counts XLA compiles and their seconds while active (`with Compiles() as c: ...; c.count, c.seconds`)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count, self.seconds, self.names = 0, 0.0, []
+
+    def _on(self, event: str, duration: float, **kw) -> None:
+        if event == self.EVENT:
+            self.count += 1
+            self.seconds += duration
+            self.names.append(kw.get("fun_name", "?"))
+
+    def __enter__(self) -> Compiles:
+        jax.monitoring.register_event_duration_secs_listener(self._on)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._on)

@@ -1,0 +1,73 @@
+"""Compile time vs training time of small task iterations on the tiny config, per trainable/frozen split.
+
+    python bench/compile.py [--children 4 --generations 2 --iterations 3]
+
+For each way of compiling the trainable/frozen split (mu2net.Config.split) it runs the same sequence of task
+iterations (two offline tasks, alternating) in a fresh process and prints compiles, seconds compiling, seconds in
+total and the compile share, plus each split's total time relative to "mask", measured in this run.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def run_one(split: str, args) -> dict:
+    sys.path.insert(0, ROOT)
+    import jax
+    import numpy as np
+
+    import mu2net
+    import vit
+    from bench.tasks import digits_tasks
+
+    tasks = digits_tasks()
+    cfg = vit.CONFIGS[args.vit]
+    space = mu2net.search_space(cfg.depth, (8, 16), resolution=16)
+    system = mu2net.new_system(cfg, vit.init(cfg, jax.random.key(0), 10, 16), space.defaults)
+    conf = mu2net.Config(space, generations=args.generations, children=args.children, cycles=2,
+                         samples_cap=args.samples_cap, batch_size=32, P=2e4, F=2e6, split=split)
+    t0 = time.perf_counter()
+    with mu2net.Compiles() as c:
+        for i in range(args.iterations):
+            for j, task in enumerate(tasks):
+                system = mu2net.task_iteration(system, task, conf, jax.random.key(100 * i + j))
+    total = time.perf_counter() - t0
+    acc = {t: float(np.round(m.metrics["test"], 3)) for t, m in system.models.items()}
+    return dict(split=split, compiles=c.count, compile_s=c.seconds, total_s=total, test=acc)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--children", type=int, default=4)
+    p.add_argument("--generations", type=int, default=2)
+    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--samples-cap", type=int, default=1024)
+    p.add_argument("--vit", default="tiny")
+    p.add_argument("--splits", default="mask,hybrid,partition")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args)))
+        return
+    rows = []
+    for split in args.splits.split(","):
+        # A fresh process per split so no compile cache is shared between them.
+        cmd = [sys.executable, __file__, "--one", split] + sys.argv[1:]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    base = rows[0]["total_s"]
+    print(f"{'split':10} {'compiles':>8} {'compile s':>10} {'total s':>8} {'compile %':>9} {'vs ' + rows[0]['split']:>9}")
+    for r in rows:
+        print(f"{r['split']:10} {r['compiles']:8d} {r['compile_s']:10.1f} {r['total_s']:8.1f} "
+              f"{100 * r['compile_s'] / r['total_s']:8.1f}% {r['total_s'] / base:9.2f}x  test={r['test']}")
+
+
+if __name__ == "__main__":
+    main()
