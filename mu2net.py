@@ -69,9 +69,13 @@ def search_space(depth: int, resolutions: Sequence[int] = (224, 384), method: st
     if method == "plus":
         values["num_layers"] = tuple(range(depth + 1))
     elif method == "mu2net":
+        # What Section 3 says μ2Net+ changed: warm-up 0, aspect 1.0, 224 px and image quality are additions, μ
+        # was a tuned hyperparameter, and μ2Net's defaults were the mild fine-tuning preprocessing of Steiner et
+        # al. (2021) (inception crop and flip) where μ2Net+ turns every augmentation off.
         del values["quality"]
-        values["resolution"] = (defaults["resolution"],)
-        values["mu"] = MU_VALUES
+        values |= dict(warmup=values["warmup"][1:], crop_aspect_min=values["crop_aspect_min"][:-1],
+                       resolution=(defaults["resolution"],), mu=MU_VALUES)
+        defaults |= dict(crop_area_min=0.05, crop_aspect_min=0.75, flip=True)
     else:
         raise ValueError(f"search_space: method={method!r}; expected 'plus' or 'mu2net'")
     return SearchSpace(values, defaults)
@@ -171,7 +175,8 @@ def kind(cid: str) -> str:
 
 
 def zeros_like_bf16(tree: eqx.Module) -> eqx.Module:
-    return jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.bfloat16), tree)
+    """A zero bfloat16 momentum for a component (built on the host: no compile per shape)."""
+    return jax.tree.map(lambda a: jnp.asarray(np.zeros(a.shape, jnp.bfloat16)), tree)
 
 
 def new_system(cfg: vit.Config, root: Mapping[str, eqx.Module], hp: Mapping[str, Any]) -> System:
@@ -273,16 +278,18 @@ class Pool:
     momentum: Mapping[str, eqx.Module]
     lineage: Mapping[str, tuple[str | None, tuple[str, ...]]]
 
-    def ancestors(self, model_id: str | None) -> Iterator[tuple[str, ...]]:
-        while model_id is not None and model_id in self.lineage:
-            parent, comps = self.lineage[model_id]
+    def ancestors(self, model: Model) -> Iterator[tuple[str, ...]]:
+        """The component ids of `model`, then of its parent, and so on up to the root."""
+        yield model.components
+        mid = model.parent
+        while mid is not None and mid in self.lineage:
+            mid, comps = self.lineage[mid]
             yield comps
-            model_id = parent
         yield self.system.root.components
 
-    def find(self, model_id: str, name: str, ok: Callable[[eqx.Module], bool] = lambda p: True) -> str | None:
-        """Nearest surviving component called `name` on the path from model `model_id` up to the root."""
-        for comps in self.ancestors(model_id):
+    def find(self, model: Model, name: str, ok: Callable[[eqx.Module], bool] = lambda p: True) -> str | None:
+        """Nearest surviving component called `name` on the path from `model` up to the root."""
+        for comps in self.ancestors(model):
             for c in comps:
                 if kind(c) == name and c in self.params and ok(self.params[c]):
                     return c
@@ -293,7 +300,7 @@ def layers(pool: Pool, parent: Model, n: int) -> list[str]:
     """The child's n blocks: the parent's, cut from the top (layer removal), or extended with block i taken
     from the nearest ancestor that still has it, ultimately the root (re-adding)."""
     blocks = [c for c in parent.components if kind(c).startswith("encoderblock_")]
-    blocks += [pool.find(parent.id, f"encoderblock_{i}") for i in range(len(blocks), n)]
+    blocks += [pool.find(parent, f"encoderblock_{i}") for i in range(len(blocks), n)]
     if None in blocks:
         raise ValueError(f"no ancestor of {parent.id!r} has encoderblock_{blocks.index(None)}")
     return blocks[:n]
@@ -305,98 +312,74 @@ def frozen_ids(system: System, task: str) -> set[str]:
     return set(system.root.components) | set(sharers(system, task))
 
 
+def mutate_hparams(parent: Model, space: SearchSpace, method: Method, rng: Sampler) -> tuple[dict, dict]:
+    """Hyperparameter moves (Section 3): each hyperparameter moves to a neighbouring value when its action fires.
+    μ goes first: in μ2Net it is itself a hyperparameter and sets the rate of the others."""
+    hp = dict(space.defaults) | dict(parent.hp)
+    mu = dict(parent.mu) if method.learned_mu else {}
+    if method.hp_moves:
+        for name in sorted(space.values, key=lambda n: n != "mu"):
+            if query(f"hp:{name}", hp, mu, method.learned_mu, rng):
+                hp[name] = neighbour(space.values[name], hp[name], rng.next())
+    return hp, mu
+
+
+def clones(name: str, cid: str, locked: set[str], method: Method, hp: Mapping[str, Any], mu: dict[str, float],
+           rng: Sampler) -> bool:
+    """Whether the child trains a copy of component `cid` rather than sharing it frozen."""
+    if name in ("encoder_norm", "head") or name.startswith("residual_adapter_") or cid not in locked:
+        return True  # forced (make-trainable-head, encoder_norm), or being trained for this task
+    if method.clone == "mu":
+        return query(f"clone:{name}", hp, mu, method.learned_mu, rng)
+    if method.clone.startswith("top:"):
+        i = vit.block_index(name)
+        return i is not None and i >= int(method.clone[4:])
+    return method.clone == "all"
+
+
 def make_child(pool: Pool, parent: Model, task: str, num_classes: int, config: Config, key: jax.Array,
                child_id: str, counter: int, parent_score: float) -> tuple[Child, int]:
     """Algorithm 1 lines 17–24: sample the mutations Δ of `parent` and apply them. Returns the child and the
     advanced id counter (fresh component ids are `name:counter`)."""
-    system, method, space = pool.system, config.method, config.space
+    system, method, cfg = pool.system, config.method, pool.system.cfg
     rng = Sampler(key)
-    hp = dict(space.defaults) | dict(parent.hp)
-    mu = dict(parent.mu) if method.learned_mu else {}
-    if method.hp_moves:  # μ first: in μ2Net it is a hyperparameter that sets the other mutations' rate
-        for name in sorted(space.values, key=lambda n: n != "mu"):
-            if query(f"hp:{name}", hp, mu, method.learned_mu, rng):
-                hp[name] = neighbour(space.values[name], hp[name], rng.next())
-    cfg = system.cfg
-    comps = list(parent.components)
-    names = [kind(c) for c in comps]
-
-    # Layer removal / re-adding: num_layers moves one step; blocks are re-added from the nearest ancestor.
-    depth = sum(n.startswith("encoderblock_") for n in names)
-    want = int(hp.get("num_layers", depth))
-    hp["num_layers"] = want
-    blocks = layers(pool, parent, want)
-    adapters: list[str | None] = []
-    if method.adapter_dim:
-        have = {kind(c): c for c in comps if kind(c).startswith("residual_adapter_")}
-        adapters = [have.get(f"residual_adapter_{i}") for i in range(want)]
-
-    # Resolution: the position embedding of the nearest ancestor with that size, else the root's resampled.
+    hp, mu = mutate_hparams(parent, config.space, method, rng)
+    have = {kind(c): c for c in parent.components}
+    # Layer removal / re-adding: num_layers moves one step; a re-added block comes from the nearest ancestor.
+    depth = sum(n.startswith("encoderblock_") for n in have)
+    hp["num_layers"] = int(hp.get("num_layers", depth))
+    blocks = layers(pool, parent, hp["num_layers"])
+    # Resolution: the position embedding of the nearest ancestor with that size, else (None) the root's resampled.
     res = int(hp["resolution"])
-    g = vit.grid(res, cfg.patch)
-    pe_id = next(c for c in comps if kind(c) == "posembed_input")
-    fresh: dict[str, tuple[eqx.Module, eqx.Module]] = {}
-    owned: set[str] = set()
+    size = 1 + vit.grid(res, cfg.patch) ** 2
+    pe = pool.find(parent, "posembed_input", lambda p: p.pos_embedding.shape[1] == size)
 
-    def new_id(name: str) -> str:
-        nonlocal counter
-        counter += 1
-        return f"{name}:{counter}"
-
-    if pool.params[pe_id].pos_embedding.shape[1] != 1 + g * g:
-        pe_id = pool.find(parent.id, "posembed_input", lambda p: p.pos_embedding.shape[1] == 1 + g * g)
-        if pe_id is None:
-            root_pe = next(c for c in system.root.components if kind(c) == "posembed_input")
-            pe = vit.resample_posembed(pool.params[root_pe], res, cfg.patch)
-            pe_id = new_id("posembed_input")
-            fresh[pe_id] = (pe, zeros_like_bf16(pe))
-            owned.add(pe_id)
-
-    by_name = {kind(c): c for c in comps}
-    body = [by_name["embedding"], by_name["cls"], pe_id]
+    # The child's components in order, each with the id it starts from (None: fresh parameters).
+    slots: list[tuple[str, str | None]] = [("embedding", have["embedding"]), ("cls", have["cls"]),
+                                           ("posembed_input", pe)]
     for i, b in enumerate(blocks):
         if method.adapter_dim:
-            body.append(adapters[i] or f"new:residual_adapter_{i}")
-        body.append(b)
-    head_id = by_name["head"] if parent.task == task else "new:head"
-    ordered = body + [by_name["encoder_norm"], head_id]
+            slots.append((f"residual_adapter_{i}", have.get(f"residual_adapter_{i}")))
+        slots.append((f"encoderblock_{i}", b))
+    slots += [("encoder_norm", have["encoder_norm"]), ("head", have["head"] if parent.task == task else None)]
 
-    # Cloning: forced for encoder_norm and head (make-trainable-head), always for components being trained for
-    # this task, else with probability μ(clone:<name>) — or as the baseline's fixed rule says.
     locked = frozen_ids(system, task)
-    top = int(method.clone[4:]) if method.clone.startswith("top:") else None
-    out: list[str] = []
-    trainable: list[bool] = []
-    for c in ordered:
-        name = c[4:] if c.startswith("new:") else kind(c)
-        if c in owned:
-            out.append(c), trainable.append(True)
+    out, trainable, fresh = [], [], {}
+    for name, src in slots:
+        if src is not None and not clones(name, src, locked, method, hp, mu, rng):
+            out.append(src), trainable.append(False)
             continue
-        if c.startswith("new:"):
-            fid = new_id(name)
+        counter += 1
+        cid = f"{name}:{counter}"
+        if src is not None:  # a clone carries the parameters and their momentum
+            mom = pool.momentum.get(src)
+            fresh[cid] = (pool.params[src], zeros_like_bf16(pool.params[src]) if mom is None else mom)
+        else:
             p = (vit.init_head(cfg, num_classes) if name == "head"
-                 else vit.init_adapter(cfg, rng.next(), method.adapter_dim))
-            fresh[fid] = (p, zeros_like_bf16(p))
-            out.append(fid), trainable.append(True)
-            continue
-        if name in ("encoder_norm", "head") or name.startswith("residual_adapter_") or c not in locked:
-            clone = True
-        elif method.clone == "mu":
-            clone = query(f"clone:{name}", hp, mu, method.learned_mu, rng)
-        elif method.clone == "all":
-            clone = True
-        elif top is not None:
-            i = vit.block_index(name)
-            clone = i is not None and i >= top
-        else:
-            clone = False
-        if clone:
-            fid = new_id(name)
-            mom = pool.momentum.get(c)
-            fresh[fid] = (pool.params[c], mom if mom is not None else zeros_like_bf16(pool.params[c]))
-            out.append(fid), trainable.append(True)
-        else:
-            out.append(c), trainable.append(False)
+                 else vit.init_adapter(cfg, rng.next(), method.adapter_dim) if name.startswith("residual_adapter_")
+                 else vit.resample_posembed(pool.params[pool.find(system.root, name)], res, cfg.patch))
+            fresh[cid] = (p, zeros_like_bf16(p))
+        out.append(cid), trainable.append(True)
 
     model = Model(child_id, task, tuple(out), hp, mu, parent.id, {})
     threshold = parent_score if parent.task == task else -math.inf
@@ -452,12 +435,14 @@ def padded_classes(k: int) -> int:
 
 
 def pad_head(head: vit.Head, width: int) -> vit.Head:
+    # On the host: eager jnp.pad would compile once per head shape.
     k = head.bias.shape[0]
-    return vit.Head(jnp.pad(head.kernel, ((0, 0), (0, width - k))), jnp.pad(head.bias, (0, width - k)))
+    return vit.Head(np.pad(np.asarray(head.kernel), ((0, 0), (0, width - k))),
+                    np.pad(np.asarray(head.bias), (0, width - k)))
 
 
 def unpad_head(head: vit.Head, k: int) -> vit.Head:
-    return vit.Head(head.kernel[:, :k], head.bias[:k])
+    return vit.Head(np.asarray(head.kernel)[:, :k], np.asarray(head.bias)[:k])
 
 
 def logits(components, images: jax.Array, num_classes: jax.Array) -> jax.Array:

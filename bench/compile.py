@@ -31,7 +31,7 @@ def run_one(split: str, args) -> dict:
     cfg = vit.CONFIGS[args.vit]
     space = mu2net.search_space(cfg.depth, (8, 16), resolution=16)
     system = mu2net.new_system(cfg, vit.init(cfg, jax.random.key(0), 10, 16), space.defaults)
-    conf = mu2net.Config(space, generations=args.generations, children=args.children, cycles=2,
+    conf = mu2net.Config(space, generations=args.generations, children=args.children, cycles=args.cycles,
                          samples_cap=args.samples_cap, batch_size=32, P=2e4, F=2e6, split=split)
     t0 = time.perf_counter()
     with mu2net.Compiles() as c:
@@ -40,7 +40,8 @@ def run_one(split: str, args) -> dict:
                 system = mu2net.task_iteration(system, task, conf, jax.random.key(100 * i + j))
     total = time.perf_counter() - t0
     acc = {t: float(np.round(m.metrics["test"], 3)) for t, m in system.models.items()}
-    return dict(split=split, compiles=c.count, compile_s=c.seconds, total_s=total, test=acc)
+    steps = sum("train_step" in n for n in c.names)
+    return dict(split=split, compiles=c.count, steps=steps, compile_s=c.seconds, total_s=total, test=acc)
 
 
 def main():
@@ -49,6 +50,7 @@ def main():
     p.add_argument("--generations", type=int, default=2)
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--samples-cap", type=int, default=1024)
+    p.add_argument("--cycles", type=int, default=2)
     p.add_argument("--vit", default="tiny")
     p.add_argument("--splits", default="mask,hybrid,partition")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -63,9 +65,9 @@ def main():
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[0]["total_s"]
-    print(f"{'split':10} {'compiles':>8} {'compile s':>10} {'total s':>8} {'compile %':>9} {'vs ' + rows[0]['split']:>9}")
+    print(f"{'split':10} {'compiles':>8} {'of steps':>8} {'compile s':>10} {'total s':>8} {'compile %':>9} {'vs ' + rows[0]['split']:>9}")
     for r in rows:
-        print(f"{r['split']:10} {r['compiles']:8d} {r['compile_s']:10.1f} {r['total_s']:8.1f} "
+        print(f"{r['split']:10} {r['compiles']:8d} {r['steps']:8d} {r['compile_s']:10.1f} {r['total_s']:8.1f} "
               f"{100 * r['compile_s'] / r['total_s']:8.1f}% {r['total_s'] / base:9.2f}x  test={r['test']}")
 
 
