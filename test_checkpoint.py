@@ -1,0 +1,140 @@
+"""Checkpoints: bit-identical round trip, write-once components, and damaged files refused without damage."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import checkpoint
+import mu2net
+import vit
+
+
+def _system() -> mu2net.System:
+    """A root plus one trained-looking model: cloned components with random params and bf16 momentum."""
+    cfg = vit.CONFIGS["tiny"]
+    root = vit.init(cfg, jax.random.key(0), 2, 16)
+    hp = mu2net.search_space(cfg.depth, (8, 16)).defaults
+    s = mu2net.new_system(cfg, root, hp)
+    rnd = lambda a, k: jax.random.normal(k, a.shape, a.dtype)  # noqa: E731
+    params, mom = dict(s.params), dict(s.momentum)
+    comps = list(s.root.components)
+    for i, name in ((3, "encoderblock_1"), (5, "encoder_norm"), (6, "head")):
+        cid = f"{name}:{10 + i}"
+        k = jax.random.fold_in(jax.random.key(1), i)
+        p = jax.tree.map(lambda a: rnd(a, k), root[name])
+        params[cid] = p
+        mom[cid] = jax.tree.map(lambda a: rnd(a, k).astype(jnp.bfloat16), p)
+        comps[comps.index(next(c for c in comps if mu2net.kind(c) == name))] = cid
+    model = mu2net.Model("digits/12", "digits", tuple(comps), dict(hp, nesterov=True, lr=0.02),
+                         {"hp:lr": 0.22, "clone:cls": 0.18}, "root",
+                         {"quality": 0.5, "score": 0.49, "params": 123.0, "flops": 4567, "test": 0.51})
+    lineage = {**s.lineage, model.id: ("root", model.components)}
+    return dataclasses.replace(s, params=params, momentum=mom, models={"digits": model}, lineage=lineage,
+                               counter=17)
+
+
+def _bits(tree) -> list[tuple[str, tuple, bytes]]:
+    return [(str(np.asarray(x).dtype), np.asarray(x).shape, np.asarray(x).tobytes()) for x in jax.tree.leaves(tree)]
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_round_trip_is_bit_identical(tmp_path):
+    s = _system()
+    extra = {"cursor": [1, 0, 2], "manifest": {"P": float("inf"), "name": "x"}, "history": []}
+    ck = checkpoint.save(tmp_path, s, extra)
+    got = checkpoint.load(tmp_path)
+    t = got.system
+    assert list(t.params) == list(s.params) and list(t.momentum) == list(s.momentum)
+    assert jax.tree.structure(t.params) == jax.tree.structure(s.params)
+    assert _bits(t.params) == _bits(s.params)
+    assert _bits(t.momentum) == _bits(s.momentum)
+    assert any(str(np.asarray(x).dtype) == "bfloat16" for x in jax.tree.leaves(t.momentum))
+    assert t.models == s.models and t.root == s.root and t.lineage == s.lineage
+    assert t.counter == s.counter and t.cfg == s.cfg
+    m = t.models["digits"]
+    assert isinstance(m.components, tuple) and m.hp["nesterov"] is True and isinstance(m.metrics["flops"], int)
+    assert got.extra["cursor"] == [1, 0, 2] and got.extra["manifest"]["P"] == float("inf")
+    assert got.hashes == ck.hashes and got.state == ck.state
+
+
+def test_components_written_once_and_pruned(tmp_path):
+    s = _system()
+    ck = checkpoint.save(tmp_path, s, {})
+    files = {p.name: p.stat().st_ino for p in (tmp_path / "components").iterdir()}
+    assert len(files) == len(s.params)
+    # Next commit: one component replaced by a new id; the others are not rewritten (same inode).
+    old = next(c for c in s.models["digits"].components if c.startswith("head:"))
+    new = "head:99"
+    m = s.models["digits"]
+    m2 = dataclasses.replace(m, components=tuple(new if c == old else c for c in m.components))
+    params = {**{c: p for c, p in s.params.items() if c != old}, new: s.params[old]}
+    mom = {**{c: p for c, p in s.momentum.items() if c != old}, new: s.momentum[old]}
+    s2 = dataclasses.replace(s, params=params, momentum=mom, models={"digits": m2})
+    ck2 = checkpoint.save(tmp_path, s2, {}, ck)
+    checkpoint.prune(tmp_path, ck2)
+    now = {p.name: p.stat().st_ino for p in (tmp_path / "components").iterdir()}
+    assert set(now) == set(files) - {"head-16.msgpack"} | {"head-99.msgpack"}
+    assert all(now[f] == files[f] for f in now if f in files)
+    assert sorted(p.name for p in tmp_path.glob("state-*")) == [ck2.state]
+    assert _bits(checkpoint.load(tmp_path).system.params) == _bits(s2.params)
+
+
+@pytest.mark.parametrize("damage", ["truncate_state", "flip_state", "truncate_component", "flip_component",
+                                    "delete_component", "corrupt_commit", "delete_commit"])
+def test_damaged_checkpoint_refused_without_damage(tmp_path, damage):
+    ck = checkpoint.save(tmp_path, _system(), {})
+    checkpoint.prune(tmp_path, checkpoint.save(tmp_path, _system(), {}, ck))  # state-000001 only
+    state = next(tmp_path.glob("state-*.msgpack"))
+    comp = sorted((tmp_path / "components").glob("encoderblock_1*"))[0]
+    if damage == "truncate_state":
+        state.write_bytes(state.read_bytes()[:-40])
+        name = state.name
+    elif damage == "flip_state":
+        b = bytearray(state.read_bytes())
+        b[len(b) // 2] ^= 0xFF
+        state.write_bytes(bytes(b))
+        name = state.name
+    elif damage == "truncate_component":
+        comp.write_bytes(comp.read_bytes()[:100])
+        name = comp.name
+    elif damage == "flip_component":
+        b = bytearray(comp.read_bytes())
+        b[-5] ^= 0x01
+        comp.write_bytes(bytes(b))
+        name = comp.name
+    elif damage == "delete_component":
+        comp.unlink()
+        name = comp.name
+    elif damage == "corrupt_commit":
+        (tmp_path / "COMMIT").write_bytes(b'{"state": "state-0')
+        name = "COMMIT"
+    else:
+        (tmp_path / "COMMIT").unlink()
+        name = "COMMIT"
+    before = _snapshot(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match=name.replace(".", r"\.")):
+        checkpoint.exists(tmp_path) and checkpoint.load(tmp_path)
+    assert _snapshot(tmp_path) == before
+
+
+def test_first_commit_killed_half_way_starts_afresh(tmp_path):
+    checkpoint.save(tmp_path, _system(), {})
+    (tmp_path / "COMMIT").unlink()  # killed between the first state file and its marker
+    assert not checkpoint.exists(tmp_path)
+
+
+def test_unknown_component_name_is_rejected():
+    with pytest.raises(ValueError, match="unknown component name"):
+        checkpoint.component_class("decoderblock_1")
+    assert checkpoint.component_class("encoderblock_11") is vit.EncoderBlock
+    assert checkpoint.component_class("residual_adapter_0") is vit.ResidualAdapter
+    assert checkpoint.component_class("encoder_norm") is vit.LayerNorm

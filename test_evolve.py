@@ -1,0 +1,294 @@
+"""The continual runner: manifest validation, shipped manifests, CLI overrides, reports, and kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import checkpoint
+import evolve
+
+HERE = Path(__file__).resolve().parent
+
+# Two offline tasks, two segments, 1 generation × 2 children, a tiny ViT: seconds per task iteration.
+TINY = """
+name = "tiny"
+seed = 0
+report_set = ["digits"]
+
+[root]
+kind = "random"
+vit = "tiny"
+resolutions = [8, 16]
+resolution = 16
+hp = { lr = 0.05 }
+
+[root.pretrain]
+task = "digits/parity"
+cycles = 1
+samples_cap = 64
+batch_size = 32
+
+[[segments]]
+name = "one"
+method = "mu2net"
+tasks = ["digits", "digits/parity"]
+generations = 1
+children = 2
+cycles = 2
+samples_cap = 64
+batch_size = 32
+eval_batch = 128
+
+[[segments]]
+name = "two"
+method = "mu2net+"
+tasks = ["digits"]
+generations = 1
+children = 2
+cycles = 1
+samples_cap = 64
+batch_size = 32
+eval_batch = 128
+P = 2e5
+F = 7e6
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "m.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+# --- validation ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit, field, expect", [
+    (("", "bogus = 1\n"), "bogus: unknown key", "expected one of"),
+    (("generations = 1\nchildren = 2\ncycles = 2", "generatons = 1\nchildren = 2\ncycles = 2"),
+     "segments[0].generatons: unknown key", "did you mean 'generations'"),
+    (("generations = 1\nchildren = 2\ncycles = 2", "generations = \"two\"\nchildren = 2\ncycles = 2"),
+     "segments[0].generations = 'two'", "expected an integer"),
+    (("generations = 1\nchildren = 2\ncycles = 2", "generations = -2\nchildren = 2\ncycles = 2"),
+     "segments[0].generations = -2", "expected an integer ≥ 1"),
+    (('tasks = ["digits"]', 'tasks = ["digitz"]'), "segments[1].tasks[0] = 'digitz'", "did you mean"),
+    (('method = "mu2net+"', 'method = "mu3net"'), "segments[1].method = 'mu3net'", "mu2net.METHODS"),
+    (("P = 2e5", "P = 2e5\ns = 1.5"), "segments[1].s = 1.5", "(0, 1]"),
+    (('vit = "tiny"', 'vit = "huge"'), "root.vit = 'huge'", "vit.CONFIGS"),
+    (('kind = "random"', 'kind = "pretrained"'), "root.kind = 'pretrained'", "'augreg'"),
+    (("resolutions = [8, 16]", "resolutions = [8, 18]"), "root.resolutions[1] = 18", "multiple of the patch"),
+    (("seed = 0", "seed = 1.5"), "seed = 1.5", "expected an integer"),
+    (('hp = { lr = 0.05 }', 'hp = { lr = 0.05, learning_rate = 1 }'), "root.hp.learning_rate", "unknown"),
+    (('name = "two"', 'name = "two"\nvalues = { resolution = 16 }'), "segments[1].values.resolution = 16",
+     "non-empty list"),
+])
+def test_bad_manifest_names_the_field(tmp_path, edit, field, expect):
+    old, new = edit
+    text = TINY.replace(old, new, 1) if old else TINY + new
+    assert text != TINY
+    p = _write(tmp_path, text)
+    with pytest.raises(evolve.ManifestError) as e:
+        evolve.load_manifest(p)
+    msg = str(e.value)
+    assert str(p) in msg and field in msg and expect in msg, msg
+
+
+def test_missing_and_wrongly_typed_tables(tmp_path):
+    p = _write(tmp_path, 'name = "x"\n')
+    with pytest.raises(evolve.ManifestError, match=r"segments: missing"):
+        evolve.load_manifest(p)
+    p = _write(tmp_path, TINY.replace("[root.pretrain]", "[root.pretrain]\nhp = 3"))
+    with pytest.raises(evolve.ManifestError, match=r"root\.pretrain\.hp = 3: expected a table"):
+        evolve.load_manifest(p)
+
+
+def test_bad_manifest_fails_before_any_work(tmp_path, capsys):
+    p = _write(tmp_path, TINY.replace("cycles = 2", "cycles = 0"))
+    out = tmp_path / "run"
+    assert evolve.main(["--manifest", str(p), "--out", str(out)]) == 2
+    assert not out.exists()
+    assert "segments[0].cycles = 0: expected an integer ≥ 1" in capsys.readouterr().err
+    # A bad CLI override is checked like the file.
+    good = _write(tmp_path, TINY, "good.toml")
+    assert evolve.main(["--manifest", str(good), "--out", str(out), "--set", "segments.1.batch_size=-4"]) == 2
+    assert not out.exists()
+    assert "segments[1].batch_size = -4" in capsys.readouterr().err
+    with pytest.raises(evolve.ManifestError, match="segments has 2 entries"):
+        evolve.load_manifest(good, ["segments.5.cycles=1"])
+
+
+def test_overrides_and_seed_reach_the_manifest(tmp_path, capsys):
+    p = _write(tmp_path, TINY)
+    m = evolve.load_manifest(p, ["segments.0.generations=3", "root.pretrain.task=mnist5k", "segments.1.P=inf"],
+                             seed=7)
+    assert m.seed == 7 and m.segments[0].generations == 3 and m.root.pretrain.task == "mnist5k"
+    assert m.segments[1].P == float("inf")
+    assert evolve.main(["--manifest", str(p), "--seed", "3", "--check"]) == 0
+    assert json.loads(capsys.readouterr().out)["seed"] == 3
+
+
+# --- shipped manifests ---------------------------------------------------------------------------------------
+
+
+def test_quickstart_validates_and_is_the_default():
+    m = evolve.load_manifest(evolve.DEFAULT_MANIFEST)
+    assert m.name == "quickstart" and len(m.segments) == 4
+    assert evolve.segment_tasks(m, m.segments[2]) == ["mnist5k/parity", "mnist5k/is_greater_than_4", "mnist5k/mod3"]
+    assert [s.method for s in m.segments] == ["mu2net", "mu2net+", "mu2net+", "mu2net+"]
+
+
+def test_paper_sec5_validates_with_the_124_tasks_in_order():
+    m = evolve.load_manifest("manifests/paper_sec5.toml")
+    segs = m.segments
+    assert [s.method for s in segs] == ["mu2net", "mu2net+", "mu2net+", "mu2net+"]
+    assert [s.iterations for s in segs] == [2, 2, 1, 2]
+    assert (segs[1].P, segs[1].F, segs[1].s) == (2.2e9, 3.8e12, 0.99)
+    a, b, ab = (evolve.segment_tasks(m, segs[i]) for i in (0, 2, 3))
+    assert len(a) == 69 and len(b) == 55 and ab == a + b and len(set(ab)) == 124
+    assert ab[:3] == ["imagenet2012", "cifar100", "cifar10"]
+    assert evolve.segment_tasks(m, segs[1]) == a
+    assert m.root.kind == "mu2net_state" and m.root.vit == "L/16" and m.root.resolutions == (224, 384)
+    assert evolve.report_tasks(m) == a
+
+
+def test_paper_sec5_root_fails_clearly_at_run_time(tmp_path):
+    m = evolve.load_manifest("manifests/paper_sec5.toml")
+    with pytest.raises(NotImplementedError, match="mu2net_state.*not implemented"):
+        evolve.run(m, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, iters, P, F, ntasks", [("mccb", 5, 1.48e6, 15e6, 8), ("vddb", 30, 85.6e6, 100e6, 10)])
+def test_paper_sec4_manifests(name, iters, P, F, ntasks):
+    m = evolve.load_manifest(f"manifests/paper_sec4_{name}.toml")
+    runs = evolve.sweep(m)
+    assert [r[0] for r in runs] == ["s=0.02", "s=0.3", "s=0.7", "s=0.9", "s=0.95", "s=0.98", "s=1"]
+    for sub, mm in runs:
+        (seg,) = mm.segments
+        assert mm.s_sweep == () and seg.s == float(sub[2:])
+        assert (seg.iterations, seg.generations, seg.cycles, seg.samples_cap, seg.P, seg.F) == (iters, 4, 4, 51200,
+                                                                                                P, F)
+        assert len(evolve.segment_tasks(mm, seg)) == ntasks
+
+
+# --- running, killing, resuming ------------------------------------------------------------------------------
+
+
+def _run(args: list[str], kill_after: int | None = None, cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop(evolve.KILL_ENV, None)
+    if kill_after:
+        env[evolve.KILL_ENV] = str(kill_after)
+    cmd = [sys.executable, str(HERE / "evolve.py"), *args, "--compile-cache", str(cache) if cache else ""]
+    return subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _bits(tree) -> list[tuple[str, tuple, bytes]]:
+    return [(str(np.asarray(x).dtype), np.asarray(x).shape, np.asarray(x).tobytes()) for x in jax.tree.leaves(tree)]
+
+
+def _events(run: Path) -> list[str]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return sorted(json.dumps({k: v for k, v in d.items() if k != "elapsed"}, sort_keys=True) for d in lines)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted run, and the same run killed twice mid-iteration and resumed (seed 5 via --seed)."""
+    d = tmp_path_factory.mktemp("runs")
+    man = d / "tiny.toml"
+    man.write_text(TINY)
+    cache = d / "xla-cache"
+    whole, broken = d / "whole", d / "broken"
+    r = _run(["--manifest", str(man), "--out", str(whole), "--seed", "5"], cache=cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Children: 1 pre-training, then 2 per task iteration. Kill after the 2nd (mid "digits" of segment one, before
+    # its commit), resume and kill after the 3rd (mid "digits/parity"), then resume to the end.
+    logs = []
+    for kill in (2, 3, None):
+        r = _run(["--manifest", str(man), "--out", str(broken), "--seed", "5"], kill_after=kill, cache=cache)
+        logs.append(r.stderr)
+        assert r.returncode == (75 if kill else 0), r.stderr[-3000:]
+    return whole, broken, logs
+
+
+def test_kill_and_resume_equals_uninterrupted(runs):
+    whole, broken, logs = runs
+    assert "resuming" in logs[1] and "resuming" in logs[2]
+    a, b = checkpoint.load(whole), checkpoint.load(broken)
+    sa, sb = a.system, b.system
+    assert list(sa.params) == list(sb.params)
+    assert _bits(sa.params) == _bits(sb.params)
+    assert _bits(sa.momentum) == _bits(sb.momentum)
+    assert sa.models == sb.models and sa.root == sb.root and sa.lineage == sb.lineage and sa.counter == sb.counter
+    assert json.dumps(a.extra["history"]) == json.dumps(b.extra["history"])  # NaN-safe: 'start' has no models
+    assert a.extra["cursor"] == b.extra["cursor"] == [2, 0, 0]
+    assert a.hashes == b.hashes
+    assert _events(whole) == _events(broken)  # the interrupted iterations' log lines were dropped on resume
+    assert set(sa.models) == {"digits", "digits/parity"}
+
+
+def test_seed_reaches_the_run(runs):
+    whole, _, _ = runs
+    ck = checkpoint.load(whole)
+    assert ck.extra["seed"] == 5 and ck.extra["manifest"]["seed"] == 5
+    assert json.loads((whole / "manifest.json").read_text())["seed"] == 5
+    assert ck.extra["version"]
+
+
+def test_reports_written(runs):
+    whole, _, logs = runs
+    for f in ("report.md", "metrics.png", "graph.png", "metrics.jsonl", "manifest.json"):
+        assert (whole / f).stat().st_size > 0, f
+    text = (whole / "report.md").read_text()
+    assert "avg accounted params" in text and "| digits/parity |" in text and "| two |" in text
+    assert "ETA" in logs[2] and "child" in logs[2]
+
+
+def test_finished_run_resumes_to_nothing_and_other_manifest_is_refused(runs, tmp_path):
+    whole, _, _ = runs
+    before = {p: p.read_bytes() for p in whole.rglob("*") if p.is_file() and p.name != "report.md"}
+    man = _write(tmp_path, TINY)
+    m = evolve.load_manifest(man, seed=5)
+    with pytest.raises(evolve.ManifestError, match=r"seed: checkpoint 5 vs now 6"):
+        evolve.run(evolve.load_manifest(man, seed=6), whole)
+    s = evolve.run(m, whole)  # already done: loads, writes the report, trains nothing
+    assert set(s.models) == {"digits", "digits/parity"}
+    after = {p: p.read_bytes() for p in whole.rglob("*") if p.is_file() and p.name != "report.md"}
+    for p in set(before) - {whole / "metrics.png", whole / "graph.png"}:
+        assert after[p] == before[p], p
+
+
+def test_corrupt_run_is_refused_and_left_alone(runs, tmp_path, capsys):
+    import shutil
+    _, broken, _ = runs
+    run = tmp_path / "copy"
+    shutil.copytree(broken, run)
+    state = next(run.glob("state-*.msgpack"))
+    state.write_bytes(state.read_bytes()[:-10])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    man = _write(tmp_path, TINY)
+    assert evolve.main(["--manifest", str(man), "--out", str(run), "--seed", "5", "--compile-cache", ""]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_system_root_continues_a_previous_run(runs, tmp_path):
+    whole = runs[0]
+    text = TINY.replace('kind = "random"', f'kind = "system"\npath = "{whole}"')
+    text = text.replace('task = "digits/parity"', 'task = ""')
+    m = evolve.load_manifest(_write(tmp_path, text))
+    s = evolve.build_root(m, evolve.Tasks(m), None)
+    prev = checkpoint.load(whole).system
+    assert s.models == prev.models and _bits(s.params) == _bits(prev.params)
+    with pytest.raises(evolve.ManifestError, match="root.pretrain.task = 'digits/parity'"):
+        evolve.load_manifest(_write(tmp_path, TINY.replace('kind = "random"', f'kind = "system"\npath = "{whole}"')))
