@@ -2,6 +2,8 @@
 
     python bench/compile.py [--children 4 --generations 2 --iterations 3]
 
+    python bench/compile.py --quickstart      # the share over the whole embedded quickstart run
+
 For each way of compiling the trainable/frozen split (mu2net.Config.split) it runs the same sequence of task
 iterations (two offline tasks, alternating) in a fresh process and prints compiles, seconds compiling, seconds in
 total and the compile share, plus each split's total time relative to "mask", measured in this run.
@@ -44,6 +46,23 @@ def run_one(split: str, args) -> dict:
     return dict(split=split, compiles=c.count, steps=steps, compile_s=c.seconds, total_s=total, test=acc)
 
 
+def quickstart() -> None:
+    """Compile share of `python evolve.py` (the quickstart) from a cold cache, in this process."""
+    import tempfile
+
+    sys.path.insert(0, ROOT)
+    import evolve
+    import mu2net
+
+    t0 = time.perf_counter()
+    with mu2net.Compiles() as c, tempfile.TemporaryDirectory() as out:
+        evolve.main(["--out", out, "--compile-cache", ""])
+    total = time.perf_counter() - t0
+    steps = sum("train_step" in n for n in c.names)
+    print(f"quickstart: {c.count} compiles ({steps} of train_step), {c.seconds:.1f} s compiling of {total:.1f} s "
+          f"= {100 * c.seconds / total:.1f}%")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--children", type=int, default=4)
@@ -53,8 +72,12 @@ def main():
     p.add_argument("--cycles", type=int, default=2)
     p.add_argument("--vit", default="tiny")
     p.add_argument("--splits", default="mask,hybrid,partition")
+    p.add_argument("--quickstart", action="store_true")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.quickstart:
+        quickstart()
+        return
     if args.one:
         print(json.dumps(run_one(args.one, args)))
         return
