@@ -11,7 +11,7 @@ import pytest
 
 import mu2net
 import vit
-from bench.tasks import digits_tasks
+import data
 
 CFG = vit.CONFIGS["tiny"]
 
@@ -25,7 +25,9 @@ def conf(**kw) -> mu2net.Config:
 
 @pytest.fixture(scope="module")
 def tasks():
-    return digits_tasks()
+    """scikit-learn digits at 16 px and its parity, VTAB-style: two tasks from one dataset (catalog.toml)."""
+    catalog = data.load_catalog()
+    return [data.make_task_data(catalog[name], 16) for name in ("digits", "digits/parity")]
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +69,9 @@ def test_device_count_does_not_change_the_result(s0, s1, tasks):
 
 
 def test_learns_and_keeps_one_model_per_task(s1, s2):
-    assert set(s2.models) == {"digits", "digits_parity"}
-    m = s2.models["digits_parity"]
-    assert m.task == "digits_parity" and m.metrics["test"] > 0.6  # chance is 0.5
+    assert set(s2.models) == {"digits", "digits/parity"}
+    m = s2.models["digits/parity"]
+    assert m.task == "digits/parity" and m.metrics["test"] > 0.6  # chance is 0.5
     assert s1.models["digits"].metrics["test"] > 0.2  # chance is 0.1, after 2 x 2 short children
     head = s2.params[m.components[-1]]
     assert head.kernel.shape == (CFG.width, 2)
@@ -80,8 +82,8 @@ def test_learns_and_keeps_one_model_per_task(s1, s2):
 def test_no_forgetting(s1, s2, tasks):
     """A task iteration on t leaves every component another task uses bit-identical."""
     s3 = mu2net.task_iteration(s2, tasks[0], conf(), jax.random.key(3))
-    assert s3.models["digits_parity"] == s2.models["digits_parity"]
-    for c in s2.models["digits_parity"].components:
+    assert s3.models["digits/parity"] == s2.models["digits/parity"]
+    for c in s2.models["digits/parity"].components:
         assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), s2.params[c], s3.params[c]))
     for c in s1.models["digits"].components:
         if c in s2.params:

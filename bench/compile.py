@@ -27,9 +27,10 @@ def run_one(split: str, args) -> dict:
 
     import mu2net
     import vit
-    from bench.tasks import digits_tasks
+    import data
 
-    tasks = digits_tasks()
+    catalog = data.load_catalog()
+    tasks = [data.make_task_data(catalog[name], 16) for name in ("digits", "digits/parity")]
     cfg = vit.CONFIGS[args.vit]
     space = mu2net.search_space(cfg.depth, (8, 16), resolution=16)
     system = mu2net.new_system(cfg, vit.init(cfg, jax.random.key(0), 10, 16), space.defaults)
