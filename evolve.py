@@ -123,6 +123,9 @@ class Segment:
                     "'', 'mu', 'all', 'none' or 'top:K'")  # fine-tune-top-layers baseline: 'top:K'
     values: Mapping[str, Any] = _f(factory=dict)  # search-space overrides: hyperparameter -> valid values
     defaults: Mapping[str, Any] = _f(factory=dict)  # search-space overrides: hyperparameter -> default
+    # How the trainable/frozen split compiles (mu2net.split): "mask" compiles least (bench/compile.py); "hybrid"
+    # skips the backward pass below the lowest trained layer, which pays off once steps cost more than compiles.
+    split: str = _f("mask", lambda v: v in ("mask", "hybrid", "partition"), "'mask', 'hybrid' or 'partition'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,7 +408,8 @@ def config(m: Manifest, seg: Segment, depth: int) -> mu2net.Config:
     defaults = dict(space.defaults) | dict(seg.defaults)
     return mu2net.Config(space=mu2net.SearchSpace(values, defaults), method=method, generations=seg.generations,
                          children=seg.children, cycles=seg.cycles, samples_cap=seg.samples_cap,
-                         batch_size=seg.batch_size, s=seg.s, P=seg.P, F=seg.F, eval_batch=seg.eval_batch)
+                         batch_size=seg.batch_size, s=seg.s, P=seg.P, F=seg.F, eval_batch=seg.eval_batch,
+                         split=seg.split)
 
 
 def iteration_key(seed: int, segment: int, iteration: int, task: int) -> jax.Array:
