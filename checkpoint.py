@@ -86,8 +86,7 @@ def _unarray(d: Mapping, where: str) -> np.ndarray:
 
 def flatten(module: eqx.Module) -> dict[str, dict]:
     """'/'-joined AugReg field path -> array record, e.g. `MlpBlock_3/Dense_0/kernel`."""
-    return {"/".join(k.name for k in path): _array(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(module)}
+    return {k: _array(v) for k, v in vit.flat(module).items()}
 
 
 def build(cls: type, arrays: Mapping[str, np.ndarray], prefix: str = "") -> eqx.Module:

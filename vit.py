@@ -274,7 +274,7 @@ _QUIRKS = {
 }
 
 
-def _flat(tree: eqx.Module, prefix: str) -> dict[str, Array]:
+def flat(tree: eqx.Module, prefix: str = "") -> dict[str, Array]:
     """'/'-joined AugReg key for every array of a component."""
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
@@ -290,8 +290,8 @@ def to_flat(components: Mapping[str, eqx.Module]) -> dict[str, Array]:
     """Components -> AugReg '/'-keyed arrays (`cls` is a bare key in the checkpoint)."""
     out: dict[str, Array] = {}
     for name, c in components.items():
-        flat = _flat(c, f"{_key_prefix(name)}{name}/")
-        out |= {("cls" if k == "cls/cls" else k): v for k, v in flat.items()}
+        keyed = flat(c, f"{_key_prefix(name)}{name}/")
+        out |= {("cls" if k == "cls/cls" else k): v for k, v in keyed.items()}
     return out
 
 
