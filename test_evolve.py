@@ -9,12 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
 
 import checkpoint
 import evolve
+import mu2net
 
 HERE = Path(__file__).resolve().parent
 
@@ -193,10 +192,6 @@ def _run(args: list[str], kill_after: int | None = None, cache: Path | None = No
     return subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _bits(tree) -> list[tuple[str, tuple, bytes]]:
-    return [(str(np.asarray(x).dtype), np.asarray(x).shape, np.asarray(x).tobytes()) for x in jax.tree.leaves(tree)]
-
-
 def _events(run: Path) -> list[str]:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return sorted(json.dumps({k: v for k, v in d.items() if k != "elapsed"}, sort_keys=True) for d in lines)
@@ -227,10 +222,7 @@ def test_kill_and_resume_equals_uninterrupted(runs):
     assert "resuming" in logs[1] and "resuming" in logs[2]
     a, b = checkpoint.load(whole), checkpoint.load(broken)
     sa, sb = a.system, b.system
-    assert list(sa.params) == list(sb.params)
-    assert _bits(sa.params) == _bits(sb.params)
-    assert _bits(sa.momentum) == _bits(sb.momentum)
-    assert sa.models == sb.models and sa.root == sb.root and sa.lineage == sb.lineage and sa.counter == sb.counter
+    assert mu2net.identical(sa, sb)  # every parameter and momentum bit, models, lineage, counter
     assert json.dumps(a.extra["history"]) == json.dumps(b.extra["history"])  # NaN-safe: 'start' has no models
     assert a.extra["cursor"] == b.extra["cursor"] == [2, 0, 0]
     assert a.hashes == b.hashes
@@ -290,6 +282,6 @@ def test_system_root_continues_a_previous_run(runs, tmp_path):
     m = evolve.load_manifest(_write(tmp_path, text))
     s = evolve.build_root(m, evolve.Tasks(m), None)
     prev = checkpoint.load(whole).system
-    assert s.models == prev.models and _bits(s.params) == _bits(prev.params)
+    assert mu2net.identical(s, prev)
     with pytest.raises(evolve.ManifestError, match="root.pretrain.task = 'digits/parity'"):
         evolve.load_manifest(_write(tmp_path, TINY.replace('kind = "random"', f'kind = "system"\npath = "{whole}"')))

@@ -68,13 +68,16 @@ def test_device_count_does_not_change_the_result(s0, s1, tasks):
     assert mu2net.identical(one, s1)
 
 
-def test_learns_and_keeps_one_model_per_task(s1, s2):
+def test_learns_and_keeps_one_model_per_task(s1, s2, tasks):
     assert set(s2.models) == {"digits", "digits/parity"}
     m = s2.models["digits/parity"]
     assert m.task == "digits/parity" and m.metrics["test"] > 0.6  # chance is 0.5
     assert s1.models["digits"].metrics["test"] > 0.2  # chance is 0.1, after 2 x 2 short children
     head = s2.params[m.components[-1]]
     assert head.kernel.shape == (CFG.width, 2)
+    # A retained model is assembled by id lookup and reproduces its recorded test accuracy.
+    acc = mu2net.accuracy(mu2net.assemble(s2, m), tasks[1], "test", m.hp["resolution"], 256)
+    assert acc == m.metrics["test"]
     # Garbage collection: only what the root or a retained model uses survives.
     assert set(s2.params) == s2.component_ids() == set(s2.momentum)
 
