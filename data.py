@@ -73,7 +73,8 @@ LABEL_FNS: Mapping[str, tuple[Callable[[Mapping[str, Any]], int], int | None]] =
     "kitti_closest_vehicle_distance": (
         lambda ex: _bin(_KITTI_VEH, float(np.min(np.append(_kitti_vehicle_z(ex), 1000.0)))), 4),
     "kitti_closest_object_distance": (
-        lambda ex: _bin(_KITTI_OBJ, float(np.min(np.asarray(ex["objects"]["location"]).reshape(-1, 3)[:, 2]))), 5),
+        lambda ex: _bin(_KITTI_OBJ, float(np.min(np.append(np.asarray(ex["objects"]["location"]).reshape(-1, 3)[:, 2],
+                                                           np.inf)))), 5),  # no object: +inf, the farthest bin
     # Offline derived tasks: relabel the same images, as VTAB derives several tasks from one dataset.
     "parity": (lambda ex: int(ex["label"]) % 2, 2),
     "is_greater_than_4": (lambda ex: int(int(ex["label"]) > 4), 2),
@@ -221,7 +222,7 @@ def folder_task(path: str | os.PathLike, name: str | None = None, num_classes: i
 # -------------------------------------------------------------------------------------------------------- splits
 
 _PART = re.compile(r"^(?P<name>[\w-]+)(?:\[(?P<a>[^:\]]*):(?P<b>[^\]]*)\])?$")
-_BOUND = re.compile(r"^(?P<v>-?\d+(?:\.\d+)?)(?P<u>%|k)?$")
+_BOUND = re.compile(r"^(?:(?P<v>-?\d+(?:\.\d+)?)(?P<u>%)|(?P<i>-?\d+)(?P<k>k)?)$")  # decimals only as a percent
 
 
 def parse_split(s: str) -> list[tuple[str, str | None, str | None]]:
@@ -247,8 +248,7 @@ def _abs(v: str | None, n: int, default: int) -> int:
     if v is None:
         return default
     m = _BOUND.match(v)
-    x = float(m["v"])
-    i = int(round(x * n / 100.0)) if m["u"] == "%" else int(x * 1000) if m["u"] == "k" else int(x)
+    i = int(round(float(m["v"]) * n / 100.0)) if m["u"] else int(m["i"]) * (1000 if m["k"] else 1)
     if abs(i) > n:  # TFDS refuses such a slice too, rather than silently clamping it
         raise ValueError(f"slice bound {v!r} is outside a split of {n} examples")
     return n + i if i < 0 else i
@@ -271,8 +271,11 @@ def split_indices(s: str, sizes: Mapping[str, int]) -> list[tuple[str, np.ndarra
 
 def tfds_split(s: str) -> str:
     """The split string TFDS accepts: only "Nk" bounds need writing out."""
-    parse_split(s)
-    return re.sub(r"(-?\d+)k\b", lambda m: str(int(m[1]) * 1000), s)
+    def bound(v: str | None) -> str:
+        return "" if v is None else str(int(v[:-1]) * 1000) if v.endswith("k") else v
+
+    return "+".join(name if a is None and b is None else f"{name}[{bound(a)}:{bound(b)}]"
+                    for name, a, b in parse_split(s))
 
 
 # ------------------------------------------------------------------------------------------------------- sources

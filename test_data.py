@@ -174,6 +174,7 @@ def test_label_functions():
     assert fn["kitti_count_vehicles"](kitti) == 3 and fn["kitti_closest_vehicle_distance"](kitti) == 1
     assert fn["kitti_closest_object_distance"](kitti) == 0
     assert fn["kitti_closest_vehicle_distance"]({"objects": {"type": np.array([5]), "location": np.zeros((1, 3))}}) == 3
+    assert fn["kitti_closest_object_distance"]({"objects": {"type": np.zeros(0), "location": np.zeros((0, 3))}}) == 4
     assert fn["dsprites_x_position_16"]({"label_x_position": 31}) == 15
     assert [fn["dsprites_orientation_16"]({"label_orientation": o}) for o in (0, 2, 3, 39)] == [0, 0, 1, 15]
 
@@ -196,7 +197,8 @@ def test_split_slicing_matches_tfds(toy_dir):
             assert ids(data.tfds_split(s)) == [full[k][j] for k, ix in idx for j in ix], s
     assert data.split_indices("quickdraw[10k:20k]", {"quickdraw": 30000})[0][1].tolist() == list(range(10000, 20000))
     assert data.tfds_split("train[10k:20k]") == "train[10000:20000]"
-    for bad in ["", "train[1:2:3]", "train[a:]", "train[:5x]", "test[:10k]"]:
+    assert data.tfds_split("train_2k[1k:]+b") == "train_2k[1000:]+b"  # only bounds are written out
+    for bad in ["", "train[1:2:3]", "train[a:]", "train[:5x]", "test[:10k]", "train[10.5:]", "train[1.5k:]"]:
         with pytest.raises(ValueError):
             data.split_indices(bad, _TOY)
     with pytest.raises(ValueError, match="unknown split 'val'"):
