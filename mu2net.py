@@ -63,12 +63,13 @@ class SearchSpace:
 def search_space(depth: int, resolutions: Sequence[int] = (224, 384), method: str = "plus",
                  resolution: int | None = None) -> SearchSpace:
     """Table 1 for a root of `depth` blocks. `method="plus"`: μ2Net+ (layer removal, both resolutions, image
-    quality, learned μ); `"mu2net"`: μ2Net's space (fixed largest resolution, global μ as a hyperparameter)."""
+    quality, learned μ); `"mu2net"`: μ2Net's space (fixed largest resolution, global μ as a hyperparameter);
+    `"munet"`: the same with μ constant."""
     values = dict(TABLE1, resolution=tuple(resolutions))
     defaults = dict(PLUS_DEFAULTS, resolution=resolution or max(resolutions), num_layers=depth)
     if method == "plus":
         values["num_layers"] = tuple(range(depth + 1))
-    elif method == "mu2net":
+    elif method in ("mu2net", "munet"):
         # What Section 3 says μ2Net+ changed: warm-up 0, aspect 1.0, 224 px and image quality are additions, μ
         # was a tuned hyperparameter, and μ2Net's defaults were the mild fine-tuning preprocessing of Steiner et
         # al. (2021) (inception crop and flip) where μ2Net+ turns every augmentation off.
@@ -76,8 +77,10 @@ def search_space(depth: int, resolutions: Sequence[int] = (224, 384), method: st
         values |= dict(warmup=values["warmup"][1:], crop_aspect_min=values["crop_aspect_min"][:-1],
                        resolution=(defaults["resolution"],), mu=MU_VALUES)
         defaults |= dict(crop_area_min=0.05, crop_aspect_min=0.75, flip=True)
+        if method == "munet":  # muNet (Gesmundo & Dean, 2022a): one global, constant mutation probability
+            del values["mu"]
     else:
-        raise ValueError(f"search_space: method={method!r}; expected 'plus' or 'mu2net'")
+        raise ValueError(f"search_space: method={method!r}; expected 'plus', 'mu2net' or 'munet'")
     return SearchSpace(values, defaults)
 
 
@@ -327,8 +330,10 @@ def mutate_hparams(parent: Model, space: SearchSpace, method: Method, rng: Sampl
 def clones(name: str, cid: str, locked: set[str], method: Method, hp: Mapping[str, Any], mu: dict[str, float],
            rng: Sampler) -> bool:
     """Whether the child trains a copy of component `cid` rather than sharing it frozen."""
-    if name in ("encoder_norm", "head") or name.startswith("residual_adapter_") or cid not in locked:
-        return True  # forced (make-trainable-head, encoder_norm), or being trained for this task
+    if name == "head" or name.startswith("residual_adapter_") or cid not in locked:
+        return True  # make-trainable-head, the adapters of the baseline, or being trained for this task
+    if name == "encoder_norm":
+        return method.clone != "none"  # forced in μ2Net+; the adapter baseline freezes all but adapters and head
     if method.clone == "mu":
         return query(f"clone:{name}", hp, mu, method.learned_mu, rng)
     if method.clone.startswith("top:"):
@@ -359,7 +364,7 @@ def make_child(pool: Pool, parent: Model, task: str, num_classes: int, config: C
                                            ("posembed_input", pe)]
     for i, b in enumerate(blocks):
         if method.adapter_dim:
-            slots.append((f"residual_adapter_{i}", have.get(f"residual_adapter_{i}")))
+            slots.append((f"residual_adapter_{i}", pool.find(parent, f"residual_adapter_{i}")))
         slots.append((f"encoderblock_{i}", b))
     slots += [("encoder_norm", have["encoder_norm"]), ("head", have["head"] if parent.task == task else None)]
 
@@ -557,7 +562,8 @@ def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: j
     steps = max(1, min(task.num_train, config.samples_cap) // config.batch_size)
     total, ncls = jax.device_put((jnp.asarray(config.cycles * steps, jnp.int32),
                                   jnp.asarray(task.num_classes, jnp.int32)), device)
-    seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+    k_data, key = jax.random.split(key)  # the data order's seed, and the base of the augmentation keys
+    seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
     shares = sharers(pool.system, task.name)
     size = model_size(params, model, shares)
     flops = model_flops(pool.system.cfg, params, model, task.num_classes)
@@ -661,13 +667,18 @@ def task_iteration(system: System, task: TaskData, config: Config, key: jax.Arra
 
 def _train_all(pool: Pool, children: list[tuple[Child, jax.Array]], task: TaskData, config: Config,
                devices: Sequence[jax.Device], log) -> list[Trained | None]:
-    """Trains a generation's children, one per local device at a time (the paper's one child per TPU core)."""
-    if len(devices) == 1:
-        return [train_child(pool, c, task, config, k, devices[0], log) for c, k in children]
-    with concurrent.futures.ThreadPoolExecutor(len(devices)) as ex:
-        futs = [ex.submit(train_child, pool, c, task, config, k, devices[i % len(devices)], log)
-                for i, (c, k) in enumerate(children)]
-        return [f.result() for f in futs]
+    """Trains a generation's children, one per local device at a time (the paper's one child per TPU core): one
+    thread per device trains children d, d + n, d + 2n, ... in turn, so no device ever holds two children."""
+    n = len(devices)
+
+    def worker(d: int) -> list[Trained | None]:
+        return [train_child(pool, c, task, config, k, devices[d], log) for c, k in children[d::n]]
+
+    if n == 1:
+        return worker(0)
+    with concurrent.futures.ThreadPoolExecutor(n) as ex:
+        done = list(ex.map(worker, range(n)))
+    return [done[i % n][i // n] for i in range(len(children))]
 
 
 def collect(system: System, params: Mapping[str, eqx.Module], momentum: Mapping[str, eqx.Module],

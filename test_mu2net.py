@@ -267,5 +267,19 @@ def test_baselines_are_settings(s0):
     names = [mu2net.kind(c) for c in child.model.components]
     assert names[3:7] == ["residual_adapter_0", "encoderblock_0", "residual_adapter_1", "encoderblock_1"]
     assert [t for n, t in zip(names, child.trainable) if n.startswith("encoderblock")] == [False, False]
+    assert not dict(zip(names, child.trainable))["encoder_norm"]  # only adapters and the head train
     assert all(t for n, t in zip(names, child.trainable) if n.startswith("residual_adapter"))
     assert child.model.components[4] == ids[3]
+
+
+def test_method_search_spaces():
+    plus, mu2, mun = (mu2net.search_space(2, (8, 16), method=m) for m in ("plus", "mu2net", "munet"))
+    assert plus.values["num_layers"] == (0, 1, 2) and plus.values["resolution"] == (8, 16) and "mu" not in plus.values
+    assert "num_layers" not in mu2.values and mu2.values["resolution"] == (16,) and "quality" not in mu2.values
+    assert mu2.values["mu"] == mu2net.MU_VALUES and "mu" not in mun.values  # muNet: one constant μ
+    assert mu2.defaults["flip"] and not plus.defaults["flip"]  # μ2Net+ turns every augmentation off
+    # A child of a root that fixes only some hyperparameters takes the rest from its segment's defaults.
+    root = mu2net.Model(mu2net.ROOT, mu2net.ROOT, (), {"lr": 0.05}, {}, None, {})
+    c = mu2net.Config(mu2, method=mu2net.Method(learned_mu=False, hp_moves=False))
+    hp, _ = mu2net.mutate_hparams(root, c.space, c.method, mu2net.Sampler(jax.random.key(0)))
+    assert hp["lr"] == 0.05 and hp["crop_area_min"] == 0.05 and hp["resolution"] == 16
