@@ -3,6 +3,7 @@ validation and unions give the expected sizes, batches are keyed by (seed, step)
 import inspect
 import re
 import socket
+import sys
 import time
 import urllib.request
 
@@ -336,12 +337,8 @@ def test_download_attempts_are_blocked():
     assert time.time() - t0 < 5
 
 
-def test_prepare_needs_tensorflow(tmp_path):
-    try:
-        import tensorflow  # noqa: F401
-        pytest.skip("TensorFlow is installed; prepare would download")
-    except ImportError:
-        pass
+def test_prepare_needs_tensorflow(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # as on the base install, even where TensorFlow exists
     with pytest.raises(ImportError, match=r"pip install \.\[prepare\]"):
         data.prepare(["mccb"], str(tmp_path))
     assert data.main(["prepare", "mnist", "--data-dir", str(tmp_path)]) == 1
