@@ -620,8 +620,7 @@ def task_iteration(system: System, task: TaskData, config: Config, key: jax.Arra
         raise ValueError(f"model of task {t!r} has no resolution hyperparameter")
     active: list[Model] = [incumbent] if incumbent else []
     scores = {m.id: model_score(system, m, config, task.num_classes) for m in active}
-    others = [] if config.method.parents == "root" else [m for m in system.models.values() if m.task != t]
-    others = sorted(others, key=lambda m: m.task) + [system.root]
+    others = sorted((m for m in system.models.values() if m.task != t), key=lambda m: m.task) + [system.root]
     pool_params, pool_mom = dict(system.params), dict(system.momentum)
     lineage = dict(system.lineage)
     counter, selections = system.counter, {}
@@ -631,9 +630,8 @@ def task_iteration(system: System, task: TaskData, config: Config, key: jax.Arra
         children = []
         for i in range(config.children):
             kp, kc, kt = jax.random.split(jax.random.fold_in(kg, i), 3)
-            parent = (system.root if config.method.parents == "root" and not active
-                      else sample_parent(active, scores, others if config.method.parents == "any" else [],
-                                         selections, kp))
+            parent = (system.root if config.method.parents == "root"
+                      else sample_parent(active, scores, others, selections, kp))
             selections[parent.id] = selections.get(parent.id, 0) + 1
             child_id = f"{t}/{counter}"
             child, counter = make_child(pool, parent, t, task.num_classes, config, kc, child_id, counter,

@@ -285,3 +285,57 @@ def test_system_root_continues_a_previous_run(runs, tmp_path):
     assert mu2net.identical(s, prev)
     with pytest.raises(evolve.ManifestError, match="root.pretrain.task = 'digits/parity'"):
         evolve.load_manifest(_write(tmp_path, TINY.replace('kind = "random"', f'kind = "system"\npath = "{whole}"')))
+
+
+def test_augreg_root_and_section4_baselines_run(tmp_path):
+    """An AugReg `.npz` root cut to its first blocks (as MCCB cuts Ti/16 to 3), then the Section 4 baselines as
+    segments: full fine-tune, fine-tune top layers and residual adapters, each from the root."""
+    import jax
+
+    import vit
+
+    full = vit.CONFIGS["tiny4"]
+    comps = vit.init(full, jax.random.key(3), 7, 16)
+    vit.save_augreg(tmp_path / "root.npz", comps)
+    seg = """
+[[segments]]
+name = "{name}"
+method = "{method}"
+tasks = ["{task}"]
+generations = 1
+children = 1
+cycles = 1
+samples_cap = 64
+batch_size = 32
+eval_batch = 128
+{extra}
+"""
+    text = f"""
+name = "sec4"
+seed = 0
+report_set = ["digits"]
+[root]
+kind = "augreg"
+vit = "tiny4"
+path = "{tmp_path / 'root.npz'}"
+depth = 2
+resolutions = [8, 16]
+resolution = 16
+""" + "".join(seg.format(name=n, method=m, task=t, extra=x) for n, m, t, x in [
+        ("full", "finetune", "digits", ""), ("top", "finetune", "digits/parity", 'clone = "top:1"'),
+        ("adapters", "adapters", "mnist5k", "adapter_dim = 8")])
+    m = evolve.load_manifest(_write(tmp_path, text))
+    system = evolve.run(m, tmp_path / "run", stream=open(os.devnull, "w"))
+    root = {mu2net.kind(c): system.params[c] for c in system.root.components}
+    assert sorted(root) == ["cls", "embedding", "encoder_norm", "encoderblock_0", "encoderblock_1", "head",
+                            "posembed_input"]
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), root["encoderblock_1"],
+                                     comps["encoderblock_1"]))
+    blocks = [c for c in system.root.components if mu2net.kind(c).startswith("encoderblock")]
+    full, top, ad = (system.models[t] for t in ("digits", "digits/parity", "mnist5k"))
+    assert not set(full.components) & set(system.root.components)  # every layer fine-tuned
+    assert [c in blocks for c in top.components if mu2net.kind(c).startswith("encoderblock")] == [True, False]
+    names = [mu2net.kind(c) for c in ad.components]  # residual adapters before each frozen, shared root block
+    assert names[3:7] == ["residual_adapter_0", "encoderblock_0", "residual_adapter_1", "encoderblock_1"]
+    assert [c for c in ad.components if mu2net.kind(c).startswith("encoderblock")] == blocks
+    assert all(m.parent == mu2net.ROOT for m in (full, top, ad))
