@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -222,11 +223,27 @@ def accounted_params(system: System, model: Model) -> float:
 # --- mutations (Section 3, method-notes "Mutations") ---------------------------------------------------------
 
 
-def neighbour(values: tuple, value: Any, key: jax.Array) -> Any:
+class Sampler:
+    """The random decisions of one child (or one parent draw) in a fixed order, from a numpy generator seeded by
+    the bits of an explicit jax key: host-side choices then cost no device round trip and no compile."""
+
+    def __init__(self, key: jax.Array):
+        self.base, self.n = key, 0
+        self.rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+    def uniform(self) -> float:
+        return float(self.rng.random())
+
+    def key(self) -> jax.Array:
+        """A fresh jax key, for parameter initialisation."""
+        self.n += 1
+        return jax.random.fold_in(self.base, self.n)
+
+
+def neighbour(values: tuple, value: Any, rng: Sampler) -> Any:
     """One step ±1 (probability ½ each) in the list of valid values, clamped at the ends."""
     i = nearest(values, value)
-    j = min(max(i + (1 if jax.random.bernoulli(key) else -1), 0), len(values) - 1)
-    return values[j]
+    return values[min(max(i + (1 if rng.uniform() < 0.5 else -1), 0), len(values) - 1)]
 
 
 def nearest(values: tuple, value: Any) -> int:
@@ -235,31 +252,16 @@ def nearest(values: tuple, value: Any) -> int:
     return int(np.argmin([abs(float(v) - float(value)) for v in values]))
 
 
-def uniform(key: jax.Array) -> float:
-    return float(jax.random.uniform(key))
-
-
-class Sampler:
-    """Draws the random decisions of one child from a key, in a fixed order (one fresh subkey per draw)."""
-
-    def __init__(self, key: jax.Array):
-        self.key = key
-
-    def next(self) -> jax.Array:
-        self.key, k = jax.random.split(self.key)
-        return k
-
-
 def query(action: str, hp: Mapping[str, Any], mu: dict[str, float], learned: bool, rng: Sampler) -> bool:
     """Whether mutation `action` fires (Algorithm 1 line 20). Learned μ (μ2Net+): the table entry starts at the
     model's μ, first moves ±1 step with probability μ, is stored in the child, then fires if it beats U(0,1)."""
     if not learned:
-        return hp["mu"] > uniform(rng.next())
+        return hp["mu"] > rng.uniform()
     value = mu.get(action, hp["mu"])
-    if hp["mu"] > uniform(rng.next()):
-        value = neighbour(MU_VALUES, value, rng.next())
+    if hp["mu"] > rng.uniform():
+        value = neighbour(MU_VALUES, value, rng)
     mu[action] = value
-    return value > uniform(rng.next())
+    return value > rng.uniform()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,7 +325,7 @@ def mutate_hparams(parent: Model, space: SearchSpace, method: Method, rng: Sampl
     if method.hp_moves:
         for name in sorted(space.values, key=lambda n: n != "mu"):
             if query(f"hp:{name}", hp, mu, method.learned_mu, rng):
-                hp[name] = neighbour(space.values[name], hp[name], rng.next())
+                hp[name] = neighbour(space.values[name], hp[name], rng)
     return hp, mu
 
 
@@ -381,7 +383,7 @@ def make_child(pool: Pool, parent: Model, task: str, num_classes: int, config: C
             fresh[cid] = (pool.params[src], zeros_like_bf16(pool.params[src]) if mom is None else mom)
         else:
             p = (vit.init_head(cfg, num_classes) if name == "head"
-                 else vit.init_adapter(cfg, rng.next(), method.adapter_dim) if name.startswith("residual_adapter_")
+                 else vit.init_adapter(cfg, rng.key(), method.adapter_dim) if name.startswith("residual_adapter_")
                  else vit.resample_posembed(pool.params[pool.find(system.root, name)], res, cfg.patch))
             fresh[cid] = (p, zeros_like_bf16(p))
         out.append(cid), trainable.append(True)
@@ -395,15 +397,13 @@ def sample_parent(active: Sequence[Model], scores: Mapping[str, float], others: 
                   selections: Mapping[str, int], key: jax.Array) -> Model:
     """Algorithm 1 lines 7–16: walk the active population best-first, then the other models in random order;
     accept a candidate with probability 0.5^#selections; if none is accepted, pick uniformly from all."""
-    k_perm, k_walk, k_uni = jax.random.split(key, 3)
+    rng = Sampler(key)
     ranked = sorted(active, key=lambda m: -scores[m.id])
-    perm = [others[int(i)] for i in jax.random.permutation(k_perm, len(others))] if others else []
-    candidates = ranked + perm
-    draws = jax.random.uniform(k_walk, (len(candidates),))
-    for m, x in zip(candidates, draws):
-        if 0.5 ** selections.get(m.id, 0) > float(x):
+    candidates = ranked + [others[i] for i in rng.rng.permutation(len(others))]
+    for m in candidates:
+        if 0.5 ** selections.get(m.id, 0) > rng.uniform():
             return m
-    return candidates[int(jax.random.randint(k_uni, (), 0, len(candidates)))]
+    return candidates[int(rng.rng.integers(len(candidates)))]
 
 
 # --- training one child (method-notes "Training one child") --------------------------------------------------
@@ -459,7 +459,9 @@ def logits(components, images: jax.Array, num_classes: jax.Array) -> jax.Array:
 
 # Compiled on its own (once per batch shape and resolution) rather than inside `train_step`: it costs as much to
 # compile as a tiny ViT's forward and backward, and every architecture would otherwise pay for it again.
-preprocess = jax.jit(augment.train_preprocess, static_argnums=3)
+@functools.partial(jax.jit, static_argnums=4)
+def preprocess(key: jax.Array, step: jax.Array, x: jax.Array, aug: augment.Aug, res: int) -> jax.Array:
+    return augment.train_preprocess(jax.random.fold_in(key, step), x, aug, res)
 
 
 @eqx.filter_jit
@@ -562,8 +564,8 @@ def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: j
     steps = max(1, min(task.num_train, config.samples_cap) // config.batch_size)
     total, ncls = jax.device_put((jnp.asarray(config.cycles * steps, jnp.int32),
                                   jnp.asarray(task.num_classes, jnp.int32)), device)
-    k_data, key = jax.random.split(key)  # the data order's seed, and the base of the augmentation keys
-    seed = int(jax.random.randint(k_data, (), 0, 2**31 - 1))
+    k_data, key = jax.device_put(jax.random.split(key), device)  # data order's seed; augmentation keys' base
+    seed = int(Sampler(k_data).rng.integers(2**31 - 1))
     shares = sharers(pool.system, task.name)
     size = model_size(params, model, shares)
     flops = model_flops(pool.system.cfg, params, model, task.num_classes)
@@ -572,10 +574,9 @@ def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: j
     for cycle in range(config.cycles):
         for _ in range(steps):
             x, y = task.train_batch(seed, t, config.batch_size)
-            x, y = jax.device_put((x, y), device)
-            x = preprocess(jax.device_put(jax.random.fold_in(key, t), device), x, hp.aug, res)
-            diff, mom, loss = train_step(diff, frozen, mom, mask, x, y, hp,
-                                         jax.device_put(jnp.asarray(t, jnp.int32), device), total, ncls)
+            x, y, step = jax.device_put((x, y, np.int32(t)), device)
+            x = preprocess(key, step, x, hp.aug, res)
+            diff, mom, loss = train_step(diff, frozen, mom, mask, x, y, hp, step, total, ncls)
             t += 1
         trained = eqx.combine(diff, frozen)
         trained = trained[:-1] + (unpad_head(trained[-1], task.num_classes),)

@@ -129,11 +129,11 @@ def test_two_learning_rates_do_not_recompile(s1, tasks):
 def test_neighbour_moves_one_step_clamped_at_the_ends():
     values = (1, 2, 3, 4)
     keys = jax.random.split(jax.random.key(0), 2000)
-    at_end = collections.Counter(mu2net.neighbour(values, 1, k) for k in keys)
+    at_end = collections.Counter(mu2net.neighbour(values, 1, mu2net.Sampler(k)) for k in keys)
     assert set(at_end) == {1, 2} and abs(at_end[1] / 2000 - 0.5) < 0.05  # half the moves fall off the end
-    mid = collections.Counter(mu2net.neighbour(values, 3, k) for k in keys)
+    mid = collections.Counter(mu2net.neighbour(values, 3, mu2net.Sampler(k)) for k in keys)
     assert set(mid) == {2, 4} and abs(mid[2] / 2000 - 0.5) < 0.05
-    top = collections.Counter(mu2net.neighbour(values, 4, k) for k in keys)
+    top = collections.Counter(mu2net.neighbour(values, 4, mu2net.Sampler(k)) for k in keys)
     assert set(top) == {3, 4}
 
 
