@@ -658,7 +658,7 @@ def task_iteration(system: System, task: TaskData, config: Config, key: jax.Arra
         return dataclasses.replace(system, counter=counter)
     best = max(active, key=lambda m: scores[m.id])
     test = accuracy([pool_params[c] for c in best.components], task, "test", int(best.hp["resolution"]),
-                    config.eval_batch)
+                    config.eval_batch, devices[0])  # placed like validation's inputs: the same compiled function
     best = dataclasses.replace(best, metrics={**best.metrics, "score": scores[best.id], "test": test})
     models = {**system.models, t: best}
     return collect(dataclasses.replace(system, models=models, counter=counter), pool_params, pool_mom, lineage)
