@@ -208,12 +208,13 @@ def model_size(params: Mapping[str, eqx.Module], model: Model, shares: Mapping[s
     return sc.accounted_params([sc.param_count(params[c]) for c in ids], [shares.get(c, 0) for c in ids])
 
 
-def model_flops(cfg: vit.Config, params: Mapping[str, eqx.Module], model: Model, num_classes: int) -> int:
-    """#flops of eq. 1: one image's forward pass at the model's depth and resolution."""
-    depth = sum(kind(c).startswith("encoderblock_") for c in model.components)
-    adapter = next((params[c].Dense_0.kernel.shape[1] for c in model.components
-                    if kind(c).startswith("residual_adapter_")), 0)
-    return sc.flops(cfg, depth, int(model.hp["resolution"]), num_classes, adapter)
+def model_flops(cfg: vit.Config, params: Mapping[str, eqx.Module], model: Model) -> int:
+    """#flops of eq. 1: one image's forward pass at the model's depth, resolution, adapter and head widths."""
+    ids = model.components
+    depth = sum(kind(c).startswith("encoderblock_") for c in ids)
+    adapter = next((params[c].Dense_0.kernel.shape[1] for c in ids if kind(c).startswith("residual_adapter_")), 0)
+    classes = next(params[c].bias.shape[0] for c in ids if kind(c) == "head")
+    return sc.flops(cfg, depth, int(model.hp["resolution"]), classes, adapter)
 
 
 def accounted_params(system: System, model: Model) -> float:
@@ -568,7 +569,7 @@ def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: j
     seed = int(Sampler(k_data).rng.integers(2**31 - 1))
     shares = sharers(pool.system, task.name)
     size = model_size(params, model, shares)
-    flops = model_flops(pool.system.cfg, params, model, task.num_classes)
+    flops = model_flops(pool.system.cfg, params, model)
     threshold, best = child.threshold, None
     t = 0
     for cycle in range(config.cycles):
@@ -601,10 +602,10 @@ def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: j
 # --- one task iteration (Algorithm 1) ------------------------------------------------------------------------
 
 
-def model_score(system: System, model: Model, config: Config, num_classes: int) -> float:
+def model_score(system: System, model: Model, config: Config) -> float:
     """Eq. 1 for a retained model in the current system (sharing may have changed since it was trained)."""
     q = model.metrics.get("quality", 0.0)
-    return sc.score(q, accounted_params(system, model), model_flops(system.cfg, system.params, model, num_classes),
+    return sc.score(q, accounted_params(system, model), model_flops(system.cfg, system.params, model),
                     config.s, config.P, config.F)
 
 
@@ -620,7 +621,7 @@ def task_iteration(system: System, task: TaskData, config: Config, key: jax.Arra
     if incumbent is not None and incumbent.hp.get("resolution") is None:
         raise ValueError(f"model of task {t!r} has no resolution hyperparameter")
     active: list[Model] = [incumbent] if incumbent else []
-    scores = {m.id: model_score(system, m, config, task.num_classes) for m in active}
+    scores = {m.id: model_score(system, m, config) for m in active}
     others = sorted((m for m in system.models.values() if m.task != t), key=lambda m: m.task) + [system.root]
     pool_params, pool_mom = dict(system.params), dict(system.momentum)
     lineage = dict(system.lineage)

@@ -17,11 +17,6 @@ from typing import Any
 import mu2net
 
 
-def _num_classes(system: mu2net.System, model: mu2net.Model) -> int:
-    head = next(c for c in model.components if mu2net.kind(c) == "head")
-    return int(system.params[head].kernel.shape[-1])
-
-
 def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else math.nan
 
@@ -35,7 +30,7 @@ def summary(system: mu2net.System, report_tasks: Sequence[str], label: str) -> d
         "test_acc_set": _mean([test[t] for t in report_tasks if t in test]),
         "set_tasks": sum(t in test for t in report_tasks),
         "params": _mean([mu2net.accounted_params(system, m) for m in models]),
-        "flops": _mean([float(mu2net.model_flops(system.cfg, system.params, m, _num_classes(system, m)))
+        "flops": _mean([float(mu2net.model_flops(system.cfg, system.params, m))
                         for m in models]),
         "models": len(models),
         "test": test,
