@@ -510,11 +510,11 @@ def accuracy(components: Sequence[eqx.Module], task: TaskData, split: str, res: 
     *body, head = components
     comps = jax.device_put((*body, pad_head(head, padded_classes(task.num_classes))), device)
     k = jax.device_put(jnp.asarray(task.num_classes, jnp.int32), device)
-    n = hits = 0
+    n, hits = 0, jnp.zeros((), jnp.int32)
     for x, y in task.eval_batches(split, batch):
-        hits += int(correct(comps, jax.device_put(x, device), jax.device_put(y, device), k, res))
+        hits = hits + correct(comps, jax.device_put(x, device), jax.device_put(y, device), k, res)  # no sync
         n += int((y >= 0).sum())
-    return hits / max(n, 1)
+    return int(hits) / max(n, 1)
 
 
 def split(components: tuple, momentum: tuple, trainable: tuple[bool, ...], how: str):
