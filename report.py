@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import mu2net
+import vit
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -101,10 +102,10 @@ def _level(name: str) -> float | None:
         return 2
     if name == "posembed_input":
         return 3
-    if name.startswith("encoderblock_"):
-        return 4 + int(name.rsplit("_", 1)[1])
-    if name.startswith("residual_adapter_"):
-        return 3.5 + int(name.rsplit("_", 1)[1])
+    if vit.is_block(name):
+        return 4 + vit.block_index(name)
+    if vit.is_adapter(name):
+        return 3.5 + vit.block_index(name)
     return None  # encoder_norm and head are drawn as the task's top node
 
 
@@ -120,7 +121,7 @@ def trained_by(system: mu2net.System) -> dict[str, str]:
         have = set(lin[parent][1]) if parent in lin else set()
         for c in comps:
             if c not in root and c not in have and c not in out:
-                out[c] = mid.rsplit("/", 1)[0]
+                out[c] = mu2net.task_of(mid)
     for m in system.models.values():
         for c in m.components:
             if c not in root:

@@ -125,7 +125,7 @@ def test_first_commit_killed_half_way_starts_afresh(tmp_path):
 
 def test_unknown_component_name_is_rejected():
     with pytest.raises(ValueError, match="unknown component name"):
-        checkpoint.component_class("decoderblock_1")
-    assert checkpoint.component_class("encoderblock_11") is vit.EncoderBlock
-    assert checkpoint.component_class("residual_adapter_0") is vit.ResidualAdapter
-    assert checkpoint.component_class("encoder_norm") is vit.LayerNorm
+        vit.component_class("decoderblock_1")
+    assert vit.component_class("encoderblock_11") is vit.EncoderBlock
+    assert vit.component_class("residual_adapter_0") is vit.ResidualAdapter
+    assert vit.component_class("encoder_norm") is vit.LayerNorm

@@ -89,7 +89,8 @@ def _write(tmp_path: Path, text: str, name: str = "m.toml") -> Path:
     (('hp = { lr = 0.05 }', 'hp = { lr = 0.05, learning_rate = 1 }'), "root.hp.learning_rate", "unknown"),
     (('name = "two"', 'name = "two"\nvalues = { resolution = 16 }'), "segments[1].values.resolution = 16",
      "non-empty list"),
-    (('method = "mu2net+"', 'method = "mu2net+"\nsplit = "scan"'), "segments[1].split = 'scan'", "'hybrid'"),
+    (('method = "mu2net+"', 'method = "mu2net+"\ntrainable_split = "scan"'), "segments[1].trainable_split = 'scan'",
+     "'hybrid'"),
 ])
 def test_bad_manifest_names_the_field(tmp_path, edit, field, expect):
     old, new = edit

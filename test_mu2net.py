@@ -11,8 +11,10 @@ import pytest
 
 import mu2net
 import score
+import train
 import vit
 import data
+from bench.compiles import Compiles
 
 CFG = vit.CONFIGS["tiny"]
 
@@ -77,7 +79,7 @@ def test_learns_and_keeps_one_model_per_task(s1, s2, tasks):
     head = s2.params[m.components[-1]]
     assert head.kernel.shape == (CFG.width, 2)
     # A retained model is assembled by id lookup and reproduces its recorded test accuracy.
-    acc = mu2net.accuracy(mu2net.assemble(s2, m), tasks[1], "test", m.hp["resolution"], 256)
+    acc = train.accuracy(mu2net.assemble(s2, m), tasks[1], "test", m.hp["resolution"], 256)
     assert acc == m.metrics["test"]
     # Garbage collection: only what the root or a retained model uses survives.
     assert set(s2.params) == s2.component_ids() == set(s2.momentum)
@@ -110,12 +112,12 @@ def test_two_learning_rates_do_not_recompile(s1, tasks):
     pool = mu2net.Pool(s1, s1.params, s1.momentum, s1.lineage)
     c = conf(cycles=1, samples_cap=64)
     parent = s1.models["digits"]
-    child, _ = mu2net.make_child(pool, parent, "digits", 10, c, jax.random.key(5), "x/0", s1.counter, 0.0)
+    child, _ = mu2net.make_child(pool, parent, "digits", 10, c, jax.random.key(5), s1.counter)
     mu2net.train_child(pool, child, tasks[0], c, jax.random.key(6))
     for lr in (0.002, 0.05):
         hp = dict(child.model.hp, lr=lr, momentum=0.95, nesterov=True, brightness=0.1)
         other = dataclasses.replace(child, model=dataclasses.replace(child.model, hp=hp))
-        with mu2net.Compiles() as compiles:
+        with Compiles() as compiles:
             mu2net.train_child(pool, other, tasks[0], c, jax.random.key(6))
         assert compiles.count == 0, compiles.names
 
@@ -190,13 +192,12 @@ def _pool(s0):
 
 def test_new_task_head_starts_at_zero_and_encoder_norm_is_cloned(s0):
     root = s0.root
-    child, counter = mu2net.make_child(_pool(s0), root, "new", 7, conf(), jax.random.key(0), "new/0",
-                                       s0.counter, -math.inf)
+    child, counter = mu2net.make_child(_pool(s0), root, "new", 7, conf(), jax.random.key(0), s0.counter)
     head = child.new[child.model.components[-1]][0]
     assert head.kernel.shape == (CFG.width, 7) and not np.any(head.kernel) and not np.any(head.bias)
     norm = child.model.components[-2]
     assert mu2net.kind(norm) == "encoder_norm" and norm not in root.components and child.trainable[-2]
-    assert child.threshold == -math.inf and counter > s0.counter
+    assert child.model.id == f"new/{s0.counter}" and counter > s0.counter  # make_child allocates its own ids
 
 
 def test_clone_copies_parameters_and_momentum(s0):
@@ -204,7 +205,7 @@ def test_clone_copies_parameters_and_momentum(s0):
     mom = jax.tree.map(lambda a: jnp.full(a.shape, 0.5, jnp.bfloat16), s0.params[blk])
     s = dataclasses.replace(s0, momentum={**s0.momentum, blk: mom})
     c = conf(method=mu2net.Method(clone="all", hp_moves=False))
-    child, _ = mu2net.make_child(_pool(s), s.root, "t", 10, c, jax.random.key(0), "t/0", s.counter, -math.inf)
+    child, _ = mu2net.make_child(_pool(s), s.root, "t", 10, c, jax.random.key(0), s.counter)
     assert all(child.trainable)
     new = child.model.components[s.root.components.index(blk)]
     assert new != blk and mu2net.kind(new) == "encoderblock_1"
@@ -227,7 +228,7 @@ def test_removal_then_readding_restores_the_ancestor_block(s0):
     grown = 0
     for i in range(40):
         removed_mu = dataclasses.replace(removed, mu={"hp:num_layers": 0.3})
-        child, _ = mu2net.make_child(pool, removed_mu, "t", 10, c, jax.random.key(i), "t/2", 100, 0.0)
+        child, _ = mu2net.make_child(pool, removed_mu, "t", 10, c, jax.random.key(i), 100)
         if child.model.hp["num_layers"] == 2:
             grown += 1
             assert top in child.model.components  # the ancestor's (root's) block, shared frozen
@@ -239,7 +240,7 @@ def test_resolution_change_resamples_the_root_position_embedding(s0):
     c = dataclasses.replace(c, space=mu2net.SearchSpace({"resolution": (8, 16)}, c.space.defaults))
     for i in range(60):
         parent = dataclasses.replace(s0.root, mu={"hp:resolution": 0.3})
-        child, _ = mu2net.make_child(_pool(s0), parent, "t", 10, c, jax.random.key(i), "t/0", 100, 0.0)
+        child, _ = mu2net.make_child(_pool(s0), parent, "t", 10, c, jax.random.key(i), 100)
         if child.model.hp["resolution"] == 8:
             pe_id = child.model.components[2]
             pe = child.new[pe_id][0]
@@ -254,13 +255,13 @@ def test_resolution_change_resamples_the_root_position_embedding(s0):
 def test_baselines_are_settings(s0):
     ids = s0.root.components
     top = conf(method=mu2net.Method(clone="top:1", hp_moves=False))
-    child, _ = mu2net.make_child(_pool(s0), s0.root, "t", 10, top, jax.random.key(0), "t/0", 100, 0.0)
+    child, _ = mu2net.make_child(_pool(s0), s0.root, "t", 10, top, jax.random.key(0), 100)
     names = [mu2net.kind(c) for c in child.model.components]
     trainable = dict(zip(names, child.trainable))
     assert not trainable["embedding"] and not trainable["encoderblock_0"]
     assert trainable["encoderblock_1"] and trainable["encoder_norm"] and trainable["head"]
     ad = conf(method=mu2net.Method(clone="none", adapter_dim=8, hp_moves=False))
-    child, _ = mu2net.make_child(_pool(s0), s0.root, "t", 10, ad, jax.random.key(0), "t/0", 100, 0.0)
+    child, _ = mu2net.make_child(_pool(s0), s0.root, "t", 10, ad, jax.random.key(0), 100)
     names = [mu2net.kind(c) for c in child.model.components]
     assert names[3:7] == ["residual_adapter_0", "encoderblock_0", "residual_adapter_1", "encoderblock_1"]
     assert [t for n, t in zip(names, child.trainable) if n.startswith("encoderblock")] == [False, False]

@@ -333,6 +333,40 @@ def load_augreg(path: str | Path, cfg: Config, num_classes: int | None = None) -
     return out
 
 
+# --- component names (method-notes "Components"): the AugReg keys, blocks and adapters carrying their index -----
+
+CLASSES: dict[str, type] = {
+    "embedding": Embedding, "cls": Cls, "posembed_input": PosEmbed, "encoderblock": EncoderBlock,
+    "encoder_norm": LayerNorm, "head": Head, "residual_adapter": ResidualAdapter,
+}
+
+
+def block(i: int) -> str:
+    return f"encoderblock_{i}"
+
+
+def adapter(i: int) -> str:
+    return f"residual_adapter_{i}"
+
+
+def is_block(name: str) -> bool:
+    return name.startswith("encoderblock_")
+
+
+def is_adapter(name: str) -> bool:
+    return name.startswith("residual_adapter_")
+
+
 def block_index(name: str) -> int | None:
+    """i of `encoderblock_{i}` or `residual_adapter_{i}`; None for the other components."""
     m = re.fullmatch(r"(?:encoderblock|residual_adapter)_(\d+)", name)
     return int(m.group(1)) if m else None
+
+
+def component_class(name: str) -> type:
+    """The module class of a component name, e.g. `encoderblock_3` -> EncoderBlock."""
+    i = block_index(name)
+    base = name if i is None else name.rsplit("_", 1)[0]
+    if base not in CLASSES or (i is None and base in ("encoderblock", "residual_adapter")):
+        raise ValueError(f"unknown component name {name!r}; known: {sorted(CLASSES)} (blocks as encoderblock_<i>)")
+    return CLASSES[base]

@@ -4,7 +4,7 @@
 
     python bench/compile.py --quickstart      # the share over the whole embedded quickstart run
 
-For each way of compiling the trainable/frozen split (mu2net.Config.split) it runs the same sequence of task
+For each way of compiling the trainable/frozen split (train.Budget.trainable_split) it runs the same sequence of task
 iterations (two offline tasks, alternating) in a fresh process and prints compiles, seconds compiling, seconds in
 total and the compile share, plus each split's total time relative to "mask", measured in this run.
 """
@@ -25,9 +25,10 @@ def run_one(split: str, args) -> dict:
     import jax
     import numpy as np
 
-    import mu2net
     import data
+    import mu2net
     import vit
+    from bench.compiles import Compiles
 
     catalog = data.load_catalog()
     tasks = [data.make_task_data(catalog[name], 16) for name in ("digits", "digits/parity")]
@@ -35,10 +36,10 @@ def run_one(split: str, args) -> dict:
     space = mu2net.search_space(cfg.depth, (8, 16), resolution=16)
     system = mu2net.new_system(cfg, vit.init(cfg, jax.random.key(0), 10, 16), space.defaults)
     conf = mu2net.Config(space, generations=args.generations, children=args.children, cycles=args.cycles,
-                         samples_cap=args.samples_cap, batch_size=32, P=2e4, F=2e6, split=split)
+                         samples_cap=args.samples_cap, batch_size=32, P=2e4, F=2e6, trainable_split=split)
     t0 = time.perf_counter()
     shares = []  # compile share of each task iteration: the first pays for most compiles
-    with mu2net.Compiles() as c:
+    with Compiles() as c:
         for i in range(args.iterations):
             for j, task in enumerate(tasks):
                 t1, c1 = time.perf_counter(), c.seconds
@@ -57,10 +58,10 @@ def quickstart() -> None:
 
     sys.path.insert(0, ROOT)
     import evolve
-    import mu2net
+    from bench.compiles import Compiles
 
     t0 = time.perf_counter()
-    with mu2net.Compiles() as c, tempfile.TemporaryDirectory() as out:
+    with Compiles() as c, tempfile.TemporaryDirectory() as out:
         evolve.main(["--out", out, "--compile-cache", ""])
     total = time.perf_counter() - t0
     steps = sum("train_step" in n for n in c.names)

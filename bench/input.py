@@ -3,9 +3,9 @@
     python bench/input.py [--task mnist5k --res 32 --batch 128 --steps 40]
 
 Measured in one run, on the same device:
-  * pipeline: data.Task.train_batch (host: keyed shuffle, decoded cache) + mu2net.preprocess (jitted, Table 1
+  * pipeline: data.Task.train_batch (host: keyed shuffle, decoded cache) + train.preprocess (jitted, Table 1
     augmentations on: crop, flip, colour jitter, JPEG quality), images/s;
-  * train step: mu2net.train_step (forward + backward + SGD update of the tiny ViT) on a ready batch, images/s;
+  * train step: train.train_step (forward + backward + SGD update of the tiny ViT) on a ready batch, images/s;
 and prints their ratio.
 """
 import argparse
@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 import augment  # noqa: E402
 import data  # noqa: E402
-import mu2net  # noqa: E402
+import train  # noqa: E402
 import vit  # noqa: E402
 
 AUG_ON = dict(crop_area_min=0.5, crop_aspect_min=0.75, flip=True, brightness=0.1, contrast=0.1, saturation=0.1,
@@ -39,17 +39,17 @@ def rate(fn, steps: int, batch: int) -> float:
 
 
 def train_step_fn(cfg: vit.Config, num_classes: int, res: int, aug: augment.Aug, total: int):
-    """(x, y, step) -> loss: mu2net.train_step on a fresh tiny ViT, every component trainable."""
+    """(x, y, step) -> loss: train.train_step on a fresh tiny ViT, every component trainable."""
     comps = tuple(vit.init(cfg, jax.random.key(0), num_classes, res).values())
-    hp = mu2net.HParams(*(jnp.asarray(v, jnp.float32) for v in (0.01, 0.05, 0.9, 0.0)), aug)
-    diff, frozen, mom, mask = mu2net.split(comps, tuple(mu2net.zeros_like_bf16(c) for c in comps),
-                                           (True,) * len(comps), "mask")
+    hp = train.HParams(*(jnp.asarray(v, jnp.float32) for v in (0.01, 0.05, 0.9, 0.0)), aug)
+    diff, frozen, mom, mask = train.partition_trainable(comps, tuple(train.zeros_like_bf16(c) for c in comps),
+                                                        (True,) * len(comps), "mask")
     state = [diff, mom]
     total, k = jnp.asarray(total, jnp.int32), jnp.asarray(num_classes, jnp.int32)
 
     def step(x, y, s):
-        state[0], state[1], loss = mu2net.train_step(state[0], frozen, state[1], mask, x, y, hp,
-                                                     jnp.asarray(s, jnp.int32), total, k)
+        state[0], state[1], loss, _ = train.train_step(state[0], frozen, state[1], mask, x, y, hp,
+                                                    jnp.asarray(s, jnp.int32), total, k)
         return loss
     return step
 
@@ -67,7 +67,7 @@ def main() -> None:
     task = data.make_task_data(spec, a.res)
     aug = augment.Aug.from_hparams(AUG_ON)
     key = jax.random.key(0)
-    pre = mu2net.preprocess  # the compiled augmentation a run uses
+    pre = train.preprocess  # the compiled augmentation a run uses
     task.train_batch(0, 0, a.batch)  # decode the split once (cached), as a run does on its first batch
 
     def pipeline(s):
@@ -78,16 +78,16 @@ def main() -> None:
     x0 = pre(key, np.int32(0), jnp.asarray(task.train_batch(0, 0, a.batch)[0]), aug, a.res)
     y0 = jnp.asarray(task.train_batch(0, 0, a.batch)[1])
 
-    def train(s):  # the step alone, on a ready batch: what the pipeline has to keep up with
+    def step_only(s):  # the step alone, on a ready batch: what the pipeline has to keep up with
         return step(x0, y0, s)
 
     host = rate(lambda s: task.train_batch(0, s, a.batch), a.steps, a.batch)
     p = rate(pipeline, a.steps, a.batch)
-    t = rate(train, a.steps, a.batch)
+    t = rate(step_only, a.steps, a.batch)
     print(f"task {a.task} (S={a.res}), ViT {a.config} at {a.res}px, batch {a.batch}, device {jax.devices()[0]}")
     print(f"  host batches (train_batch only)          {host:12,.0f} images/s")
     print(f"  pipeline (train_batch + preprocess)       {p:12,.0f} images/s")
-    print(f"  train step (mu2net.train_step)            {t:12,.0f} images/s")
+    print(f"  train step (train.train_step)             {t:12,.0f} images/s")
     print(f"  ratio pipeline / train step: {p / t:.1f}x (aim >= 5x)")
 
 
