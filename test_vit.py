@@ -234,6 +234,52 @@ def test_augreg_too_deep_or_shallow_file(model, tmp_path):
     assert "Transformer/encoderblock_1/LayerNorm_0/scale" in msg
 
 
+@pytest.mark.parametrize("name", sorted(vit.CONFIGS))
+@pytest.mark.parametrize("prefix", ["", "opt/target/"])
+def test_config_inferred_from_augreg_layout(name, prefix):
+    """Width, depth, heads, MLP width and patch come from the arrays alone (Ti/S/B/L shapes via eval_shape)."""
+    cfg = vit.CONFIGS[name]
+    res = 224 if cfg.patch == 16 else 16
+    abstract = jax.eval_shape(lambda: vit.init(cfg, jax.random.key(0), 1000, res))
+    assert vit.infer_config({prefix + k: v.shape for k, v in vit.to_flat(abstract).items()}) == cfg
+    cut = {k: v for k, v in vit.to_flat(abstract).items() if "encoderblock_" not in k}  # a 0-block file
+    assert vit.infer_config(cut) == vit.Config(cfg.width, 0, 0, 0, cfg.patch)
+
+
+def test_load_augreg_infers_the_config(tmp_path):
+    """An AugReg file of a config no `CONFIGS` entry names (3 blocks, 6 heads) loads without one."""
+    cfg = vit.Config(width=48, depth=3, mlp_dim=96, heads=6, patch=4)
+    comps = {k: _randomise(v, i) for i, (k, v) in enumerate(vit.init(cfg, jax.random.key(1), 7, 12).items())}
+    vit.save_augreg(tmp_path / "x.npz", comps)
+    assert vit.augreg_config(tmp_path / "x.npz") == cfg  # from the .npy headers alone
+    loaded = vit.load_augreg(tmp_path / "x.npz")
+    assert list(loaded) == list(comps)
+    x = _images(2, 12)
+    np.testing.assert_array_equal(_fwd(list(loaded.values()), x), _fwd(list(comps.values()), x))
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 truncated")
+    for f in (vit.load_augreg, vit.augreg_config):
+        with pytest.raises(ValueError, match="bad.npz"):
+            f(tmp_path / "bad.npz")
+
+
+def test_load_augreg_keeps_adapters_in_path_order(model, tmp_path):
+    adapters = {f"residual_adapter_{i}": _randomise(vit.init_adapter(CFG, jax.random.key(i), 8), 20 + i)
+                for i in range(2)}
+    vit.save_augreg(tmp_path / "a.npz", model | adapters)
+    loaded = vit.load_augreg(tmp_path / "a.npz")
+    assert list(loaded) == ["embedding", "cls", "posembed_input", "residual_adapter_0", "encoderblock_0",
+                            "residual_adapter_1", "encoderblock_1", "encoder_norm", "head"]
+    want = _path(model, 2, {i: adapters[f"residual_adapter_{i}"] for i in range(2)})
+    np.testing.assert_array_equal(_fwd(list(loaded.values()), _images(2)), _fwd(want, _images(2)))
+
+
+def test_forward_refuses_images_of_another_size(model):
+    with pytest.raises(ValueError, match=r"images are 12x12 px.*position embedding is for 16x16 px"):
+        vit.forward(_path(model, 1), _images(1, 12))
+    with pytest.raises(ValueError, match=r"images are 16x20 px"):
+        vit.forward(_path(model, 1), jnp.zeros((1, 16, 20, 3), jnp.float32))
+
+
 # --- position embeddings ---------------------------------------------------------------------------------
 
 

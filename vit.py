@@ -12,8 +12,10 @@ import dataclasses
 import functools
 import math
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -171,10 +173,26 @@ Component = Embedding | Cls | PosEmbed | EncoderBlock | LayerNorm | Head | Resid
 
 def forward(components: Sequence[eqx.Module], images: Float[Array, "b h w 3"]) -> Float[Array, "b k"]:
     """Runs an ordered list of components (any depth 0..N, with or without adapters) on images in [-1, 1]."""
+    check_size(components, images.shape)
     x = images
     for c in components:
         x = c(x)
     return x
+
+
+def check_size(components: Sequence[eqx.Module], shape: Sequence[int]) -> None:
+    """Images must tile into the patch grid the position embedding was made for: a wrong size would otherwise
+    fail deep inside an einsum or a broadcast, or (same token count, other shape) run silently on wrong inputs."""
+    emb = next((c for c in components if isinstance(c, Embedding)), None)
+    pe = next((c for c in components if isinstance(c, PosEmbed)), None)
+    if emb is None or pe is None:
+        return
+    p, (h, w) = emb.kernel.shape[0], tuple(shape[1:3])
+    res = resolution(pe, p)
+    if (h, w) != (res, res):
+        raise ValueError(f"images are {h}x{w} px but this model's position embedding is for {res}x{res} px "
+                         f"({res // p}x{res // p} patches of {p} px); resize the images to {res} px "
+                         f"(augment.eval_preprocess)")
 
 
 # --- initialisation ----------------------------------------------------------------------------------------
@@ -299,20 +317,80 @@ def save_augreg(path: str | Path, components: Mapping[str, eqx.Module]) -> None:
     np.savez(path, **{k: np.asarray(v) for k, v in to_flat(components).items()})
 
 
-def load_augreg(path: str | Path, cfg: Config, num_classes: int | None = None) -> dict[str, eqx.Module]:
-    """Loads an AugReg `.npz` (keys optionally under `opt/target/`) into named components.
+def infer_config(shapes: Mapping[str, Any]) -> Config:
+    """The ViT config an AugReg key → shape (or array) mapping implies: patch and width from `embedding/kernel`
+    (p, p, 3, D), depth from the `Transformer/encoderblock_{i}` keys, heads from a query kernel (D, H, D/H), MLP
+    width from `MlpBlock_3/Dense_0/kernel` (D, M). A file without blocks gets heads = mlp_dim = 0."""
+    shape = {k.removeprefix(_PREFIX): tuple(getattr(v, "shape", v)) for k, v in shapes.items()}
+    emb = shape.get("embedding/kernel")
+    if emb is None or len(emb) != 4 or emb[0] != emb[1] or emb[2] != 3:
+        raise ValueError(f"expected an `embedding/kernel` array of shape (p, p, 3, width), found {emb}")
+    idx = sorted({int(m.group(1)) for k in shape if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))})
+    if idx != list(range(len(idx))):
+        raise ValueError(f"encoder blocks {idx} are not numbered 0..{len(idx) - 1}")
+    heads = mlp = 0
+    if idx:
+        b = "Transformer/encoderblock_0/"
+        q, d0 = shape.get(b + "MultiHeadDotProductAttention_1/query/kernel"), shape.get(b + "MlpBlock_3/Dense_0/kernel")
+        if q is None or d0 is None or len(q) != 3 or len(d0) != 2:
+            raise ValueError(f"expected {b}MultiHeadDotProductAttention_1/query/kernel (width, heads, width/heads) "
+                             f"and {b}MlpBlock_3/Dense_0/kernel (width, mlp), found {q} and {d0}")
+        heads, mlp = q[1], d0[1]
+    return Config(width=emb[3], depth=len(idx), mlp_dim=mlp, heads=heads, patch=emb[0])
 
-    The expected key set and shapes come from `init` evaluated abstractly; a mismatch raises a ValueError listing
+
+def npz_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Key → shape of every array of an `.npz`, read from the .npy headers only (no array data is loaded)."""
+    out = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                out[info.filename.removesuffix(".npy")] = tuple(read(f)[0])
+    return out
+
+
+def augreg_config(path: str | Path) -> Config:
+    """The config of an AugReg `.npz` (see `infer_config`), naming the file when it is not one."""
+    try:
+        return infer_config(npz_shapes(path))
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        raise ValueError(f"{path}: not an AugReg ViT checkpoint: {e}") from None
+
+
+def load_augreg(path: str | Path, cfg: Config | None = None, num_classes: int | None = None
+                ) -> dict[str, eqx.Module]:
+    """Loads an AugReg `.npz` (keys optionally under `opt/target/`) into named components, in path order.
+
+    `cfg=None` infers the config from the file's arrays (`infer_config`), so any AugReg file loads without a
+    `CONFIGS` entry. The expected key set and shapes come from `init` evaluated abstractly (plus the
+    `residual_adapter_{i}` a model exported from this project may carry); a mismatch raises a ValueError listing
     the keys missing from the file, the keys in the file the model does not have, and every shape mismatch.
     `num_classes=None` takes the head size from the file.
     """
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k.removeprefix(_PREFIX): z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k.removeprefix(_PREFIX): z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: cannot read it as an .npz file: {e}") from None
+    if cfg is None:
+        try:
+            cfg = infer_config(arrays)
+        except ValueError as e:
+            raise ValueError(f"{path}: not an AugReg ViT checkpoint: {e}") from None
     if "head/bias" in arrays and num_classes is None:
         num_classes = int(arrays["head/bias"].shape[0])
     pe = arrays.get("Transformer/posembed_input/pos_embedding")
-    res = cfg.patch * math.isqrt(pe.shape[1] - 1) if pe is not None else 224
-    shapes = jax.eval_shape(lambda: init(cfg, jax.random.key(0), num_classes or 1000, res))
+    res = cfg.patch * math.isqrt(pe.shape[1] - 1) if pe is not None and pe.ndim == 3 else 224
+    adapters = {int(m.group(1)): v.shape[-1] for k, v in arrays.items()
+                if (m := re.fullmatch(r"Transformer/residual_adapter_(\d+)/Dense_0/kernel", k)) and v.ndim == 2}
+
+    def abstract():
+        comps = init(cfg, jax.random.key(0), num_classes or 1000, res)
+        return comps | {f"residual_adapter_{i}": init_adapter(cfg, jax.random.key(0), d) for i, d in adapters.items()}
+
+    shapes = jax.eval_shape(abstract)
     want = to_flat(shapes)
     missing, extra = sorted(set(want) - set(arrays)), sorted(set(arrays) - set(want))
     bad = [f"{k}: file {arrays[k].shape} vs model {want[k].shape}" for k in want if k in arrays
@@ -324,8 +402,7 @@ def load_augreg(path: str | Path, cfg: Config, num_classes: int | None = None) -
             f"  extra in file: {extra}\n  shape mismatches: {bad}" + "".join(f"\n  note: {h}" for h in hints)
         )
     out = {}
-    for name in ["embedding", "cls", "posembed_input", *(f"encoderblock_{i}" for i in range(cfg.depth)),
-                 "encoder_norm", "head"]:  # path order; eval_shape's dict comes back sorted
+    for name in path_order(shapes):  # eval_shape's dict comes back sorted
         shape = shapes[name]
         keys = to_flat({name: shape})
         leaves = [jnp.asarray(arrays[k], jnp.float32) for k in keys]
@@ -370,3 +447,23 @@ def component_class(name: str) -> type:
     if base not in CLASSES or (i is None and base in ("encoderblock", "residual_adapter")):
         raise ValueError(f"unknown component name {name!r}; known: {sorted(CLASSES)} (blocks as encoderblock_<i>)")
     return CLASSES[base]
+
+
+_STEM = {"embedding": 0, "cls": 1, "posembed_input": 2}
+
+
+def path_order(names: Sequence[str]) -> list[str]:
+    """Component names in the order `forward` runs them: embedding, cls, posembed_input, then per block i its
+    residual adapter and `encoderblock_i`, then encoder_norm and head (the Flax ViT's call order)."""
+
+    def rank(name: str) -> tuple[int, int, int]:
+        if name in _STEM:
+            return (0, _STEM[name], 0)
+        i = block_index(name)
+        if i is not None:
+            return (1, i, int(is_block(name)))
+        if name in ("encoder_norm", "head"):
+            return (2, int(name == "head"), 0)
+        raise ValueError(f"unknown component name {name!r}")
+
+    return sorted(names, key=rank)
