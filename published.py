@@ -1,0 +1,368 @@
+"""Reads the authors' published μ2Net system state (`mu2net186.zip`, the start of paper Section 5) into a System.
+
+The layout is the one google-research `muNet/mu2Net.ipynb` writes (`save_state`) and reads back
+(`load_population_from_checkpoint`): an experiment folder holds `state_<loop>_<generation>/` folders, each with
+
+    population.csv           one row per retained path (pandas `to_csv`): task_name, id, parent_id, components (the
+                             path's component ids joined by '_'), hparams.<name>, metrics.<name>, score, ...; the
+                             root (the seed ViT) is the path of task NOT_TRAINABLE
+    components.csv           id, name, num_params, train_locks of the components seen so far
+    paths.csv                every path ever trained (history; not needed to rebuild the system)
+    checkpoint_<loop>_<gen>  Flax msgpack of {"<name>:<id>": parameters, "opt_state:<name>:<id>": bfloat16 momentum}
+
+Flax msgpack stores an array as ExtType(1, msgpack((shape, dtype name, C-order bytes))) and a numpy scalar as
+ExtType(3, same); an array over 2^30 bytes is a table {"__msgpack_chunked_array__": True, "shape": {"0": d0, ...},
+"chunks": {"0": flat part, ...}}. A component's parameters are the Flax module's nested parameter dict, whose names
+are the AugReg names this project's components use (`cls` is a bare array). The state is read from a folder, a
+`.zip` of one, or a `gs://` location (etils.epath).
+
+The system keeps the published ids: component `encoderblock_3:17` is the published component 17, a model's id is
+`<task>/<path id>`, and new ids continue above the largest published one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import msgpack
+import numpy as np
+
+import checkpoint
+import mu2net
+import vit
+
+ROOT_TASK = "NOT_TRAINABLE"  # the notebook's task of the seed paths
+CHUNKED = "__msgpack_chunked_array__"
+EXT_ARRAY, EXT_COMPLEX, EXT_SCALAR = 1, 2, 3
+
+# Notebook hyperparameter -> Table 1 name. μ2Net's `ds_crop` switch, `opt_lr_schedule` and the adapter
+# settings have no Table 1 counterpart: the crop is folded into the crop bounds, the others are dropped (README).
+HPARAMS = {"opt_lr": "lr", "opt_lr_warmup_ratio": "warmup", "opt_momentum": "momentum", "opt_nesterov": "nesterov",
+           "ds_area_range_min": "crop_area_min", "ds_aspect_ratio_range_min": "crop_aspect_min",
+           "ds_flip_left_right": "flip", "ds_brightness_delta": "brightness", "ds_contrast_delta": "contrast",
+           "ds_saturation_delta": "saturation", "ds_hue_delta": "hue", "ds_image_size": "resolution",
+           "_mu_": "mu", "num_layers": "num_layers"}
+
+
+class StateError(ValueError):
+    """The published state is missing, truncated or inconsistent; the message names the file."""
+
+
+# --- where the files are -------------------------------------------------------------------------------------
+
+
+class _Files:
+    """A folder (local or gs://, through etils.epath) or a .zip of one: relative names and their bytes."""
+
+    def __init__(self, where: str):
+        from etils import epath  # installed with tensorflow-datasets; gs:// needs its GCS backend
+
+        self.where, root = where, epath.Path(where)
+        self.zip: zipfile.ZipFile | None = None
+        try:
+            if root.is_file():
+                self.zip = zipfile.ZipFile(root.open("rb"))  # seekable, locally and on GCS: read on demand
+            elif not root.is_dir():
+                raise StateError(f"{where}: no such folder or .zip file (root.kind = 'mu2net_state' expects the "
+                                 f"published state folder, a .zip of it or a gs:// path)")
+        except zipfile.BadZipFile as e:
+            raise StateError(f"{where}: not a folder and not a readable .zip file: {e}") from None
+        self.root = root
+
+    def names(self) -> list[str]:
+        """Relative file names, at most three folders deep (experiment/state_<l>_<g>/file inside a zip)."""
+        if self.zip is not None:
+            return [n for n in self.zip.namelist() if not n.endswith("/")]
+        out = []
+
+        def walk(d, rel: str, depth: int) -> None:
+            for p in d.iterdir():
+                if p.is_dir():
+                    if depth < 2:
+                        walk(p, f"{rel}{p.name}/", depth + 1)
+                else:
+                    out.append(rel + p.name)
+
+        walk(self.root, "", 0)
+        return out
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self.zip.read(name) if self.zip is not None else (self.root / name).read_bytes()
+        except (OSError, KeyError, zipfile.BadZipFile) as e:
+            raise StateError(f"{self.path(name)}: cannot read it: {e}") from None
+
+    def path(self, name: str) -> str:
+        return f"{self.where}!{name}" if self.zip is not None else str(self.root / name)
+
+
+def _natural(s: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def locate(files: _Files) -> tuple[str, str]:
+    """(population.csv, checkpoint file) of the latest state: the folder given, or its last `state_<l>_<g>`."""
+    names = files.names()
+    pops = sorted((n for n in names if n.rsplit("/", 1)[-1] == "population.csv"), key=_natural)
+    if not pops:
+        raise StateError(f"{files.where}: no population.csv found: not a μ2Net state (expected "
+                         f"state_<loop>_<generation>/population.csv and checkpoint_<loop>_<generation>)")
+    pop = pops[-1]
+    folder = pop[: -len("population.csv")]
+    ckpts = sorted((n for n in names if n.startswith(folder) and "/" not in n[len(folder):]
+                    and n[len(folder):].startswith("checkpoint_") and not n.endswith("_tmp")), key=_natural)
+    if not ckpts:
+        raise StateError(f"{files.path(folder or '.')}: holds population.csv but no checkpoint_<loop>_<generation> "
+                         f"file (the Flax msgpack of the components)")
+    return pop, ckpts[-1]
+
+
+# --- Flax msgpack --------------------------------------------------------------------------------------------
+
+
+def _dtype(name: str) -> np.dtype:
+    return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
+
+
+def _ext(code: int, payload: bytes) -> Any:
+    if code in (EXT_ARRAY, EXT_SCALAR):
+        shape, name, buf = msgpack.unpackb(payload, raw=True)  # raw: old writers packed the bytes as str
+        a = np.frombuffer(buf, dtype=_dtype(name.decode() if isinstance(name, bytes) else name)).reshape(shape)
+        return a if code == EXT_ARRAY else a[()]
+    if code == EXT_COMPLEX:
+        re_, im = msgpack.unpackb(payload)
+        return complex(re_, im)
+    raise ValueError(f"unknown msgpack extension type {code}")
+
+
+def _unchunk(tree: Any) -> Any:
+    """Chunked arrays (`CHUNKED` tables) back to one array each."""
+    if not isinstance(tree, dict):
+        return tree
+    if CHUNKED in tree:
+        shape = tuple(int(tree["shape"][str(i)]) for i in range(len(tree["shape"])))
+        parts = [np.asarray(tree["chunks"][str(i)]).reshape(-1) for i in range(len(tree["chunks"]))]
+        return np.concatenate(parts).reshape(shape)
+    return {k: _unchunk(v) for k, v in tree.items()}
+
+
+def unpack_flax(data: bytes) -> Any:
+    """Bytes of `flax.serialization.to_bytes` -> nested dicts of numpy arrays."""
+    return _unchunk(msgpack.unpackb(data, ext_hook=_ext, raw=False, strict_map_key=False))
+
+
+# --- CSV rows -> models --------------------------------------------------------------------------------------
+
+
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?inf|nan")
+_TEXT = ("components", "hparams.adapter_layers")  # ids joined by '_': never numbers (int('1_2') is 12)
+
+
+def _cell(s: str) -> Any:
+    """A pandas `to_csv` cell: '' is None (NaN / None), True/False, then int, float, else the string."""
+    if s == "":
+        return None
+    if s in ("True", "False"):
+        return s == "True"
+    if _INT.fullmatch(s):
+        return int(s)
+    return float(s) if _FLOAT.fullmatch(s) else s
+
+
+def _ids(s: str, where: str) -> list[int]:
+    try:
+        return [int(float(v)) for v in str(s).split("_") if v != ""]
+    except ValueError:
+        raise StateError(f"{where}: components = {s!r}: expected component ids joined by '_'") from None
+
+
+def hparams(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Table 1 hyperparameters of a population row (`hparams.<name>` columns of the notebook)."""
+    hp = {k.removeprefix("hparams."): v for k, v in row.items() if k.startswith("hparams.")}
+    out: dict[str, Any] = {}
+    for name, ours in HPARAMS.items():
+        v = hp.get(name)
+        if v is None and name == "opt_momentum" and name in hp:
+            v = 0.0  # None in μ2Net's momentum range: plain SGD
+        if v is None or v != v:  # absent or NaN: the segment's default applies
+            continue
+        out[ours] = bool(v) if ours in ("nesterov", "flip") else int(v) if ours in ("resolution", "num_layers") \
+            else float(v)
+    if hp.get("ds_crop") is False:  # crop off: the whole image, as crop bounds of 1.0 give
+        out["crop_area_min"], out["crop_aspect_min"] = 1.0, 1.0
+    out.setdefault("quality", 0.0)  # μ2Net had no JPEG-quality augmentation
+    return out
+
+
+def _metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    pick = {"quality": row.get("metrics.quality"), "test": row.get("metrics.test_quality"), "score": row.get("score")}
+    return {k: float(v) for k, v in pick.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and not math.isnan(float(v))}
+
+
+def read_csv(files: _Files, name: str) -> list[dict[str, Any]]:
+    try:
+        text = files.read(name).decode("utf-8")
+        rows = [{k: v if k in _TEXT else _cell(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(text))]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise StateError(f"{files.path(name)}: not a readable CSV file: {e}") from None
+    return rows
+
+
+# --- components ----------------------------------------------------------------------------------------------
+
+
+def _flat(tree: Any, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flat(v, f"{prefix}{k}/")
+    else:
+        yield prefix[:-1], tree
+
+
+def component(name: str, tree: Any, dtype: Any) -> eqx.Module:
+    """A published component's nested parameter dict -> our module (`cls` is stored as a bare array)."""
+    cls = checkpoint.component_class(name)
+    arrays = {"cls": tree} if name == "cls" and not isinstance(tree, dict) else dict(_flat(tree))
+    if any(not isinstance(a, np.ndarray) for a in arrays.values()):
+        raise ValueError(f"expected arrays, found {sorted(k for k, a in arrays.items() if not isinstance(a, np.ndarray))}")
+    module = checkpoint.build(cls, {k: np.asarray(a).astype(dtype) for k, a in arrays.items()})
+    extra = set(arrays) - set(vit.flat(module))
+    if extra:
+        raise ValueError(f"arrays {sorted(extra)} have no place in {cls.__name__}")
+    return module
+
+
+def read(path: str, log: Callable[[str], None] | None = None) -> mu2net.System:
+    """The published state at `path` (folder, .zip or gs://) as a System: the root (the NOT_TRAINABLE path), one
+    model per task with its hyperparameters, metrics and parent, and the components the models share by id."""
+    files = _Files(str(path))
+    pop_name, ck_name = locate(files)
+    where_pop, where_ck = files.path(pop_name), files.path(ck_name)
+    if log:
+        log(f"reading the μ2Net state {where_pop} and {where_ck}")
+    rows = read_csv(files, pop_name)
+    need = {"task_name", "id", "parent_id", "components"}
+    if not rows or not need <= set(rows[0]):
+        raise StateError(f"{where_pop}: expected a header with {sorted(need)} and one row per path, found "
+                         f"{sorted(rows[0]) if rows else 'no rows'}")
+    try:
+        tree = unpack_flax(files.read(ck_name))
+    except StateError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- msgpack raises several types on truncated or foreign data
+        raise StateError(f"{where_ck}: not a readable Flax msgpack checkpoint (truncated or corrupt?): "
+                         f"{type(e).__name__}: {e}") from None
+    if not isinstance(tree, dict) or not tree:
+        raise StateError(f"{where_ck}: expected a table keyed '<component>:<id>', found {type(tree).__name__}")
+    names: dict[int, str] = {}
+    for key in tree:
+        m = re.fullmatch(r"(?:opt_state:)?([A-Za-z_]+(?:_\d+)?):(\d+)", str(key))
+        if not m:
+            raise StateError(f"{where_ck}: key {key!r}: expected '<component>:<id>' or 'opt_state:<component>:<id>'")
+        if not str(key).startswith("opt_state:"):
+            names[int(m.group(2))] = m.group(1)
+
+    roots = [r for r in rows if r["task_name"] == ROOT_TASK]
+    if len(roots) != 1:
+        raise StateError(f"{where_pop}: expected exactly one root path (task_name {ROOT_TASK}), found {len(roots)}")
+    by_id = {int(r["id"]): r for r in rows}
+    # One retained path per task. A state saved in the middle of a task iteration holds every improved path of
+    # the active task: keep the best, the most recent on ties, as the notebook's `end_task` does.
+    best: dict[str, tuple[dict[str, Any], float]] = {}
+    for r in sorted(rows, key=lambda r: int(r["id"]), reverse=True):
+        t = r["task_name"]
+        s = r.get("score")
+        s = -math.inf if not isinstance(s, (int, float)) or math.isnan(s) else float(s)
+        if t != ROOT_TASK and (t not in best or s > best[t][1]):
+            best[t] = (r, s)
+    if log and len(best) + 1 < len(rows):
+        log(f"{where_pop}: {len(rows) - len(best) - 1} non-best paths of a task iteration in progress dropped")
+
+    def model_id(r: Mapping[str, Any]) -> str:
+        return mu2net.ROOT if r["task_name"] == ROOT_TASK else f"{r['task_name']}/{int(r['id'])}"
+
+    def parent_of(r: Mapping[str, Any]) -> str | None:
+        p = by_id.get(int(r["parent_id"])) if r["task_name"] != ROOT_TASK else None
+        return None if p is None else model_id(p)
+
+    def comp_ids(r: Mapping[str, Any]) -> tuple[str, ...]:
+        where = f"{where_pop}: path {r['id']} ({r['task_name']})"
+        ids = _ids(r["components"], where)
+        if missing := [i for i in ids if i not in names]:
+            raise StateError(f"{where}: components {missing} are not in {where_ck}")
+        by_name = {names[i]: f"{names[i]}:{i}" for i in ids}
+        if len(by_name) != len(ids):
+            raise StateError(f"{where}: two components of one path share a name: {[names[i] for i in ids]}")
+        try:
+            return tuple(by_name[n] for n in vit.path_order(list(by_name)))  # the CSV order need not run
+        except ValueError as e:
+            raise StateError(f"{where_ck}: {e}") from None
+
+    # The root keeps no hyperparameters: its children take their segment's defaults, as the notebook's take
+    # the experiment's (μ2Net+ turns augmentation off where the published root was trained with μ2Net's).
+    root = mu2net.Model(mu2net.ROOT, mu2net.ROOT, comp_ids(roots[0]), {}, {}, None, {})
+    models = {t: mu2net.Model(model_id(r), t, comp_ids(r), hparams(r), {}, parent_of(r), _metrics(r))
+              for t, (r, _) in sorted(best.items(), key=lambda kv: int(kv[1][0]["id"]))}
+    lineage: dict[str, tuple[str | None, tuple[str, ...]]] = {mu2net.ROOT: (None, root.components)}
+    for m in models.values():  # retained models and the chain of their ancestors in the population
+        lineage[m.id] = (m.parent, m.components)
+        mid = m.parent
+        while mid is not None and mid not in lineage:
+            r = by_id[int(mid.rsplit("/", 1)[1])]
+            lineage[mid] = (parent_of(r), comp_ids(r))
+            mid = parent_of(r)
+
+    used = sorted({c for m in (root, *models.values()) for c in m.components}, key=lambda c: int(c.rsplit(":")[1]))
+    params: dict[str, eqx.Module] = {}
+    momentum: dict[str, eqx.Module] = {}
+    for cid in used:
+        try:
+            params[cid] = component(mu2net.kind(cid), tree[cid], np.float32)
+            mom = tree.get(f"opt_state:{cid}")
+            momentum[cid] = (mu2net.zeros_like_bf16(params[cid]) if mom is None
+                             else component(mu2net.kind(cid), mom, ml_dtypes.bfloat16))
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateError(f"{where_ck}: component {cid!r} does not hold the arrays of a {mu2net.kind(cid)}: "
+                             f"{type(e).__name__}: {e}") from None
+    _check_names(files, pop_name, names)
+    root_comps = {mu2net.kind(c): params[c] for c in root.components}
+    cfg = vit.infer_config({k: v.shape for k, v in vit.to_flat(root_comps).items()})
+    for m in (root, *models.values()):
+        _check_shapes(m, params, where_ck)
+    counter = 1 + max([*names, *by_id])  # new ids continue above every published one
+    return mu2net.System(cfg, params, momentum, models, root, dict(sorted(lineage.items())), counter)
+
+
+def _check_names(files: _Files, pop_name: str, names: Mapping[int, str]) -> None:
+    """components.csv, when present, must name each component as the checkpoint does."""
+    comp_name = pop_name[: -len("population.csv")] + "components.csv"
+    if comp_name not in files.names():
+        return
+    for r in read_csv(files, comp_name):
+        i = r.get("id")
+        if isinstance(i, int) and i in names and r.get("name") != names[i]:
+            raise StateError(f"{files.path(comp_name)}: component {i} is named {r.get('name')!r} but the "
+                             f"checkpoint holds it as {names[i]!r}")
+
+
+def _check_shapes(model: mu2net.Model, params: Mapping[str, eqx.Module], where: str) -> None:
+    """A model's components must fit together at its resolution (abstract forward pass: nothing is computed)."""
+    comps = [params[c] for c in model.components]
+    try:
+        res = int(model.hp.get("resolution") or vit.resolution(comps[2], comps[0].kernel.shape[0]))
+        jax.eval_shape(vit.forward, comps, jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32))
+    except Exception as e:  # noqa: BLE001 -- any shape error of the forward pass
+        raise StateError(f"{where}: the components of model {model.id!r} ({', '.join(model.components)}) do not "
+                         f"fit together: {type(e).__name__}: {str(e)[:300]}") from None
