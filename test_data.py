@@ -158,7 +158,7 @@ def test_catalog_errors_name_the_field(tmp_path):
     p.write_text(good + 'num_classes = 10\n[sets]\nS = ["t", "u"]\n')
     with pytest.raises(ValueError, match="unknown task 'u'"):
         data.load_sets(p)
-    with pytest.raises(KeyError, match="cifar1000"):
+    with pytest.raises(data.DataError, match="cifar1000"):
         data.resolve_tasks(["cifar1000"])
     with pytest.raises(FileNotFoundError, match="nowhere.toml"):
         data.load_catalog(tmp_path / "nowhere.toml")
@@ -302,19 +302,48 @@ def test_image_folder_errors(tmp_path):
         data.folder_task(tmp_path / "missing")
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (4, 4)).save(tmp_path / "flat" / "a.png")
-    with pytest.raises(ValueError, match="one subfolder per class"):
+    with pytest.raises(data.DataError, match="one subfolder per class"):
         data.folder_task(tmp_path / "flat")
-    _folder(tmp_path / "e", ("a", "b"))
-    (tmp_path / "e" / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"empty.*no image files"):
-        data.make_task_data(data.folder_task(tmp_path / "e", splits=sp), 8)
     _folder(tmp_path / "c", ("a", "b"))
-    (tmp_path / "c" / "a" / "9.png").write_bytes(b"not a png")
-    t = data.make_task_data(data.folder_task(tmp_path / "c", splits=sp), 8)
-    with pytest.raises(ValueError, match=r"9\.png"):
-        list(t.eval_batches("test", 4))
-    with pytest.raises(ValueError, match="num_classes = 5"):
-        data.make_task_data(data.folder_task(tmp_path / "c", num_classes=5, splits=sp), 8)
+    with pytest.raises(data.DataError, match=r"2 usable class folders.*num_classes = 5"):
+        data.folder_task(tmp_path / "c", num_classes=5, splits=sp)
+
+
+def test_bad_images_found_before_training_all_in_one_error(tmp_path):
+    """A corrupt image, a truncated one, an empty class folder and a class whose only image is unreadable are
+    reported together, by file name, when the task is made; nothing waits for training to reach them."""
+    root = _folder(tmp_path / "d", ("a", "b", "c"), n=3)
+    (root / "a" / "9.png").write_bytes(b"not a png")
+    good = (root / "b" / "0.png").read_bytes()
+    (root / "b" / "8.png").write_bytes(good[: len(good) // 2])
+    (root / "empty").mkdir()
+    for f in (root / "c").iterdir():
+        f.write_bytes(b"\x89PNG garbage")
+    with pytest.raises(data.DataError) as e:
+        data.folder_task(root)
+    msg = str(e.value)
+    assert "\n" not in msg and isinstance(e.value, ValueError)
+    for part in ["a/9.png", "b/8.png", "c/0.png", "5 unreadable or corrupt image(s)", f"{root / 'empty'}",
+                 "'c' (label 2)", "skip_bad = true"]:
+        assert part in msg, part
+    warnings = []
+    spec = data.folder_task(root, skip_bad=True, warn=warnings.append,
+                            splits={"train": "train", "validation": "train", "test": "train"})
+    assert spec.classes == ("a", "b") and spec.num_classes == 2 and len(spec.skip) == 5
+    assert len(warnings) == 1 and "skipped 5 unreadable image(s), 1 empty class folder(s), 2 class(es)" in warnings[0]
+    t = data.make_task_data(spec, 8)
+    assert t.num_train == 6  # a/0-2 and b/0-2; a/9.png, b/8.png and all of c skipped
+    x, y = t.examples("train", np.arange(t.num_train))
+    assert sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert data.class_names(spec) == ["a", "b"]
+
+
+def test_class_names():
+    cat = data.load_catalog()
+    assert data.class_names(cat["digits"]) == [str(i) for i in range(10)]
+    assert data.class_names(cat["digits/parity"]) == ["0", "1"]
+    assert data.class_names(cat["beans"]) == ["angular_leaf_spot", "bean_rust", "healthy"]  # tfds metadata, offline
+    assert data.class_names(cat["cifar10"]) == [str(i) for i in range(10)]  # names only in the downloaded files
 
 
 # ------------------------------------------------------------------------------------------------- no downloads
@@ -342,7 +371,7 @@ def test_prepare_needs_tensorflow(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install \.\[prepare\]"):
         data.prepare(["mccb"], str(tmp_path))
     assert data.main(["prepare", "mnist", "--data-dir", str(tmp_path)]) == 1
-    with pytest.raises(KeyError, match="nosuchtask"):
+    with pytest.raises(data.DataError, match="nosuchtask"):
         data.prepare(["nosuchtask"], str(tmp_path))
 
 
