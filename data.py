@@ -535,6 +535,50 @@ def open_split(spec: TaskSpec, role: str, data_dir: str | os.PathLike | None = N
     return _Concat([_Arrays(x, y, ix) for _, ix in split_indices(s, {"train": len(y)})])
 
 
+def check_prepared(specs: Sequence[TaskSpec], data_dir: str | os.PathLike | None = None,
+                   names: Sequence[str] | None = None) -> list[str]:
+    """Every TFDS dataset the tasks read (all roles) must be prepared, as array_record, in data_dir: else one
+    `MissingData` lists the missing ones and the command that prepares them (for `names`, the task and set names
+    the user wrote, else the tasks concerned). Only local files are consulted (the builders' code and metadata
+    shipped with tfds, and data_dir), so this never downloads anything. Returns the tasks no one can prepare
+    (`unavailable` in the catalog), for the caller to leave out."""
+    import logging
+
+    import tensorflow_datasets as tfds
+    d = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    missing: dict[str, list[str]] = {}  # builder -> tasks
+    unavailable: list[str] = []
+    seen: dict[str, bool] = {}
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # tfds warns once per absent folder; the one error below says it all
+    try:
+        for s in specs:
+            if s.source != "tfds":
+                continue
+            if s.unavailable:
+                unavailable.append(s.name)
+                continue
+            for b in dict.fromkeys(s.builder_for(r) for r in ROLES):
+                if b not in seen:
+                    try:
+                        bl = tfds.builder(b, data_dir=data_dir)
+                        seen[b] = bl.is_prepared() and getattr(bl.info.file_format, "value", "") == "array_record"
+                    except Exception:  # noqa: BLE001 -- unknown here: not prepared
+                        seen[b] = False
+                if not seen[b]:
+                    missing.setdefault(b, []).append(s.name)
+    finally:
+        absl.setLevel(level)
+    if missing:
+        tasks = list(dict.fromkeys(t for ts in missing.values() for t in ts))
+        raise MissingData(f"{len(missing)} TFDS dataset(s) are not prepared (as array_record) in data_dir {d}: "
+                          f"{_listed(list(missing))}. Prepare them once (needs TensorFlow and the internet) with: "
+                          f"python -m pip install -e '.[prepare]' && python data.py prepare {' '.join(names or tasks)} "
+                          f"--data-dir {d}")
+    return unavailable
+
+
 # -------------------------------------------------------------------------------------------------- host decode
 
 def to_rgb(image: Any, size: int, scale: int = 1) -> np.ndarray:

@@ -357,6 +357,20 @@ def test_unprepared_tfds_dataset_fails_fast_and_clearly(tmp_path):
     assert time.time() - t0 < 10
 
 
+def test_check_prepared_lists_what_is_missing_and_how_to_prepare_it(toy_dir, tmp_path):
+    """Before any work, from local files only (conftest blocks the network)."""
+    cat = data.load_catalog()
+    toy = toy_spec({"train": "train", "validation": "validation", "test": "test"}, {"validation": "mu2net_toy_gray"})
+    assert data.check_prepared([toy, cat["digits"]], toy_dir) == []
+    with pytest.raises(data.MissingData, match=rf"^3 TFDS dataset\(s\) .*in data_dir {toy_dir}: mnist, "
+                       rf"cifar10:3\.\*\.\*, cifar10_1\. .*python data.py prepare mnist cifar10 --data-dir {toy_dir}$"):
+        data.check_prepared([toy, cat["mnist"], cat["cifar10"]], toy_dir)
+    with pytest.raises(data.MissingData, match=r"^92 TFDS dataset\(s\).*imagenet2012, imagenet_v2.*and 72 more\..*"
+                       r"python data.py prepare A B --data-dir"):
+        data.check_prepared(data.resolve_tasks("sec5"), str(tmp_path), ["A", "B"])
+    assert data.check_prepared([toy, cat["cycle_gan/cityscapes"]], toy_dir) == ["cycle_gan/cityscapes"]
+
+
 def test_download_attempts_are_blocked():
     t0 = time.time()
     with pytest.raises(Exception, match="network access attempted"):
