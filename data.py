@@ -250,10 +250,9 @@ def folder_task(path: str | os.PathLike, name: str | None = None, num_classes: i
 
 
 def _decodes(f: Path) -> str | None:
-    """None when Pillow decodes the whole file, else why not."""
+    """None when the file decodes as training will decode it, else why not."""
     try:
-        with Image.open(f) as im:
-            im.load()
+        _pixels(f)
         return None
     except Exception as e:  # noqa: BLE001 -- whatever Pillow raises, the file is unusable
         return f"{type(e).__name__}: {e}"
@@ -425,13 +424,20 @@ class _Files:
         return len(self.files)
 
     def __getitem__(self, i: int) -> Mapping[str, Any]:
-        f = self.files[i]
-        try:
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("RGB"))
-        except Exception as e:  # noqa: BLE001 -- name the file whatever Pillow raised
-            raise DataError(f"cannot decode image {f}: {e}") from None
-        return {"image": a, "label": int(self.labels[i])}
+        return {"image": load_image(self.files[i]), "label": int(self.labels[i])}
+
+
+def _pixels(f: str | os.PathLike) -> np.ndarray:
+    with Image.open(f) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def load_image(f: str | os.PathLike) -> np.ndarray:
+    """An image file as uint8 [h,w,3] (Pillow; grayscale and palette images converted to RGB)."""
+    try:
+        return _pixels(f)
+    except Exception as e:  # noqa: BLE001 -- name the file whatever Pillow raised
+        raise DataError(f"cannot decode image {f}: {type(e).__name__}: {e}") from None
 
 
 def _fixed_order(n: int) -> np.ndarray:
