@@ -548,6 +548,8 @@ def check_prepared(specs: Sequence[TaskSpec], data_dir: str | os.PathLike | None
     the user wrote, else the tasks concerned). Only local files are consulted (the builders' code and metadata
     shipped with tfds, and data_dir), so this never downloads anything. Returns the tasks no one can prepare
     (`unavailable` in the catalog), for the caller to leave out."""
+    if not any(s.source == "tfds" for s in specs):
+        return []
     import logging
 
     import tensorflow_datasets as tfds
