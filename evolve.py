@@ -11,6 +11,10 @@ an uninterrupted one because every task iteration's key is a pure function of (s
     python evolve.py                                       # the quickstart (manifests/quickstart.toml)
     python evolve.py --manifest manifests/paper_sec5.toml --out runs/sec5 --seed 3
     python evolve.py --set segments.0.generations=2 --set root.pretrain.cycles=1
+    python evolve.py predict runs/quickstart-seed0 --task digits photos/ --top-k 3 --format csv
+    python evolve.py export runs/quickstart-seed0 --task digits digits.npz
+
+Every user-input error (manifest, data, checkpoint or state) prints one line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -23,18 +27,22 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
+import tyro
 
 import checkpoint
 import data
 import mu2net
+import published
 import report
+import serve
 import vit
 from manifest import (DEFAULT_MANIFEST, Manifest, ManifestError, image_size, load_manifest, report_tasks,
-                      segment_tasks, sweep, task_names, to_dict)
+                      root_config, segment_tasks, sweep, task_names, to_dict, validate)
 from manifest import config as segment_config
+
 KILL_ENV = "MU2NET_TEST_KILL_AFTER"  # tests: os._exit after this many finished child trainings
 ROOT_TAG = 0x524F4F54  # "ROOT": fold-in tag of the root's keys, apart from the small segment indices
 
@@ -52,21 +60,40 @@ def key_data(k: jax.Array) -> list[int]:
 
 
 class Tasks:
-    """TaskData by name, opened on first use (one run's cache; never module state)."""
+    """TaskData by name, opened on first use (one run's cache; never module state), and the class names of every
+    task opened (kept with the run's checkpoint, for `predict` and `export`)."""
 
-    def __init__(self, m: Manifest):
-        self.m, self.size, self.open = m, image_size(m), {}
+    def __init__(self, m: Manifest, stream: Any = sys.stderr):
+        self.m, self.size, self.open, self.stream = m, image_size(m), {}, stream
+        self.classes: dict[str, list[str]] = {}
 
     def __call__(self, name: str) -> mu2net.TaskData:
         if name not in self.open:
             m = self.m
             if name in m.tasks:
                 u = m.tasks[name]
-                spec = data.folder_task(u.folder, name, u.num_classes or None, dict(u.splits) or None)
+                spec = data.folder_task(u.folder, name, u.num_classes or None, dict(u.splits) or None, u.skip_bad,
+                                        lambda msg: print(msg, file=self.stream, flush=True))
             else:
                 spec = data.resolve_tasks([name], m.catalog or None)[0]
             self.open[name] = data.make_task_data(spec, self.size, m.data_dir or None)
+            self.classes[name] = data.class_names(spec, m.data_dir or None)
         return self.open[name]
+
+
+def check_data(m: Manifest, tasks: Tasks) -> set[str]:
+    """Before any work: every TFDS dataset the run reads must be prepared (data.check_prepared: one error listing
+    the missing ones and the command that prepares them), and every image folder task is opened, which decodes
+    each of its images (data.folder_task). Returns the tasks the catalog marks unavailable; the run leaves them
+    out."""
+    written = [n for s in m.segments for n in s.tasks] + ([m.root.pretrain.task] if m.root.pretrain.task else [])
+    catalog = list(dict.fromkeys(n for n in written if n not in m.tasks))
+    unavailable = set(data.check_prepared(data.resolve_tasks(catalog, m.catalog or None), m.data_dir or None,
+                                          catalog))
+    for name in task_names(m, written):
+        if name in m.tasks:
+            tasks(name)
+    return unavailable
 
 
 # --- progress and metrics ------------------------------------------------------------------------------------
@@ -142,12 +169,36 @@ class Progress:
 # --- the run -------------------------------------------------------------------------------------------------
 
 
-def build_root(m: Manifest, tasks: Tasks, progress: Progress) -> mu2net.System:
+def _check_root(m: Manifest, cfg: vit.Config) -> None:
+    """A system read from root.path must be the ViT the manifest names, at resolutions its patch divides."""
+    r = m.root
+    if r.vit and vit.CONFIGS[r.vit] != cfg:
+        raise ManifestError(f"root.vit = {r.vit!r} ({vit.CONFIGS[r.vit]}) but the system at root.path = {r.path!r} "
+                            f"is a {cfg}; set root.vit = '' to take it from the file")
+    for i, res in enumerate(r.resolutions):
+        if res % cfg.patch:
+            raise ManifestError(f"root.resolutions[{i}] = {res}: expected a multiple of the patch size {cfg.patch} "
+                                f"of the system at root.path = {r.path!r}")
+
+
+def _local(path: str) -> str:
+    return path if path.startswith("gs://") else str(Path(path).expanduser())
+
+
+def build_root(m: Manifest, tasks: Tasks, progress: Progress | None) -> mu2net.System:
     """The start state (Section 5 starts from a system; Section 4 from a ViT root)."""
     r = m.root
     if r.kind == "system":
         return checkpoint.load(Path(r.path).expanduser()).system
-    full = vit.CONFIGS[r.vit]
+    if r.kind == "mu2net_state":
+        log = (lambda s: print(s, file=progress.stream, flush=True)) if progress else None
+        system = published.read(_local(r.path), log)
+        _check_root(m, system.cfg)
+        # The manifest's root hyperparameters, as for the other kinds; the published root has none of its own.
+        return dataclasses.replace(system, root=dataclasses.replace(system.root, hp=dict(r.hp)))
+    full = root_config(r)
+    if full is None:
+        raise ManifestError(f"root.path = {r.path!r}: no such file (root.vit = '' reads the config from it)")
     cfg = dataclasses.replace(full, depth=r.depth or full.depth)
     res = r.resolution or max(r.resolutions)
     # Only the manifest's own root hyperparameters: a child fills the rest from its segment's search-space
@@ -179,11 +230,11 @@ def build_root(m: Manifest, tasks: Tasks, progress: Progress) -> mu2net.System:
     return mu2net.new_system(cfg, named, hp)
 
 
-def _total_children(m: Manifest, cursor: tuple[int, int, int], pretrain: bool) -> int:
+def _total_children(m: Manifest, ntasks: Sequence[int], cursor: tuple[int, int, int], pretrain: bool) -> int:
     n = m.root.pretrain.generations * m.root.pretrain.children if pretrain else 0
     for i, s in enumerate(m.segments):
         per = s.generations * s.children
-        k = len(segment_tasks(m, s))
+        k = ntasks[i]
         for it in range(s.iterations):
             for t in range(k):
                 if (i, it, t) >= cursor:
@@ -217,26 +268,27 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b or (a != a and b != b) else [f"{path}: checkpoint {a!r} vs now {b!r}"]
 
 
-class NotImplementedYet(ManifestError, NotImplementedError):
-    """A manifest asks for something this code cannot do yet."""
-
-
 def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr) -> mu2net.System:
-    """Runs (or resumes) the manifest's whole sequence in `out`; returns the final system."""
+    """Runs (or resumes) the manifest's whole sequence in `out`; returns the final system. Every check of the
+    manifest's inputs (root path, data) runs before `out` is touched."""
     out = Path(out)
     r = m.root
-    if r.kind == "mu2net_state":  # fail before touching `out`
-        raise NotImplementedYet(
-            f"root.kind = 'mu2net_state' (path {r.path!r}): reading the authors' published μ2Net system state is not "
-            f"implemented yet (it comes in a later issue). Start from root.kind = 'augreg' or 'system' meanwhile.")
-    if r.kind in ("augreg", "system") and not Path(r.path).expanduser().exists() and not checkpoint.exists(out):
+    tasks = Tasks(m, stream)
+    unavailable = check_data(m, tasks)
+    if (r.kind != "random" and not r.path.startswith("gs://") and not Path(r.path).expanduser().exists()
+            and not checkpoint.exists(out)):
         raise ManifestError(f"root.path = {r.path!r} (root.kind = {r.kind!r}): no such file or directory")
+    names = [[t for t in segment_tasks(m, s) if t not in unavailable] for s in m.segments]
+    if unavailable:
+        print(f"warning: left out {len(unavailable)} task(s) the catalog marks unavailable (no TFDS builder can "
+              f"prepare them): {', '.join(sorted(unavailable))}", file=stream, flush=True)
+    for i, n in enumerate(names):
+        if not n:
+            raise ManifestError(f"segments[{i}].tasks = {list(m.segments[i].tasks)}: no task left that can be read")
+    ntasks = [len(n) for n in names]
     out.mkdir(parents=True, exist_ok=True)
     resolved = _resolved(m)
-    names = [segment_tasks(m, s) for s in m.segments]
-    ntasks = [len(n) for n in names]
     rtasks = report_tasks(m)
-    tasks = Tasks(m)
     if checkpoint.exists(out):
         ck = checkpoint.load(out)  # a damaged checkpoint raises here, before anything is written
         diff = _diff(ck.extra.get("manifest"), resolved)
@@ -250,12 +302,13 @@ def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr) -> mu2net
             raise checkpoint.CheckpointError(f"{out / ck.state}: the stored key of task iteration {cursor} is not "
                                              f"the one this code derives from seed {m.seed}; refusing to resume")
         history = list(ck.extra["history"])
-        progress = Progress(out, _total_children(m, cursor, False), float(ck.extra["elapsed"]), stream)
+        tasks.classes = {**ck.extra.get("classes", {}), **tasks.classes}
+        progress = Progress(out, _total_children(m, ntasks, cursor, False), float(ck.extra["elapsed"]), stream)
         print(f"resuming {out} at segment {cursor[0]}, iteration {cursor[1]}, task {cursor[2]} "
               f"(state {ck.state}, code {ck.extra.get('version')})", file=stream, flush=True)
     else:
         (out / "metrics.jsonl").write_bytes(b"")
-        progress = Progress(out, _total_children(m, (0, 0, 0), bool(m.root.pretrain.task)), 0.0, stream)
+        progress = Progress(out, _total_children(m, ntasks, (0, 0, 0), bool(m.root.pretrain.task)), 0.0, stream)
         system, cursor, history, ck = build_root(m, tasks, progress), (0, 0, 0), [], None
         history.append(report.summary(system, rtasks, "start"))
     (out / "manifest.json").write_text(json.dumps(resolved, indent=2) + "\n")
@@ -266,7 +319,7 @@ def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr) -> mu2net
         key = None if done else key_data(iteration_key(m.seed, *cursor))
         extra = dict(cursor=list(cursor), key=key, key_impl="threefry2x32", seed=m.seed, manifest=resolved,
                      version=version, history=history, metrics_bytes=progress.size(), elapsed=progress.elapsed(),
-                     done=done)
+                     done=done, classes=dict(tasks.classes))
         new = checkpoint.save(out, system, extra, prev)
         checkpoint.prune(out, new)
         return new
@@ -305,7 +358,9 @@ def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr) -> mu2net
 
 @dataclasses.dataclass
 class Args:
-    """Run (or resume) a continual μ2Net+ experiment described by a manifest (paper Section 5)."""
+    """Run (or resume) a continual μ2Net+ experiment described by a manifest (paper Section 5). Other commands:
+    `evolve.py predict RUN --task T PATH...` (top-k labels for images) and `evolve.py export RUN --task T OUT.npz`
+    (a task's model as an AugReg checkpoint); see their --help."""
 
     manifest: str = DEFAULT_MANIFEST
     """TOML manifest (relative paths are tried from the working directory, then from this checkout)."""
@@ -323,14 +378,81 @@ class Args:
     """Persistent XLA compilation cache ('' = off); it cuts compile time on resume, results are the same."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import tyro
-    a = tyro.cli(Args, args=argv)
-    try:
-        m = load_manifest(a.manifest, a.set, a.seed)
-    except ManifestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+@dataclasses.dataclass
+class Predict:
+    """The top-k labels, with class names, of one task's model for image files or folders (searched recursively),
+    using the latest commit of a run directory."""
+
+    run: tyro.conf.Positional[str]
+    """Run directory of evolve.py."""
+    paths: tyro.conf.Positional[tuple[str, ...]]
+    """Image files or folders."""
+    task: str
+    """The task whose model answers."""
+    top_k: int = 5
+    """How many labels per image."""
+    format: Literal["table", "json", "csv"] = "table"
+    """Output format (to stdout)."""
+
+
+@dataclasses.dataclass
+class Export:
+    """One task's model as a standalone AugReg-format .npz (vit.load_augreg and other AugReg readers load it),
+    with OUT.json beside it: the model's resolution, class names and config."""
+
+    run: tyro.conf.Positional[str]
+    """Run directory of evolve.py."""
+    out: tyro.conf.Positional[str]
+    """Output path, ending in .npz."""
+    task: str
+    """The task whose model is exported."""
+
+
+# A user-input error: one line on stderr, exit status 2, no traceback.
+USER_ERRORS = (ManifestError, data.DataError, published.StateError, checkpoint.CheckpointError, serve.ServeError,
+               vit.AugRegError)
+
+
+def one_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return "".join(x if i == 0 else (" " if lines[i - 1].endswith(":") else "; ") + x for i, x in enumerate(lines))
+
+
+def served(run: str, task: str) -> tuple[mu2net.System, list[str], int, checkpoint.Checkpoint]:
+    """A run's committed system, the task's class names and the run's image size S."""
+    d = Path(run)
+    if not checkpoint.exists(d):
+        raise checkpoint.CheckpointError(f"{d}: no committed run here (expected the --out directory of evolve.py)")
+    ck = checkpoint.load(d)
+    model = serve.model_of(ck.system, task)
+    m = validate(ck.extra["manifest"], str(d / "manifest.json"))
+    classes = ck.extra.get("classes", {}).get(task)
+    if classes is None:  # a run from before class names were kept: the catalog's, else the label numbers
+        spec = None if task in m.tasks else data.resolve_tasks([task], m.catalog or None)[0]
+        k = int(ck.system.params[model.components[-1]].bias.shape[0])
+        classes = data.class_names(spec, m.data_dir or None) if spec else [str(i) for i in range(k)]
+    return ck.system, list(classes), image_size(m), ck
+
+
+def predict(a: Predict) -> int:
+    if not a.paths:
+        raise serve.ServeError("predict: expected image files or folders after the run directory")
+    system, classes, size, _ = served(a.run, a.task)
+    preds = serve.predict(system, a.task, serve.image_files(a.paths), classes, size, a.top_k)
+    print(serve.render(preds, a.format))
+    return 0
+
+
+def export(a: Export) -> int:
+    system, classes, _, ck = served(a.run, a.task)
+    npz, side = serve.export(system, a.task, a.out, classes, {"run": str(Path(a.run).resolve()), "state": ck.state,
+                                                               "version": ck.extra.get("version")})
+    print(f"wrote {npz} and {side}")
+    return 0
+
+
+def run_cli(a: Args) -> int:
+    m = load_manifest(a.manifest, a.set, a.seed)
     if a.check:
         print(json.dumps(to_dict(m), indent=2))
         return 0
@@ -341,16 +463,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = sweep(m)
     if a.sweep_index is not None:
         if not 0 <= a.sweep_index < len(runs):
-            print(f"error: --sweep-index {a.sweep_index}: the manifest has {len(runs)} runs", file=sys.stderr)
-            return 2
+            raise ManifestError(f"--sweep-index {a.sweep_index}: the manifest has {len(runs)} runs")
         runs = [runs[a.sweep_index]]
-    try:
-        for sub, mm in runs:
-            run(mm, out / sub if sub else out)
-    except (checkpoint.CheckpointError, ManifestError, data.DataError) as e:  # user input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for sub, mm in runs:
+        run(mm, out / sub if sub else out)
     return 0
+
+
+COMMANDS = {"predict": (Predict, predict), "export": (Export, export)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`evolve.py [run] [--manifest M ...]`, `evolve.py predict ...`, `evolve.py export ...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] and argv[0] in COMMANDS:
+            cls, fn = COMMANDS[argv[0]]
+            return fn(tyro.cli(cls, args=argv[1:], prog=f"evolve.py {argv[0]}"))
+        return run_cli(tyro.cli(Args, args=argv[1:] if argv[:1] == ["run"] else argv))
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -69,13 +69,16 @@ class Pretrain(mu2net.Budget):
 
 @dataclasses.dataclass(frozen=True)
 class Root:
-    """Where the system starts. kind: "augreg" (path = AugReg .npz of `vit`), "random" (vit config, keyed by the
+    """Where the system starts. kind: "augreg" (path = an AugReg .npz), "random" (vit config, keyed by the
     manifest seed, optional `pretrain`), "system" (path = a previous run dir: its committed system, all models
-    kept), "mu2net_state" (the authors' published μ2Net system, Section 5's start; reader not implemented yet)."""
+    kept), "mu2net_state" (path = the authors' published μ2Net state, Section 5's start: its folder, a .zip of it
+    or a gs:// path; published.py). `vit = ""` takes the config from the file or the state; a named config must
+    match it."""
 
     kind: str = _f("random", lambda v: v in ("augreg", "random", "system", "mu2net_state"),
                    "one of 'augreg', 'random', 'system', 'mu2net_state'")
-    vit: str = _f("L/16", lambda v: v in vit.CONFIGS, f"a ViT config of vit.CONFIGS {sorted(vit.CONFIGS)}")
+    vit: str = _f("L/16", lambda v: v in vit.CONFIGS or v == "",
+                  f"a ViT config of vit.CONFIGS {sorted(vit.CONFIGS)}, or '' (from root.path)")
     path: str = ""
     resolutions: tuple[int, ...] = _f((224, 384), lambda v: len(v) >= 1 and all(r > 0 for r in v),
                                       "a non-empty list of positive resolutions")
@@ -110,6 +113,7 @@ class UserTask:
     folder: str
     num_classes: int = _f(0, *_NONNEG)  # 0 = count the class folders
     splits: Mapping[str, str] = _f(factory=dict)
+    skip_bad: bool = False  # skip unreadable images and empty class folders (with a warning) instead of stopping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,14 +242,20 @@ def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
     if r.kind != "random" and r.pretrain.task:
         raise ManifestError(f"{where}: root.pretrain.task = {r.pretrain.task!r}: expected '' (pre-training applies "
                             f"to root.kind = 'random' only)")
-    patch = vit.CONFIGS[r.vit].patch
-    if r.depth > vit.CONFIGS[r.vit].depth:
-        raise ManifestError(f"{where}: root.depth = {r.depth}: expected 0 or at most the {vit.CONFIGS[r.vit].depth} "
-                            f"blocks of ViT {r.vit!r}")
+    if not r.vit and r.kind == "random":
+        raise ManifestError(f"{where}: root.vit = '': expected a ViT config of vit.CONFIGS {sorted(vit.CONFIGS)} "
+                            f"(root.kind = 'random' has no file to take it from)")
+    if r.kind in ("system", "mu2net_state") and r.depth:
+        raise ManifestError(f"{where}: root.depth = {r.depth}: expected 0 (root.kind = {r.kind!r} keeps its models)")
+    cfg = root_config(r, where)
+    name = f"ViT {r.vit!r}" if r.vit else f"the ViT of {r.path}"
+    if cfg is not None and r.depth > cfg.depth:
+        raise ManifestError(f"{where}: root.depth = {r.depth}: expected 0 or at most the {cfg.depth} blocks of {name}")
+    patch = cfg.patch if cfg is not None else 1  # unknown until the state is read: build_root checks it then
     for i, res in enumerate(r.resolutions):
         if res % patch:
             raise ManifestError(f"{where}: root.resolutions[{i}] = {res}: expected a multiple of the patch size "
-                                f"{patch} of ViT {r.vit!r}")
+                                f"{patch} of {name}")
     if r.resolution and r.resolution not in r.resolutions:
         raise ManifestError(f"{where}: root.resolution = {r.resolution}: expected 0 or one of root.resolutions "
                             f"{list(r.resolutions)}")
@@ -257,10 +267,23 @@ def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
             if res % patch:
                 raise ManifestError(f"{where}: segments[{i}].values.resolution[{j}] = {res}: expected a multiple "
                                     f"of the patch size {patch}")
-        config(m, s, r.depth or vit.CONFIGS[r.vit].depth, f"{where}: segments[{i}]")
+        config(m, s, r.depth or (cfg.depth if cfg else 1), f"{where}: segments[{i}]")
     if r.pretrain.task:
-        config(m, r.pretrain, r.depth or vit.CONFIGS[r.vit].depth, f"{where}: root.pretrain")
+        config(m, r.pretrain, r.depth or cfg.depth, f"{where}: root.pretrain")
     return m
+
+
+def root_config(r: Root, where: str = "manifest") -> vit.Config | None:
+    """The root's full ViT config: the named one, else read from the AugReg file's array headers; None when only
+    the file or state at root.path can tell and it is not read yet (a previous run, a published state)."""
+    if r.vit:
+        return vit.CONFIGS[r.vit]
+    if r.kind == "augreg" and Path(r.path).expanduser().is_file():
+        try:
+            return vit.augreg_config(Path(r.path).expanduser())
+        except ValueError as e:
+            raise ManifestError(f"{where}: root.path = {r.path!r}: {e}") from None
+    return None
 
 
 def _check_hp(d: Mapping[str, Any], path: str, where: str, values: bool) -> None:

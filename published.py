@@ -233,7 +233,7 @@ def _flat(tree: Any, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
 
 def component(name: str, tree: Any, dtype: Any) -> eqx.Module:
     """A published component's nested parameter dict -> our module (`cls` is stored as a bare array)."""
-    cls = checkpoint.component_class(name)
+    cls = vit.component_class(name)
     arrays = {"cls": tree} if name == "cls" and not isinstance(tree, dict) else dict(_flat(tree))
     if any(not isinstance(a, np.ndarray) for a in arrays.values()):
         raise ValueError(f"expected arrays, found {sorted(k for k, a in arrays.items() if not isinstance(a, np.ndarray))}")
@@ -291,7 +291,7 @@ def read(path: str, log: Callable[[str], None] | None = None) -> mu2net.System:
         log(f"{where_pop}: {len(rows) - len(best) - 1} non-best paths of a task iteration in progress dropped")
 
     def model_id(r: Mapping[str, Any]) -> str:
-        return mu2net.ROOT if r["task_name"] == ROOT_TASK else f"{r['task_name']}/{int(r['id'])}"
+        return mu2net.ROOT if r["task_name"] == ROOT_TASK else mu2net.model_id(r["task_name"], int(r["id"]))
 
     def parent_of(r: Mapping[str, Any]) -> str | None:
         p = by_id.get(int(r["parent_id"])) if r["task_name"] != ROOT_TASK else None
@@ -302,7 +302,7 @@ def read(path: str, log: Callable[[str], None] | None = None) -> mu2net.System:
         ids = _ids(r["components"], where)
         if missing := [i for i in ids if i not in names]:
             raise StateError(f"{where}: components {missing} are not in {where_ck}")
-        by_name = {names[i]: f"{names[i]}:{i}" for i in ids}
+        by_name = {names[i]: mu2net.component_id(names[i], i) for i in ids}
         if len(by_name) != len(ids):
             raise StateError(f"{where}: two components of one path share a name: {[names[i] for i in ids]}")
         try:
@@ -320,11 +320,11 @@ def read(path: str, log: Callable[[str], None] | None = None) -> mu2net.System:
         lineage[m.id] = (m.parent, m.components)
         mid = m.parent
         while mid is not None and mid not in lineage:
-            r = by_id[int(mid.rsplit("/", 1)[1])]
+            r = by_id[int(mid.removeprefix(mu2net.task_of(mid) + "/"))]
             lineage[mid] = (parent_of(r), comp_ids(r))
             mid = parent_of(r)
 
-    used = sorted({c for m in (root, *models.values()) for c in m.components}, key=lambda c: int(c.rsplit(":")[1]))
+    used = sorted({c for m in (root, *models.values()) for c in m.components}, key=mu2net.id_number)
     params: dict[str, eqx.Module] = {}
     momentum: dict[str, eqx.Module] = {}
     for cid in used:

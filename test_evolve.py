@@ -161,11 +161,17 @@ def test_paper_sec5_validates_with_the_124_tasks_in_order():
     assert evolve.report_tasks(m) == a
 
 
-def test_paper_sec5_root_fails_clearly_at_run_time(tmp_path):
-    m = evolve.load_manifest("manifests/paper_sec5.toml")
-    with pytest.raises(NotImplementedError, match="mu2net_state.*not implemented"):
-        evolve.run(m, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+def test_paper_sec5_checks_its_data_before_any_work(tmp_path, capsys):
+    """Every TFDS dataset of the 124 tasks must be prepared in data_dir; the error lists the missing ones and the
+    command that prepares them, before the published state is read or the run directory made (no network)."""
+    out = tmp_path / "run"
+    args = ["--manifest", "manifests/paper_sec5.toml", "--out", str(out), "--set", f"data_dir={tmp_path / 'tfds'}",
+            "--compile-cache", ""]
+    assert evolve.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: 92 TFDS dataset(s) are not prepared")
+    assert f"python data.py prepare A B --data-dir {tmp_path / 'tfds'}" in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("name, iters, P, F, ntasks", [("mccb", 5, 1.48e6, 15e6, 8), ("vddb", 30, 85.6e6, 100e6, 10)])
@@ -340,3 +346,159 @@ resolution = 16
     assert names[3:7] == ["residual_adapter_0", "encoderblock_0", "residual_adapter_1", "encoderblock_1"]
     assert [c for c in ad.components if mu2net.kind(c).startswith("encoderblock")] == blocks
     assert all(m.parent == mu2net.ROOT for m in (full, top, ad))
+
+
+# --- other roots, user data, predict and export -----------------------------------------------------------------
+
+
+def test_augreg_root_config_from_the_file(tmp_path):
+    """root.vit = "": the config comes from the AugReg file's arrays (a config no vit.CONFIGS entry names)."""
+    import jax
+
+    import vit
+
+    cfg = vit.Config(width=48, depth=3, mlp_dim=96, heads=6, patch=4)
+    vit.save_augreg(tmp_path / "r.npz", vit.init(cfg, jax.random.key(0), 3, 16))
+    text = TINY.replace('kind = "random"\nvit = "tiny"', f'kind = "augreg"\nvit = ""\npath = "{tmp_path / "r.npz"}"')
+    m = evolve.load_manifest(_write(tmp_path, text.replace('task = "digits/parity"', 'task = ""')))
+    s = evolve.build_root(m, evolve.Tasks(m), None)
+    assert s.cfg == cfg and len(s.root.components) == 3 + 3 + 2
+    with pytest.raises(evolve.ManifestError, match=r"root.resolutions\[1\] = 18: expected a multiple of the patch "
+                       r"size 4 of the ViT of"):
+        evolve.load_manifest(_write(tmp_path, text.replace("[8, 16]", "[8, 18]").replace('task = "digits/parity"',
+                                                                                        'task = ""')))
+    with pytest.raises(evolve.ManifestError, match=r"root.vit = '': expected a ViT config"):
+        evolve.load_manifest(_write(tmp_path, TINY.replace('vit = "tiny"', 'vit = ""')))
+
+
+PUBLISHED = """
+name = "published"
+seed = 0
+report_set = ["digits"]
+[root]
+kind = "mu2net_state"
+path = "{path}"
+vit = "{vit}"
+resolutions = [8, 16]
+resolution = 16
+[[segments]]
+name = "new task"
+method = "mu2net+"
+tasks = ["digits"]
+generations = 1
+children = 1
+cycles = 1
+samples_cap = 64
+batch_size = 32
+eval_batch = 128
+"""
+
+
+def test_mu2net_state_root_runs(tmp_path, capsys):
+    """root.kind = "mu2net_state": a state in the notebook's layout (test_published's writer) is the start system;
+    a new task iteration extends it and leaves the published models as they were."""
+    import published
+    from test_published import _state
+
+    state = _state().save(tmp_path / "exp", 3, 0)
+    m = evolve.load_manifest(_write(tmp_path, PUBLISHED.format(path=state, vit="tiny")))
+    s = evolve.run(m, tmp_path / "run", stream=open(os.devnull, "w"))
+    start = published.read(str(state))
+    assert set(s.models) == {"t_a", "t_b", "t_c", "digits"} and s.root.components == start.root.components
+    assert all(s.models[t] == start.models[t] for t in ("t_a", "t_b", "t_c"))
+    assert checkpoint.load(tmp_path / "run").extra["classes"]["digits"] == [str(i) for i in range(10)]
+    bad = _write(tmp_path, PUBLISHED.format(path=state, vit="tiny4"), "bad.toml")
+    assert evolve.main(["--manifest", str(bad), "--out", str(tmp_path / "run2"), "--compile-cache", ""]) == 2
+    assert "root.vit = 'tiny4'" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in state.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes()[:100] if f.name.startswith("checkpoint_") else f.read_bytes())
+    bad = _write(tmp_path, PUBLISHED.format(path=broken, vit="tiny"), "broken.toml")
+    assert evolve.main(["--manifest", str(bad), "--out", str(tmp_path / "run3"), "--compile-cache", ""]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{broken / 'checkpoint_3_0'}" in err and "truncated" in err
+
+
+def _images(root: Path, classes=("a", "b"), n=4) -> Path:
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (40 * i, 0, 255 if c == "a" else 0)).save(root / c / f"{i}.png")
+    return root
+
+
+def _user(folder: Path, extra: str = "") -> str:
+    """TINY with segment one on the image folder task `mine`."""
+    text = TINY.replace('report_set = ["digits"]', f'report_set = ["digits"]\n[tasks.mine]\nfolder = "{folder}"\n{extra}')
+    return text.replace('tasks = ["digits"]', 'tasks = ["mine"]')
+
+
+def test_user_data_checked_before_any_work(tmp_path, capsys):
+    folder = _images(tmp_path / "imgs")
+    (folder / "a" / "bad.png").write_bytes(b"not a png")
+    (folder / "empty").mkdir()
+    text = _user(folder)
+    out = tmp_path / "run"
+    assert evolve.main(["--manifest", str(_write(tmp_path, text)), "--out", str(out), "--compile-cache", ""]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.png" in err and f"{folder / 'empty'}" in err and "skip_bad" in err
+    assert not out.exists()
+    m = evolve.load_manifest(_write(tmp_path, _user(folder, "skip_bad = true")))
+    warned = tmp_path / "log"
+    with open(warned, "w") as f:
+        tasks = evolve.Tasks(m, f)
+        assert evolve.check_data(m, tasks) == set()
+    assert "skipped 1 unreadable image(s), 1 empty class folder(s)" in warned.read_text()
+    assert tasks("mine").num_classes == 2 and tasks.classes["mine"] == ["a", "b"]
+
+
+def test_predict_and_export_from_a_run(runs, tmp_path, capsys):
+    import jax
+    import numpy as np
+
+    import augment
+    import data
+    import vit
+
+    whole = runs[0]
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    x, y = data._offline("sklearn_digits")
+    from PIL import Image
+    for i in range(6):
+        Image.fromarray(x[i, ..., 0]).save(folder / f"{i}.png")
+    assert evolve.main(["predict", str(whole), "--task", "digits", str(folder), "--top-k", "2", "--format",
+                        "json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert [Path(p["file"]).name for p in js] == [f"{i}.png" for i in range(6)]
+    assert all(len(p["top"]) == 2 and p["top"][0]["class"] == str(p["top"][0]["label"]) for p in js)
+    assert evolve.main(["export", str(whole), "--task", "digits", str(tmp_path / "d.npz")]) == 0
+    meta = json.loads((tmp_path / "d.json").read_text())
+    assert meta["classes"] == [str(i) for i in range(10)] and meta["task"] == "digits"
+    s = checkpoint.load(whole).system
+    imgs = augment.eval_preprocess(np.stack([data.to_rgb(x[i], 16) for i in range(4)]), meta["resolution"])
+    fwd = jax.jit(vit.forward)
+    np.testing.assert_array_equal(fwd(list(vit.load_augreg(tmp_path / "d.npz").values()), imgs),
+                                  fwd(mu2net.assemble(s, s.models["digits"]), imgs))
+    # user errors: one line, status 2
+    (folder / "9.png").write_bytes(b"broken")
+    for args, words in [(["predict", str(whole), "--task", "nope", str(folder)], "'nope'"),
+                        (["predict", str(tmp_path), "--task", "digits", str(folder)], "no committed run"),
+                        (["predict", str(whole), "--task", "digits", str(folder)], "9.png"),
+                        (["predict", str(whole), "--task", "digits"], "expected image files"),
+                        (["export", str(whole), "--task", "digits", str(tmp_path / "d.bin")], ".npz")]:
+        assert evolve.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and words in err, (args, err)
+
+
+def test_user_errors_exit_2_without_traceback(tmp_path):
+    """Through a real process: status 2 and one line on stderr."""
+    for args in (["predict", str(tmp_path), "--task", "digits", str(tmp_path)],
+                 ["--manifest", str(_write(tmp_path, TINY.replace("cycles = 2", "cycles = 0"))), "--compile-cache", ""]):
+        r = subprocess.run([sys.executable, str(HERE / "evolve.py"), *args], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr

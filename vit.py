@@ -317,6 +317,10 @@ def save_augreg(path: str | Path, components: Mapping[str, eqx.Module]) -> None:
     np.savez(path, **{k: np.asarray(v) for k, v in to_flat(components).items()})
 
 
+class AugRegError(ValueError):
+    """An AugReg file that cannot be read or does not fit the model; the message names the file."""
+
+
 def infer_config(shapes: Mapping[str, Any]) -> Config:
     """The ViT config an AugReg key → shape (or array) mapping implies: patch and width from `embedding/kernel`
     (p, p, 3, D), depth from the `Transformer/encoderblock_{i}` keys, heads from a query kernel (D, H, D/H), MLP
@@ -356,7 +360,7 @@ def augreg_config(path: str | Path) -> Config:
     try:
         return infer_config(npz_shapes(path))
     except (OSError, zipfile.BadZipFile, ValueError) as e:
-        raise ValueError(f"{path}: not an AugReg ViT checkpoint: {e}") from None
+        raise AugRegError(f"{path}: not an AugReg ViT checkpoint: {e}") from None
 
 
 def load_augreg(path: str | Path, cfg: Config | None = None, num_classes: int | None = None
@@ -373,12 +377,12 @@ def load_augreg(path: str | Path, cfg: Config | None = None, num_classes: int | 
         with np.load(path, allow_pickle=False) as z:
             arrays = {k.removeprefix(_PREFIX): z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: cannot read it as an .npz file: {e}") from None
+        raise AugRegError(f"{path}: cannot read it as an .npz file: {e}") from None
     if cfg is None:
         try:
             cfg = infer_config(arrays)
         except ValueError as e:
-            raise ValueError(f"{path}: not an AugReg ViT checkpoint: {e}") from None
+            raise AugRegError(f"{path}: not an AugReg ViT checkpoint: {e}") from None
     if "head/bias" in arrays and num_classes is None:
         num_classes = int(arrays["head/bias"].shape[0])
     pe = arrays.get("Transformer/posembed_input/pos_embedding")
@@ -397,7 +401,7 @@ def load_augreg(path: str | Path, cfg: Config | None = None, num_classes: int | 
            and tuple(arrays[k].shape) != tuple(want[k].shape)]
     if missing or extra or bad:
         hints = [h for prefix, h in _QUIRKS.items() if any(k.startswith(prefix) for k in extra)]
-        raise ValueError(
+        raise AugRegError(
             f"{path}: checkpoint does not match ViT config {cfg}:\n  missing from file: {missing}\n"
             f"  extra in file: {extra}\n  shape mismatches: {bad}" + "".join(f"\n  note: {h}" for h in hints)
         )
