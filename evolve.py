@@ -1,8 +1,9 @@
 """The continual runner: a manifest of experiment segments → one ever-growing multitask system (paper Section 5).
 
 A manifest (TOML) names where the system starts (a root ViT: AugReg `.npz`, a random init with an optional
-pre-training iteration; or a system: a previous run's, or the authors' published μ2Net state), the seed, and an ordered list of experiment segments — each
-a method (μ2Net, μ2Net+ or a Section 4 baseline) with its budgets, score parameters and the tasks it iterates over.
+pre-training iteration; or a system: a previous run's, or the authors' published μ2Net state), the seed, and an
+ordered list of experiment segments — each a method (μ2Net, μ2Net+ or a Section 4 baseline) with its budgets, score
+parameters and the tasks it iterates over.
 The runner executes every task iteration of every segment in order (Algorithm 1 via `mu2net.task_iteration`),
 commits a checkpoint after each (checkpoint.py), and reports the three Figure 3 metrics at each segment's end
 (report.py). Rerunning the same command resumes from the last commit; a killed-and-resumed run ends bit-identical to

@@ -77,6 +77,10 @@ class _Files:
                                  f"published state folder, a .zip of it or a gs:// path)")
         except zipfile.BadZipFile as e:
             raise StateError(f"{where}: not a folder and not a readable .zip file: {e}") from None
+        except StateError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- e.g. no GCS backend installed, no access to the bucket
+            raise StateError(f"{where}: cannot open it: {type(e).__name__}: {e}") from None
         self.root = root
 
     def names(self) -> list[str]:
@@ -235,8 +239,8 @@ def component(name: str, tree: Any, dtype: Any) -> eqx.Module:
     """A published component's nested parameter dict -> our module (`cls` is stored as a bare array)."""
     cls = vit.component_class(name)
     arrays = {"cls": tree} if name == "cls" and not isinstance(tree, dict) else dict(_flat(tree))
-    if any(not isinstance(a, np.ndarray) for a in arrays.values()):
-        raise ValueError(f"expected arrays, found {sorted(k for k, a in arrays.items() if not isinstance(a, np.ndarray))}")
+    if other := sorted(k for k, a in arrays.items() if not isinstance(a, np.ndarray)):
+        raise ValueError(f"expected arrays, found other values at {other}")
     module = checkpoint.build(cls, {k: np.asarray(a).astype(dtype) for k, a in arrays.items()})
     extra = set(arrays) - set(vit.flat(module))
     if extra:

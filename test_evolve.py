@@ -397,6 +397,9 @@ eval_batch = 128
 def test_mu2net_state_root_runs(tmp_path, capsys):
     """root.kind = "mu2net_state": a state in the notebook's layout (test_published's writer) is the start system;
     a new task iteration extends it and leaves the published models as they were."""
+    import jax
+    import numpy as np
+
     import published
     from test_published import _state
 
@@ -406,6 +409,10 @@ def test_mu2net_state_root_runs(tmp_path, capsys):
     start = published.read(str(state))
     assert set(s.models) == {"t_a", "t_b", "t_c", "digits"} and s.root.components == start.root.components
     assert all(s.models[t] == start.models[t] for t in ("t_a", "t_b", "t_c"))
+    for c in start.component_ids():  # nothing published is trained: every array bit-identical
+        assert all((np.asarray(x) == np.asarray(y)).all()
+                   for x, y in zip(jax.tree.leaves(start.params[c]), jax.tree.leaves(s.params[c]), strict=True))
+    assert all(mu2net.id_number(c) >= start.counter for c in s.component_ids() - start.component_ids())
     assert checkpoint.load(tmp_path / "run").extra["classes"]["digits"] == [str(i) for i in range(10)]
     bad = _write(tmp_path, PUBLISHED.format(path=state, vit="tiny4"), "bad.toml")
     assert evolve.main(["--manifest", str(bad), "--out", str(tmp_path / "run2"), "--compile-cache", ""]) == 2
@@ -432,7 +439,8 @@ def _images(root: Path, classes=("a", "b"), n=4) -> Path:
 
 def _user(folder: Path, extra: str = "") -> str:
     """TINY with segment one on the image folder task `mine`."""
-    text = TINY.replace('report_set = ["digits"]', f'report_set = ["digits"]\n[tasks.mine]\nfolder = "{folder}"\n{extra}')
+    text = TINY.replace('report_set = ["digits"]',
+                        f'report_set = ["digits"]\n[tasks.mine]\nfolder = "{folder}"\n{extra}')
     return text.replace('tasks = ["digits"]', 'tasks = ["mine"]')
 
 
@@ -497,8 +505,9 @@ def test_predict_and_export_from_a_run(runs, tmp_path, capsys):
 
 def test_user_errors_exit_2_without_traceback(tmp_path):
     """Through a real process: status 2 and one line on stderr."""
+    bad = _write(tmp_path, TINY.replace("cycles = 2", "cycles = 0"))
     for args in (["predict", str(tmp_path), "--task", "digits", str(tmp_path)],
-                 ["--manifest", str(_write(tmp_path, TINY.replace("cycles = 2", "cycles = 0"))), "--compile-cache", ""]):
+                 ["--manifest", str(bad), "--compile-cache", ""]):
         r = subprocess.run([sys.executable, str(HERE / "evolve.py"), *args], cwd=tmp_path, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
