@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
+import numpy as np
+
 import checkpoint
 import evolve
 import mu2net
+import report
 
 HERE = Path(__file__).resolve().parent
 
@@ -241,11 +244,68 @@ def test_seed_reaches_the_run(runs):
 
 def test_reports_written(runs):
     whole, _, logs = runs
-    for f in ("report.md", "metrics.png", "graph.png", "metrics.jsonl", "manifest.json"):
+    for f in ("report.md", "metrics.png", "graph.png", "metrics.jsonl", "manifest.json", *report.FIGURES):
         assert (whole / f).stat().st_size > 0, f
     text = (whole / "report.md").read_text()
     assert "avg accounted params" in text and "| digits/parity |" in text and "| two |" in text
     assert "ETA" in logs[2] and "child" in logs[2]
+
+
+def test_section5_figures_from_a_tiny_run(runs, tmp_path):
+    """Figures 5–7 and §5.4 of the tiny run: the data behind them is the final system's, recomputed here directly,
+    and `report.analyse` rewrites the same analysis from the run directory alone."""
+    import collections
+
+    whole, broken, _ = runs
+    ck = checkpoint.load(whole)
+    system, history = ck.system, ck.extra["history"]
+    assert [h["segment"] for h in history] == ["start", "one", "two"]
+    assert history[-1]["retained"] == report.retained(system)  # the last summary describes the final system
+    assert history[-1]["report_set"] == ["digits"]
+    models = list(system.models.values())
+    labels, counts = report.hparam_counts(history)
+    assert labels == ["one", "two"]
+    for n in ("lr", "resolution", "num_layers", "momentum"):
+        direct = collections.Counter(m.hp[n] for m in models)
+        assert {v: c[-1] for v, c in counts[n].items() if c[-1]} == dict(direct), n
+        assert all(sum(c[j] for c in counts[n].values()) == len(history[j + 1]["retained"]) for j in range(2))
+    _, table = report.clone_by_depth(history, system.cfg.depth)
+    for i in range(system.cfg.depth):
+        want = np.mean([m.mu.get(f"clone:encoderblock_{i}", m.hp["mu"]) for m in models])
+        assert table[-1, i] == pytest.approx(want)
+    vals = report.mu_values(history[-1]["retained"])
+    acts = {a for m in models for a in m.mu}
+    assert set(vals) == (acts or {"mu"}) and all(len(x) == len(models) for x in vals.values())
+    text = (whole / "analysis.md").read_text()
+    for head in ("## Figure 5", "## Figure 6", "## Figure 7", "## §5.4"):
+        assert head in text, head
+    for n, vs in counts.items():
+        for v, c in vs.items():
+            assert f"| {n} | {report._show(v)} | " + " | ".join(map(str, c)) + " |" in text
+    for f in ("hparams.png", "mu_depth.png", "mu_values.png"):
+        assert (whole / f).read_bytes()[:4] == b"\x89PNG" and (whole / f).stat().st_size > 10_000, f
+    # Any run directory: the same analysis from the checkpoint alone; an old run (no retained records) gets its last
+    # summary from the committed system and needs task-set A named.
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(whole, copy)
+    for f in report.FIGURES:
+        (copy / f).unlink()
+    report.analyse(copy)
+    assert (copy / "analysis.md").read_text().replace("copy", "") == text.replace(whole.name, "")
+    old = [{k: v for k, v in h.items() if k not in ("retained", "report_set")} for h in history]
+    checkpoint.save(copy, system, {**ck.extra, "history": old}, checkpoint.load(copy))
+    with pytest.raises(report.ReportError, match="report set"):
+        report.analyse(copy)
+    hist = report.analyse(copy, ["digits"])
+    assert hist[-1]["retained"] == history[-1]["retained"] and "retained" not in hist[1]
+    assert "Only 1 of 3 summaries" in (copy / "analysis.md").read_text()
+    # Repetitions: two runs of one manifest and seed have std 0 and the run's own means.
+    rows = report.aggregate_runs([whole, broken], tmp_path / "agg")
+    assert [r["segment"] for r in rows] == ["start", "one", "two"]
+    assert rows[-1]["params"] == (history[-1]["params"], 0.0) and rows[-1]["n"] == 2
+    assert "| two | 2 |" in (tmp_path / "agg" / "aggregate.md").read_text()
+    assert (tmp_path / "agg" / "aggregate.png").stat().st_size > 10_000
 
 
 def test_finished_run_resumes_to_nothing_and_other_manifest_is_refused(runs, tmp_path):
@@ -258,7 +318,7 @@ def test_finished_run_resumes_to_nothing_and_other_manifest_is_refused(runs, tmp
     s = evolve.run(m, whole)  # already done: loads, writes the report, trains nothing
     assert set(s.models) == {"digits", "digits/parity"}
     after = {p: p.read_bytes() for p in whole.rglob("*") if p.is_file() and p.name != "report.md"}
-    for p in set(before) - {whole / "metrics.png", whole / "graph.png"}:
+    for p in set(before) - {whole / f for f in ("metrics.png", "graph.png", *report.FIGURES)}:
         assert after[p] == before[p], p
 
 
