@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import sys
 import threading
 import time
@@ -26,14 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import tyro
 
 import checkpoint
 import data
 import mu2net
 import report
 import vit
-from manifest import (DEFAULT_MANIFEST, Manifest, ManifestError, image_size, load_manifest, report_tasks,
-                      segment_tasks, sweep, task_names, to_dict)
+from manifest import (DEFAULT_MANIFEST, Manifest, ManifestError, image_size, load_manifest, penalties,
+                      report_tasks, segment_tasks, sweep, task_names, to_dict, UserTask)
 from manifest import config as segment_config
 KILL_ENV = "MU2NET_TEST_KILL_AFTER"  # tests: os._exit after this many finished child trainings
 ROOT_TAG = 0x524F4F54  # "ROOT": fold-in tag of the root's keys, apart from the small segment indices
@@ -140,6 +142,25 @@ class Progress:
 
 
 # --- the run -------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """What a run's numbers depend on besides the manifest and the code: XLA's CPU code changes with the
+    instruction set it may use (`XLA_FLAGS=--xla_cpu_max_isa`) and with the number of cores it splits work over
+    (README, "Reproducibility"). CPU model, its AVX-512 and AMX flags, usable cores, XLA_FLAGS, jax, backend."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() == "model name":
+                cpu = v.strip()
+            elif k.strip() == "flags":
+                flags = {f for f in v.split() if f.startswith(("avx512", "amx"))}
+    except OSError:
+        pass
+    return dict(cpu=cpu, isa=" ".join(sorted(flags)), cores=len(os.sched_getaffinity(0)) if hasattr(
+        os, "sched_getaffinity") else os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__,
+        backend=jax.default_backend())
 
 
 def build_root(m: Manifest, tasks: Tasks, progress: Progress) -> mu2net.System:
@@ -260,26 +281,32 @@ def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr) -> mu2net
         history.append(report.summary(system, rtasks, "start"))
     (out / "manifest.json").write_text(json.dumps(resolved, indent=2) + "\n")
     version = checkpoint.code_version()
+    here = machine()
+    machines = list(ck.extra.get("machines", [])) if ck else []
+    machines += [here] if here not in machines else []
 
     def commit(system: mu2net.System, cursor: tuple[int, int, int], prev: checkpoint.Checkpoint | None):
         done = cursor[0] >= len(m.segments)
         key = None if done else key_data(iteration_key(m.seed, *cursor))
         extra = dict(cursor=list(cursor), key=key, key_impl="threefry2x32", seed=m.seed, manifest=resolved,
                      version=version, history=history, metrics_bytes=progress.size(), elapsed=progress.elapsed(),
-                     done=done)
+                     done=done, machines=machines)
         new = checkpoint.save(out, system, extra, prev)
         checkpoint.prune(out, new)
         return new
 
     if ck is None:
         ck = commit(system, cursor, None)
-    report.write(out, history, m.segments, rtasks, system, final=False, stream=None)
+    report.write(out, history, rtasks, system, final=False, stream=None, machines=machines)
     try:
         while cursor[0] < len(m.segments):
             si, it, ti = cursor
             seg = m.segments[si]
             task = names[si][ti]
-            conf = segment_config(m, seg, system.cfg.depth)
+            conf = segment_config(m, penalties(seg, si, history), system.cfg.depth)  # history[k]: segment k's start
+            if it == ti == 0:
+                progress.write(dict(event="segment_start", segment=si, segment_name=seg.name, P=conf.P, F=conf.F))
+                print(f"[{seg.name}] P = {conf.P:.4g}, F = {conf.F:.4g}, s = {conf.s:g}", file=stream, flush=True)
             progress.at(seg.cycles, segment=si, segment_name=seg.name, iteration=it, iterations=seg.iterations,
                         task_index=ti, num_tasks=ntasks[si], task=task, generations=seg.generations)
             system = mu2net.task_iteration(system, tasks(task), conf, iteration_key(m.seed, si, it, ti), progress)
@@ -288,12 +315,12 @@ def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr) -> mu2net
                                 model=best.id if best else None, metrics=dict(best.metrics) if best else None))
             cursor = _next(m, ntasks, cursor)
             if cursor[0] != si:
-                history.append(report.summary(system, rtasks, seg.name))
+                history.append({**report.summary(system, rtasks, seg.name), "P": conf.P, "F": conf.F})
                 progress.write(dict(event="segment_end", **history[-1]))
             ck = commit(system, cursor, ck)
             if cursor[0] != si:
-                report.write(out, history, m.segments, rtasks, system, final=False, stream=sys.stdout)
-        report.write(out, history, m.segments, rtasks, system, final=True, stream=None)
+                report.write(out, history, rtasks, system, final=False, stream=sys.stdout, machines=machines)
+        report.write(out, history, rtasks, system, final=True, stream=None, machines=machines)
         print(f"done: {out} ({_hms(progress.elapsed())})", file=stream, flush=True)
     finally:
         progress.close()
@@ -323,8 +350,48 @@ class Args:
     """Persistent XLA compilation cache ('' = off); it cuts compile time on resume, results are the same."""
 
 
+@dataclasses.dataclass
+class ReportArgs:
+    """Write every report of run directories (finished or not): report.md, Figures 3–7 and analysis.md in each;
+    with several runs (seeds of one manifest), also the mean ± std of Figure 3 over them."""
+
+    runs: tyro.conf.Positional[tuple[str, ...]]
+    """Run directories."""
+    out: str | None = None
+    """Where the aggregate of several runs goes. Default: <the runs' common parent>/<manifest name>-aggregate."""
+
+
+def report_main(argv: Sequence[str]) -> int:
+    """`python evolve.py report RUN [RUN ...] [--out DIR]`."""
+    a = tyro.cli(ReportArgs, args=argv, prog="evolve.py report")
+    if not a.runs:
+        print("error: evolve.py report: expected at least one run directory", file=sys.stderr)
+        return 2
+    try:
+        for r in a.runs:
+            ck = checkpoint.load(r)
+            raw = ck.extra["manifest"]  # only its report set: runs of an older manifest schema are reported too
+            stored = Manifest(name=raw["name"], segments=(), report_set=tuple(raw["report_set"]),
+                              tasks={k: UserTask(**v) for k, v in raw.get("tasks", {}).items()},
+                              catalog=raw.get("catalog", ""))
+            report.analyse(r, report_tasks(stored))
+            print(f"wrote the reports of {r}", file=sys.stderr)
+        if len(a.runs) > 1:
+            out = Path(a.out) if a.out else (Path(os.path.commonpath([Path(r).resolve() for r in a.runs]))
+                                             / f"{ck.extra['manifest']['name']}-aggregate")
+            rows = report.aggregate_runs(a.runs, out)
+            print(report.aggregate_table(rows), file=sys.stdout)
+            print(f"wrote {out / 'aggregate.md'} and {out / 'aggregate.png'}", file=sys.stderr)
+    except (checkpoint.CheckpointError, ManifestError, report.ReportError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    import tyro
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     a = tyro.cli(Args, args=argv)
     try:
         m = load_manifest(a.manifest, a.set, a.seed)

@@ -53,11 +53,6 @@ def summary(system: mu2net.System, report_tasks: Sequence[str], label: str) -> d
     }
 
 
-def task_of(model_id: str) -> str:
-    """'mnist5k/parity/17' -> 'mnist5k/parity' (model ids are '<task>/<counter>')."""
-    return model_id.rsplit("/", 1)[0]
-
-
 def ancestry(system: mu2net.System, model: mu2net.Model) -> list[str]:
     """Ids of the models on `model`'s parent chain, nearest first, root excluded. A child starts only from its
     parent's components (shared, cloned, or re-added from the parent's own ancestors), so these are all the models
@@ -86,7 +81,7 @@ def retained(system: mu2net.System) -> dict[str, dict[str, Any]]:
             "test": float(m.metrics.get("test", math.nan)),
             "params": float(mu2net.accounted_params(system, m)),
             "flops": float(mu2net.model_flops(system.cfg, system.params, m)),
-            "sources": sorted({task_of(a) for a in ancestry(system, m)} - {t}),
+            "sources": sorted({mu2net.task_of(a) for a in ancestry(system, m)} - {t}),
             "uses": dict(sorted(uses.items())),
         }
     return out
@@ -99,12 +94,14 @@ def _fmt(x: float, pct: bool = False) -> str:
 
 
 def tables(history: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: the Figure 3 metrics after each segment, then test accuracy (%) per task and segment."""
-    lines = ["| segment | avg test acc % (report set) | avg accounted params | avg FLOPs | models |",
-             "|---|---:|---:|---:|---:|"]
+    """Markdown: the Figure 3 metrics after each segment (with the segment's P and F, eq. 1), then test accuracy (%)
+    per task and segment."""
+    lines = ["| segment | avg test acc % (report set) | avg accounted params | avg FLOPs | models | P | F |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for h in history:
         lines.append(f"| {h['segment']} | {_fmt(h['test_acc_set'], True)} ({h['set_tasks']} tasks) | "
-                     f"{_fmt(h['params'])} | {_fmt(h['flops'])} | {h['models']} |")
+                     f"{_fmt(h['params'])} | {_fmt(h['flops'])} | {h['models']} | {_fmt(h.get('P', math.nan))} | "
+                     f"{_fmt(h.get('F', math.nan))} |")
     tasks: list[str] = []
     for h in history:
         tasks += [t for t in h["test"] if t not in tasks]
@@ -116,19 +113,26 @@ def tables(history: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(run: str | Path, history: Sequence[Mapping[str, Any]], segments: Sequence[Any],
-          report_tasks: Sequence[str], system: mu2net.System, final: bool, stream: Any = sys.stdout) -> None:
+def machine_line(machines: Sequence[Mapping[str, Any]]) -> str:
+    """Where a run was computed (its figures depend on the CPU's instruction set and core count, README)."""
+    return "; ".join(f"{m.get('cpu')} ({m.get('isa') or 'no AVX-512'}), {m.get('cores')} cores, "
+                     f"XLA_FLAGS='{m.get('xla_flags', '')}', jax {m.get('jax')} {m.get('backend')}" for m in machines)
+
+
+def write(run: str | Path, history: Sequence[Mapping[str, Any]], report_tasks: Sequence[str], system: mu2net.System,
+          final: bool, stream: Any = sys.stdout, machines: Sequence[Mapping[str, Any]] = ()) -> None:
     """`report.md` (always); at the end also `metrics.png` (Figure 3), `graph.png` (Figure 4), and Figures 5–7 with
     `analysis.md` (`figures`)."""
     run = Path(run)
     text = tables(history)
-    (run / "report.md").write_text(f"# {run.name}\n\nReport set: {', '.join(report_tasks)}\n\n{text}")
+    where = f"Computed on: {machine_line(machines)}\n\n" if machines else ""
+    (run / "report.md").write_text(f"# {run.name}\n\nReport set: {', '.join(report_tasks)}\n\n{where}{text}")
     if stream is not None:
         print(f"\n## after segment {history[-1]['segment']}\n\n{text}", file=stream, flush=True)
     if final:
         plot_metrics(history, run / "metrics.png")
         plot_graph(system, run / "graph.png")
-        figures(run, history, report_tasks, system.cfg.depth)
+        figures(run, history, report_tasks, system.cfg.depth, machines)
 
 
 def plot_metrics(history: Sequence[Mapping[str, Any]], path: str | Path) -> None:
@@ -282,7 +286,7 @@ def clone_by_depth(history: Sequence[Mapping[str, Any]], depth: int) -> tuple[li
     """Figure 6's data: (segment labels, [segment, layer] mean probability of cloning transformer layer i, over all
     the retained models at the segment's end)."""
     segs = _segments(history)
-    table = np.array([[_mean([probability(r, f"clone:encoderblock_{i}") for r in h["retained"].values()])
+    table = np.array([[_mean([probability(r, f"clone:{vit.block(i)}") for r in h["retained"].values()])
                        for i in range(depth)] for h in segs]).reshape(len(segs), depth)
     return [h["segment"] for h in segs], table
 
@@ -290,7 +294,7 @@ def clone_by_depth(history: Sequence[Mapping[str, Any]], depth: int) -> tuple[li
 def clone_mean(rec: Mapping[str, Any]) -> float:
     """A model's average probability of cloning one of its clonable layers (§5.2: 21.4 % -> 17.4 %)."""
     n = int(rec["hp"].get("num_layers", 0))
-    acts = ["clone:embedding", "clone:cls", "clone:posembed_input"] + [f"clone:encoderblock_{i}" for i in range(n)]
+    acts = ["clone:embedding", "clone:cls", "clone:posembed_input"] + [f"clone:{vit.block(i)}" for i in range(n)]
     return _mean([probability(rec, a) for a in acts])
 
 
@@ -390,7 +394,10 @@ def analysis(history: Sequence[Mapping[str, Any]], a_tasks: Sequence[str], depth
         via2 = sum(len(set(r["via"]) | set(r["uses"])) >= 2 for r in mine)
         out.append(f"- {h['segment']}: {len(mine)} of {n_a} task-set A tasks found a better-scoring model; {via1} of "
                    f"them transfer from at least one task-set B task, {via2} from two or more.")
-    if not rows:
+    if not any(b.get("retained") and a.get("retained") for b, a in zip(history, history[1:])):
+        out.append("Not available: no two consecutive summaries hold retained-model records (a run written before "
+                   "they were recorded).")
+    elif not rows:
         out.append("No task-set A model changed during a segment that started with task-set B in the system.")
     else:
         out += ["", "| segment | task | model before → after | descends from (B) | shares components of (B) | "
@@ -480,10 +487,15 @@ def plot_mu_values(history: Sequence[Mapping[str, Any]], path: str | Path) -> No
     plt.close(fig)
 
 
-def figures(run: str | Path, history: Sequence[Mapping[str, Any]], a_tasks: Sequence[str], depth: int) -> None:
+def figures(run: str | Path, history: Sequence[Mapping[str, Any]], a_tasks: Sequence[str], depth: int,
+            machines: Sequence[Mapping[str, Any]] = ()) -> None:
     """Writes Figures 5–7 and `analysis.md` (their data and §5.4's table) into `run`."""
     run = Path(run)
-    (run / "analysis.md").write_text(analysis(history, a_tasks, depth, run.name))
+    text = analysis(history, a_tasks, depth, run.name)
+    if machines:
+        head, _, rest = text.partition("\n\n")
+        text = f"{head}\n\nComputed on: {machine_line(machines)}\n\n{rest}"
+    (run / "analysis.md").write_text(text)
     if _segments(history):
         plot_hparams(history, run / "hparams.png")
         plot_clone_depth(history, depth, run / "mu_depth.png")
@@ -491,10 +503,10 @@ def figures(run: str | Path, history: Sequence[Mapping[str, Any]], a_tasks: Sequ
 
 
 def analyse(run: str | Path, a_tasks: Sequence[str] | None = None) -> list[Mapping[str, Any]]:
-    """Figures 5–7 and §5.4 for any run directory (finished or not), from its last commit; returns the history
-    used. Task-set A is the run's report set unless given. A run written before segment summaries recorded the
-    retained models gets them for its last summary from the committed system, when that is the system the summary
-    describes (the run is finished)."""
+    """Every report of any run directory (finished or not) from its last commit: `report.md`, Figures 3–7 and
+    `analysis.md`; returns the history used. Task-set A is the run's report set unless given. A run written
+    before segment summaries recorded the retained models gets them for its last summary from the committed
+    system, when that is the system the summary describes (the run is finished)."""
     ck = checkpoint.load(run)
     history = [dict(h) for h in ck.extra["history"]]
     if history and not history[-1].get("retained") and ck.extra.get("done"):
@@ -503,7 +515,7 @@ def analyse(run: str | Path, a_tasks: Sequence[str] | None = None) -> list[Mappi
         a_tasks = next((h["report_set"] for h in reversed(history) if "report_set" in h), None)
     if a_tasks is None:
         raise ReportError(f"{run}: its summaries do not name the report set; pass task-set A explicitly")
-    figures(run, history, a_tasks, ck.system.cfg.depth)
+    write(run, history, a_tasks, ck.system, final=True, stream=None, machines=ck.extra.get("machines", ()))
     return history
 
 
