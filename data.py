@@ -295,7 +295,7 @@ def scan_folder(root: Path, splits: Mapping[str, str], name: str, skip_bad: bool
         (len(foreign), "class folder(s) not among the training classes", foreign)] if n]
     if problems and not skip_bad:
         raise DataError(f"task {name!r}, image folder {root}: " + "; ".join(problems) + ". Fix or remove them, or set "
-                        f"skip_bad = true for this task to skip them with a warning")
+                        "skip_bad = true for this task to skip them with a warning")
     kept = tuple(c for c in classes if c in readable)
     if problems:
         msg = (f"warning: task {name!r}: skipped {len(bad)} unreadable image(s), {len(empty)} empty class folder(s), "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import sys
 import threading
 import time
@@ -40,8 +41,8 @@ import published
 import report
 import serve
 import vit
-from manifest import (DEFAULT_MANIFEST, Manifest, ManifestError, image_size, load_manifest, report_tasks,
-                      root_config, segment_tasks, sweep, task_names, to_dict, validate)
+from manifest import (DEFAULT_MANIFEST, Manifest, ManifestError, UserTask, image_size, load_manifest, penalties,
+                      report_tasks, root_config, segment_tasks, sweep, task_names, to_dict, validate)
 from manifest import config as segment_config
 
 KILL_ENV = "MU2NET_TEST_KILL_AFTER"  # tests: os._exit after this many finished child trainings
@@ -186,6 +187,25 @@ def _local(path: str) -> str:
     return path if path.startswith("gs://") else str(Path(path).expanduser())
 
 
+def machine() -> dict[str, Any]:
+    """What a run's numbers depend on besides the manifest and the code: XLA's CPU code changes with the
+    instruction set it may use (`XLA_FLAGS=--xla_cpu_max_isa`) and with the number of cores it splits work over
+    (README, "Reproducibility"). CPU model, its AVX-512 and AMX flags, usable cores, XLA_FLAGS, jax, backend."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() == "model name":
+                cpu = v.strip()
+            elif k.strip() == "flags":
+                flags = {f for f in v.split() if f.startswith(("avx512", "amx"))}
+    except OSError:
+        pass
+    return dict(cpu=cpu, isa=" ".join(sorted(flags)), cores=len(os.sched_getaffinity(0)) if hasattr(
+        os, "sched_getaffinity") else os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__,
+        backend=jax.default_backend())
+
+
 def build_root(m: Manifest, tasks: Tasks, progress: Progress | None) -> mu2net.System:
     """The start state (Section 5 starts from a system; Section 4 from a ViT root)."""
     r = m.root
@@ -314,26 +334,32 @@ def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr) -> mu2net
         history.append(report.summary(system, rtasks, "start"))
     (out / "manifest.json").write_text(json.dumps(resolved, indent=2) + "\n")
     version = checkpoint.code_version()
+    here = machine()
+    machines = list(ck.extra.get("machines", [])) if ck else []
+    machines += [here] if here not in machines else []
 
     def commit(system: mu2net.System, cursor: tuple[int, int, int], prev: checkpoint.Checkpoint | None):
         done = cursor[0] >= len(m.segments)
         key = None if done else key_data(iteration_key(m.seed, *cursor))
         extra = dict(cursor=list(cursor), key=key, key_impl="threefry2x32", seed=m.seed, manifest=resolved,
                      version=version, history=history, metrics_bytes=progress.size(), elapsed=progress.elapsed(),
-                     done=done, classes=dict(tasks.classes))
+                     done=done, classes=dict(tasks.classes), machines=machines)
         new = checkpoint.save(out, system, extra, prev)
         checkpoint.prune(out, new)
         return new
 
     if ck is None:
         ck = commit(system, cursor, None)
-    report.write(out, history, m.segments, rtasks, system, final=False, stream=None)
+    report.write(out, history, rtasks, system, final=False, stream=None, machines=machines)
     try:
         while cursor[0] < len(m.segments):
             si, it, ti = cursor
             seg = m.segments[si]
             task = names[si][ti]
-            conf = segment_config(m, seg, system.cfg.depth)
+            conf = segment_config(m, penalties(seg, si, history), system.cfg.depth)  # history[k]: segment k's start
+            if it == ti == 0:
+                progress.write(dict(event="segment_start", segment=si, segment_name=seg.name, P=conf.P, F=conf.F))
+                print(f"[{seg.name}] P = {conf.P:.4g}, F = {conf.F:.4g}, s = {conf.s:g}", file=stream, flush=True)
             progress.at(seg.cycles, segment=si, segment_name=seg.name, iteration=it, iterations=seg.iterations,
                         task_index=ti, num_tasks=ntasks[si], task=task, generations=seg.generations)
             system = mu2net.task_iteration(system, tasks(task), conf, iteration_key(m.seed, si, it, ti), progress)
@@ -342,12 +368,12 @@ def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr) -> mu2net
                                 model=best.id if best else None, metrics=dict(best.metrics) if best else None))
             cursor = _next(m, ntasks, cursor)
             if cursor[0] != si:
-                history.append(report.summary(system, rtasks, seg.name))
+                history.append({**report.summary(system, rtasks, seg.name), "P": conf.P, "F": conf.F})
                 progress.write(dict(event="segment_end", **history[-1]))
             ck = commit(system, cursor, ck)
             if cursor[0] != si:
-                report.write(out, history, m.segments, rtasks, system, final=False, stream=sys.stdout)
-        report.write(out, history, m.segments, rtasks, system, final=True, stream=None)
+                report.write(out, history, rtasks, system, final=False, stream=sys.stdout, machines=machines)
+        report.write(out, history, rtasks, system, final=True, stream=None, machines=machines)
         print(f"done: {out} ({_hms(progress.elapsed())})", file=stream, flush=True)
     finally:
         progress.close()
@@ -411,7 +437,7 @@ class Export:
 
 # A user-input error: one line on stderr, exit status 2, no traceback.
 USER_ERRORS = (ManifestError, data.DataError, published.StateError, checkpoint.CheckpointError, serve.ServeError,
-               vit.AugRegError)
+               vit.AugRegError, report.ReportError)
 
 
 def one_line(e: BaseException) -> str:
@@ -452,6 +478,38 @@ def export(a: Export) -> int:
     return 0
 
 
+@dataclasses.dataclass
+class ReportArgs:
+    """Write every report of run directories (finished or not): report.md, Figures 3–7 and analysis.md in each;
+    with several runs (seeds of one manifest), also the mean ± std of Figure 3 over them."""
+
+    runs: tyro.conf.Positional[tuple[str, ...]]
+    """Run directories."""
+    out: str | None = None
+    """Where the aggregate of several runs goes. Default: <the runs' common parent>/<manifest name>-aggregate."""
+
+
+def report_runs(a: ReportArgs) -> int:
+    """`python evolve.py report RUN [RUN ...] [--out DIR]`."""
+    if not a.runs:
+        raise report.ReportError("evolve.py report: expected at least one run directory")
+    for r in a.runs:
+        ck = checkpoint.load(r)
+        raw = ck.extra["manifest"]  # only its report set: runs of an older manifest schema are reported too
+        stored = Manifest(name=raw["name"], segments=(), report_set=tuple(raw["report_set"]),
+                          tasks={k: UserTask(**v) for k, v in raw.get("tasks", {}).items()},
+                          catalog=raw.get("catalog", ""))
+        report.analyse(r, report_tasks(stored))
+        print(f"wrote the reports of {r}", file=sys.stderr)
+    if len(a.runs) > 1:
+        out = Path(a.out) if a.out else (Path(os.path.commonpath([Path(r).resolve() for r in a.runs]))
+                                         / f"{ck.extra['manifest']['name']}-aggregate")
+        rows = report.aggregate_runs(a.runs, out)
+        print(report.aggregate_table(rows), file=sys.stdout)
+        print(f"wrote {out / 'aggregate.md'} and {out / 'aggregate.png'}", file=sys.stderr)
+    return 0
+
+
 def run_cli(a: Args) -> int:
     m = load_manifest(a.manifest, a.set, a.seed)
     if a.check:
@@ -471,7 +529,7 @@ def run_cli(a: Args) -> int:
     return 0
 
 
-COMMANDS = {"predict": (Predict, predict), "export": (Export, export)}
+COMMANDS = {"predict": (Predict, predict), "export": (Export, export), "report": (ReportArgs, report_runs)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 import typing
@@ -48,6 +49,7 @@ def _budget(name: str, default: Any) -> Any:
 
 _POS = (lambda v: v >= 1, "an integer ≥ 1")
 _NONNEG = (lambda v: v >= 0, "an integer ≥ 0")
+_NONNEGF = (lambda v: v >= 0, "a number ≥ 0")
 _METHOD = (lambda v: v in mu2net.METHODS, f"a method of mu2net.METHODS {sorted(mu2net.METHODS)}")
 HP_NAMES = tuple(mu2net.TABLE1) + ("num_layers", "mu")
 
@@ -104,6 +106,13 @@ class Segment(mu2net.Budget):
     clone: str = ""  # fine-tune-top-layers baseline: 'top:K' ('' = the method's own; checked by mu2net.Method)
     values: Mapping[str, Any] = _f(factory=dict)  # search-space overrides: hyperparameter -> valid values
     defaults: Mapping[str, Any] = _f(factory=dict)  # search-space overrides: hyperparameter -> default
+    # Section 5.2: "P and F are set respectively to ~10 times the accounted parameters and inference flops averaged
+    # across all the models that are part of the system at the beginning of this experiment segment". A factor
+    # > 0 makes the runner compute P (F) as factor × that average, at the start of segments[penalty_segment]
+    # (-1: this segment), instead of reading a typed P (F); 0 = the typed value.
+    P_factor: float = _f(0.0, *_NONNEGF)
+    F_factor: float = _f(0.0, *_NONNEGF)
+    penalty_segment: int = _f(-1, lambda v: v >= -1, "-1 (this segment) or the index of a segment")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +277,7 @@ def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
                 raise ManifestError(f"{where}: segments[{i}].values.resolution[{j}] = {res}: expected a multiple "
                                     f"of the patch size {patch}")
         config(m, s, r.depth or (cfg.depth if cfg else 1), f"{where}: segments[{i}]")
+        _check_penalties(m, i, where)
     if r.pretrain.task:
         config(m, r.pretrain, r.depth or cfg.depth, f"{where}: root.pretrain")
     return m
@@ -284,6 +294,43 @@ def root_config(r: Root, where: str = "manifest") -> vit.Config | None:
         except ValueError as e:
             raise ManifestError(f"{where}: root.path = {r.path!r}: {e}") from None
     return None
+
+
+def _check_penalties(m: Manifest, i: int, where: str) -> None:
+    """P_factor / F_factor: not beside a typed P / F, and measured at the start of this or an earlier segment
+    that has models (the first segment's start has none, unless the root is a previous run's system)."""
+    s = m.segments[i]
+    for name in ("P", "F"):
+        if getattr(s, f"{name}_factor") and getattr(s, name) != math.inf:
+            raise ManifestError(f"{where}: segments[{i}].{name} = {getattr(s, name)!r}: expected no {name} beside "
+                                f"{name}_factor = {getattr(s, f'{name}_factor')!r} (the runner computes it)")
+    at = i if s.penalty_segment < 0 else s.penalty_segment
+    if s.penalty_segment > i:
+        raise ManifestError(f"{where}: segments[{i}].penalty_segment = {s.penalty_segment}: expected -1 or a segment "
+                            f"index ≤ {i} (the averages are taken at a segment's start)")
+    if (s.P_factor or s.F_factor) and at == 0 and m.root.kind != "system":
+        raise ManifestError(f"{where}: segments[{i}].P_factor/F_factor = {s.P_factor!r}/{s.F_factor!r}: expected 0 "
+                            f"when the averages would be taken at the first segment's start, where the system has no "
+                            f"models yet (root.kind = {m.root.kind!r})")
+
+
+def penalties(seg: Segment, index: int, starts: Sequence[Mapping[str, Any]]) -> Segment:
+    """The segment with P and F as §5.2 sets them when it asks for factors: factor × the average accounted
+    parameters (FLOPs) over the system's models at the start of segments[penalty_segment] (this one by default).
+    `starts[k]` is the summary of the system at segment k's start (`report.summary`: "params", "flops")."""
+    if not (seg.P_factor or seg.F_factor):
+        return seg
+    k = index if seg.penalty_segment < 0 else seg.penalty_segment
+    start = starts[k]
+    out = {}
+    for name, avg in (("P", "params"), ("F", "flops")):
+        f = getattr(seg, f"{name}_factor")
+        if f:
+            if not start[avg] > 0:
+                raise ManifestError(f"segments[{index}].{name}_factor = {f!r}: the system at the start of segments[{k}] "
+                                    f"has no models to average ({avg} = {start[avg]!r})")
+            out[name] = f * float(start[avg])
+    return dataclasses.replace(seg, **out)
 
 
 def _check_hp(d: Mapping[str, Any], path: str, where: str, values: bool) -> None:

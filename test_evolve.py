@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import checkpoint
 import evolve
 import mu2net
+import report
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,8 +61,8 @@ cycles = 1
 samples_cap = 64
 batch_size = 32
 eval_batch = 128
-P = 2e5
-F = 7e6
+P_factor = 10
+F_factor = 10
 """
 
 
@@ -81,7 +85,12 @@ def _write(tmp_path: Path, text: str, name: str = "m.toml") -> Path:
      "segments[0].generations = -2", "expected an integer ≥ 1"),
     (('tasks = ["digits"]', 'tasks = ["digitz"]'), "segments[1].tasks[0] = 'digitz'", "did you mean"),
     (('method = "mu2net+"', 'method = "mu3net"'), "segments[1].method = 'mu3net'", "mu2net.METHODS"),
-    (("P = 2e5", "P = 2e5\ns = 1.5"), "segments[1].s = 1.5", "(0, 1]"),
+    (("P_factor = 10", "P_factor = 10\ns = 1.5"), "segments[1].s = 1.5", "(0, 1]"),
+    (("P_factor = 10", "P_factor = -1"), "segments[1].P_factor = -1", "a number ≥ 0"),
+    (("P_factor = 10", "P_factor = 10\nP = 3e5"), "segments[1].P = 300000.0", "no P beside P_factor = 10.0"),
+    (("P_factor = 10", "P_factor = 10\npenalty_segment = 2"), "segments[1].penalty_segment = 2",
+     "expected -1 or a segment index ≤ 1"),
+    (('name = "one"', 'name = "one"\nF_factor = 10'), "segments[0].P_factor/F_factor = 0.0/10.0", "no models yet"),
     (('vit = "tiny"', 'vit = "huge"'), "root.vit = 'huge'", "vit.CONFIGS"),
     (('kind = "random"', 'kind = "pretrained"'), "root.kind = 'pretrained'", "'augreg'"),
     (("resolutions = [8, 16]", "resolutions = [8, 18]"), "root.resolutions[1] = 18", "multiple of the patch"),
@@ -135,6 +144,24 @@ def test_overrides_and_seed_reach_the_manifest(tmp_path, capsys):
     assert m.segments[1].P == float("inf")
     assert evolve.main(["--manifest", str(p), "--seed", "3", "--check"]) == 0
     assert json.loads(capsys.readouterr().out)["seed"] == 3
+
+
+def test_penalties_follow_section_5_2():
+    """P, F = factor × the average accounted parameters / FLOPs at the start of the segment (or of the one named)."""
+    m = evolve.load_manifest(evolve.DEFAULT_MANIFEST)
+    starts = [{"params": math.nan, "flops": math.nan}, {"params": 1.5e4, "flops": 7e5}, {"params": 1e4, "flops": 6e5}]
+    seg = dataclasses.replace(m.segments[1], P_factor=10.0, F_factor=5.0, penalty_segment=-1)
+    got = evolve.penalties(seg, 1, starts)
+    assert (got.P, got.F) == (1.5e5, 3.5e6)
+    assert (evolve.penalties(seg, 2, starts).P, evolve.penalties(seg, 2, starts).F) == (1e5, 3e6)
+    pinned = dataclasses.replace(seg, penalty_segment=1)
+    assert evolve.penalties(pinned, 2, starts).P == 1.5e5  # segments after §5.2's keep its P and F
+    typed = dataclasses.replace(seg, P_factor=0.0, F_factor=0.0, P=3.0, F=4.0)
+    assert evolve.penalties(typed, 1, starts) is typed
+    with pytest.raises(evolve.ManifestError, match=r"segments\[0\]\.P_factor = 10.0: .* no models"):
+        evolve.penalties(seg, 0, starts)
+    qs = m.segments[1:]
+    assert all((s.P_factor, s.F_factor, s.penalty_segment) == (10.0, 10.0, 1) for s in qs), qs
 
 
 # --- shipped manifests ---------------------------------------------------------------------------------------
@@ -247,11 +274,92 @@ def test_seed_reaches_the_run(runs):
 
 def test_reports_written(runs):
     whole, _, logs = runs
-    for f in ("report.md", "metrics.png", "graph.png", "metrics.jsonl", "manifest.json"):
+    for f in ("report.md", "metrics.png", "graph.png", "metrics.jsonl", "manifest.json", *report.FIGURES):
         assert (whole / f).stat().st_size > 0, f
     text = (whole / "report.md").read_text()
     assert "avg accounted params" in text and "| digits/parity |" in text and "| two |" in text
     assert "ETA" in logs[2] and "child" in logs[2]
+
+
+def test_section5_figures_from_a_tiny_run(runs, tmp_path):
+    """Figures 5–7 and §5.4 of the tiny run: the data behind them is the final system's, recomputed here directly,
+    and `report.analyse` rewrites the same analysis from the run directory alone."""
+    import collections
+
+    whole, broken, _ = runs
+    ck = checkpoint.load(whole)
+    system, history = ck.system, ck.extra["history"]
+    assert [h["segment"] for h in history] == ["start", "one", "two"]
+    assert history[-1]["retained"] == report.retained(system)  # the last summary describes the final system
+    assert history[-1]["report_set"] == ["digits"]
+    assert history[1]["P"] == math.inf and history[2]["P"] == pytest.approx(10 * history[1]["params"])  # §5.2
+    assert history[2]["F"] == pytest.approx(10 * history[1]["flops"])
+    models = list(system.models.values())
+    labels, counts = report.hparam_counts(history)
+    assert labels == ["one", "two"]
+    for n in ("lr", "resolution", "num_layers", "momentum"):
+        direct = collections.Counter(m.hp[n] for m in models)
+        assert {v: c[-1] for v, c in counts[n].items() if c[-1]} == dict(direct), n
+        assert all(sum(c[j] for c in counts[n].values()) == len(history[j + 1]["retained"]) for j in range(2))
+    _, table = report.clone_by_depth(history, system.cfg.depth)
+    for i in range(system.cfg.depth):
+        want = np.mean([m.mu.get(f"clone:encoderblock_{i}", m.hp["mu"]) for m in models])
+        assert table[-1, i] == pytest.approx(want)
+    vals = report.mu_values(history[-1]["retained"])
+    acts = {a for m in models for a in m.mu}
+    assert set(vals) == (acts or {"mu"}) and all(len(x) == len(models) for x in vals.values())
+    text = (whole / "analysis.md").read_text()
+    for head in ("## Figure 5", "## Figure 6", "## Figure 7", "## §5.4"):
+        assert head in text, head
+    for n, vs in counts.items():
+        for v, c in vs.items():
+            assert f"| {n} | {report._show(v)} | " + " | ".join(map(str, c)) + " |" in text
+    for f in ("hparams.png", "mu_depth.png", "mu_values.png"):
+        assert (whole / f).read_bytes()[:4] == b"\x89PNG" and (whole / f).stat().st_size > 10_000, f
+    # Any run directory: the same analysis from the checkpoint alone; an old run (no retained records) gets its last
+    # summary from the committed system and needs task-set A named.
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(whole, copy)
+    for f in report.FIGURES:
+        (copy / f).unlink()
+    report.analyse(copy)
+    assert (copy / "analysis.md").read_text().replace("copy", "") == text.replace(whole.name, "")
+    old = [{k: v for k, v in h.items() if k not in ("retained", "report_set")} for h in history]
+    checkpoint.save(copy, system, {**ck.extra, "history": old}, checkpoint.load(copy))
+    with pytest.raises(report.ReportError, match="report set"):
+        report.analyse(copy)
+    hist = report.analyse(copy, ["digits"])
+    assert hist[-1]["retained"] == history[-1]["retained"] and "retained" not in hist[1]
+    assert "Only 1 of 3 summaries" in (copy / "analysis.md").read_text()
+    # Repetitions: two runs of one manifest and seed have std 0 and the run's own means.
+    rows = report.aggregate_runs([whole, broken], tmp_path / "agg")
+    assert [r["segment"] for r in rows] == ["start", "one", "two"]
+    assert rows[-1]["params"] == (history[-1]["params"], 0.0) and rows[-1]["n"] == 2
+    assert "| two | 2 |" in (tmp_path / "agg" / "aggregate.md").read_text()
+    assert (tmp_path / "agg" / "aggregate.png").stat().st_size > 10_000
+
+
+def test_report_command(runs, tmp_path, capsys):
+    import shutil
+    whole, broken, _ = runs
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(whole, a)
+    shutil.copytree(broken, b)
+    for d in (a, b):
+        for f in ("report.md", "metrics.png", "graph.png", *report.FIGURES):
+            (d / f).unlink()
+    assert evolve.main(["report", str(a), str(b)]) == 0
+    for d in (a, b):
+        for f in ("report.md", "metrics.png", "graph.png", *report.FIGURES):
+            assert (d / f).stat().st_size > 0, (d, f)
+    assert (a / "analysis.md").read_text().replace("# Section 5 analysis: a", "") == \
+        (whole / "analysis.md").read_text().replace("# Section 5 analysis: whole", "")
+    assert "| two | 2 |" in (tmp_path / "tiny-aggregate" / "aggregate.md").read_text()
+    assert "| two | 2 |" in capsys.readouterr().out
+    assert evolve.main(["report", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nothing" in err and "Traceback" not in err
 
 
 def test_finished_run_resumes_to_nothing_and_other_manifest_is_refused(runs, tmp_path):
@@ -264,7 +372,7 @@ def test_finished_run_resumes_to_nothing_and_other_manifest_is_refused(runs, tmp
     s = evolve.run(m, whole)  # already done: loads, writes the report, trains nothing
     assert set(s.models) == {"digits", "digits/parity"}
     after = {p: p.read_bytes() for p in whole.rglob("*") if p.is_file() and p.name != "report.md"}
-    for p in set(before) - {whole / "metrics.png", whole / "graph.png"}:
+    for p in set(before) - {whole / f for f in ("metrics.png", "graph.png", *report.FIGURES)}:
         assert after[p] == before[p], p
 
 
