@@ -33,7 +33,7 @@ import mu2net
 import report
 import vit
 from manifest import (DEFAULT_MANIFEST, Manifest, ManifestError, image_size, load_manifest, report_tasks,
-                      segment_tasks, sweep, task_names, to_dict)
+                      runs, segment_tasks, task_names, to_dict)
 from manifest import config as segment_config
 KILL_ENV = "MU2NET_TEST_KILL_AFTER"  # tests: os._exit after this many finished child trainings
 ROOT_TAG = 0x524F4F54  # "ROOT": fold-in tag of the root's keys, apart from the small segment indices
@@ -294,6 +294,8 @@ def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr) -> mu2net
             if cursor[0] != si:
                 report.write(out, history, m.segments, rtasks, system, final=False, stream=sys.stdout)
         report.write(out, history, m.segments, rtasks, system, final=True, stream=None)
+        checkpoint.write_atomic(out / "result.json", (json.dumps(dict(history[-1], tasks=len(system.models)))
+                                                      + "\n").encode())
         print(f"done: {out} ({_hms(progress.elapsed())})", file=stream, flush=True)
     finally:
         progress.close()
@@ -316,7 +318,7 @@ class Args:
     set: tuple[str, ...] = ()
     """Dotted overrides of any manifest field, e.g. --set segments.0.generations=2 root.pretrain.cycles=1."""
     sweep_index: int | None = None
-    """With s_sweep: run only this entry (e.g. one per machine)."""
+    """With a comparison: run only this sub-run (e.g. one per machine); `report.py OUT` aggregates them."""
     check: bool = False
     """Validate the manifest, print it resolved and exit."""
     compile_cache: str = "~/.cache/mu2net/jax"
@@ -338,15 +340,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", str(Path(a.compile_cache).expanduser()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     out = Path(a.out) if a.out else Path("runs") / f"{m.name}-seed{m.seed}"
-    runs = sweep(m)
+    subs = runs(m)
     if a.sweep_index is not None:
-        if not 0 <= a.sweep_index < len(runs):
-            print(f"error: --sweep-index {a.sweep_index}: the manifest has {len(runs)} runs", file=sys.stderr)
+        if not 0 <= a.sweep_index < len(subs):
+            print(f"error: --sweep-index {a.sweep_index}: the manifest has {len(subs)} runs", file=sys.stderr)
             return 2
-        runs = [runs[a.sweep_index]]
+        subs = [subs[a.sweep_index]]
     try:
-        for sub, mm in runs:
-            run(mm, out / sub if sub else out)
+        for i, sub in enumerate(subs):
+            if not sub.path:
+                run(sub.manifest, out)
+                continue
+            d = out / sub.path
+            if checkpoint.exists(d) and checkpoint.load(d).extra.get("done"):
+                print(f"comparison: {sub.path} finished before, skipped", file=sys.stderr, flush=True)
+                continue
+            print(f"comparison: run {i + 1}/{len(subs)} {sub.path}", file=sys.stderr, flush=True)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "comparison.json").write_text(json.dumps(dict(family=sub.family, config=sub.config, value=sub.value,
+                                                               repetition=sub.repetition)) + "\n")
+            run(sub.manifest, d)
+            report.write_comparison(out)  # Table 2 and Figure 2 of what has finished so far
     except (checkpoint.CheckpointError, ManifestError, data.DataError) as e:  # user input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
