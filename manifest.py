@@ -126,10 +126,31 @@ class UserTask:
 
 
 @dataclasses.dataclass(frozen=True)
+class Family:
+    """One method family of a Section 4 comparison (a Table 2 row, a Figure 2 series): `set` replaces segment
+    fields in every segment (the method and its budget), and each value of `values` is one configuration, set as
+    the segment field `vary` (s for μ2Net+ and muNet, clone = 'top:K' for fine-tuning, adapter_dim for adapters)."""
+
+    name: str = _f(check=lambda v: bool(v) and "/" not in v, expect="a non-empty name without '/'")
+    vary: str = ""  # a [[segments]] field; "" = a single configuration
+    values: tuple[Any, ...] = ()
+    set: Mapping[str, Any] = _f(factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Section 4's parallel replicated runs: every (family, configuration, repetition) is a sub-run of its own in
+    `<out>/<family>/<vary>=<value>/rep<r>`, repetition r with seed `seed + r`."""
+
+    repetitions: int = _f(1, *_POS)
+    families: tuple[Family, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     """A whole continual sequence. `report_set`: the tasks whose test accuracy is averaged in Figure 3's first
-    metric (Section 5: task-set A). `s_sweep`: Section 4 runs one experiment per s value; the runner then runs one
-    sub-run per value in `<out>/s=<value>`, each with every segment's s replaced."""
+    metric (Section 5: task-set A). `comparison`: Section 4's method families × configurations × repetitions, each
+    a sub-run of this manifest (see `runs`)."""
 
     name: str
     segments: tuple[Segment, ...] = _f(check=lambda v: len(v) >= 1, expect="at least one [[segments]] table")
@@ -139,7 +160,7 @@ class Manifest:
     root: Root = _f(factory=Root)
     tasks: Mapping[str, UserTask] = _f(factory=dict)
     report_set: tuple[str, ...] = ("A",)
-    s_sweep: tuple[float, ...] = _f((), lambda v: all(0 < s <= 1 for s in v), "a list of numbers in (0, 1]")
+    comparison: Comparison = _f(factory=Comparison)
 
 
 def _type_name(t: Any) -> str:
@@ -280,6 +301,23 @@ def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
         _check_penalties(m, i, where)
     if r.pretrain.task:
         config(m, r.pretrain, r.depth or cfg.depth, f"{where}: root.pretrain")
+    seg_fields = {f.name for f in dataclasses.fields(Segment)} - {"name", "tasks"}
+    names = [f.name for f in m.comparison.families]
+    for i, fam in enumerate(m.comparison.families):
+        path = f"{where}: comparison.families[{i}]"
+        if names.index(fam.name) != i:
+            raise ManifestError(f"{path}.name = {fam.name!r}: expected a name no other family has")
+        if fam.vary and fam.vary not in seg_fields:
+            raise ManifestError(f"{path}.vary = {fam.vary!r}: expected a [[segments]] field, one of "
+                                f"{sorted(seg_fields)}")
+        if bool(fam.vary) != bool(fam.values):
+            raise ManifestError(f"{path}: vary = {fam.vary!r} with values = {list(fam.values)}: expected both or "
+                                f"neither")
+        for k in fam.set:
+            if k not in seg_fields:
+                raise ManifestError(f"{path}.set.{k}: unknown segment field; expected one of {sorted(seg_fields)}")
+    if m.comparison.families:
+        runs(m, raw, where)  # each sub-run validated as a manifest of its own
     return m
 
 
@@ -411,12 +449,40 @@ def load_manifest(path: str | os.PathLike, overrides: Sequence[str] = (), seed: 
 # --- from manifest to mu2net ---------------------------------------------------------------------------------
 
 
-def sweep(m: Manifest) -> list[tuple[str, Manifest]]:
-    """Section 4's seven s values: (sub-directory, manifest with every segment's s replaced), or one plain run."""
-    if not m.s_sweep:
-        return [("", m)]
-    return [(f"s={s:g}", dataclasses.replace(m, s_sweep=(), segments=tuple(
-        dataclasses.replace(seg, s=s) for seg in m.segments))) for s in m.s_sweep]
+@dataclasses.dataclass(frozen=True)
+class SubRun:
+    """One (family, configuration, repetition) of a comparison, or the one run of a plain manifest (path "")."""
+
+    path: str
+    manifest: Manifest
+    family: str = ""
+    config: str = ""
+    value: Any = None
+    repetition: int = 0
+
+
+def _label(vary: str, value: Any) -> str:
+    return f"{vary}={value:g}" if isinstance(value, float) else f"{vary}={value}" if vary else "default"
+
+
+def runs(m: Manifest, raw: Mapping[str, Any] | None = None, where: str = "manifest") -> list[SubRun]:
+    """The runs a manifest asks for: itself, or one per (family, configuration, repetition) of its comparison,
+    each a manifest without a comparison, validated like a file (`where` names the sub-run in errors)."""
+    if not m.comparison.families:
+        return [SubRun("", m)]
+    base = dict(to_dict(m) if raw is None else raw)
+    base.pop("comparison", None)
+    out = []
+    for fam in m.comparison.families:
+        for value in fam.values or (None,):
+            label = _label(fam.vary, value)
+            for r in range(m.comparison.repetitions):
+                sub = dict(base, seed=m.seed + r, name=f"{m.name}/{fam.name}/{label}/rep{r}")
+                patch = dict(fam.set) | ({fam.vary: value} if fam.vary else {})
+                sub["segments"] = [dict(s) | patch for s in base["segments"]]
+                mm = validate(sub, f"{where} (comparison {fam.name}, {label}, repetition {r})")
+                out.append(SubRun(f"{fam.name}/{label}/rep{r}", mm, fam.name, label, value, r))
+    return out
 
 
 def task_names(m: Manifest, names: Sequence[str]) -> list[str]:

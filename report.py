@@ -14,6 +14,7 @@ system; nothing trains.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,12 @@ class ReportError(ValueError):
 
 def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else math.nan
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; NaN for a single value) over repetitions."""
+    xs = np.asarray(xs, np.float64)
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan
 
 
 def summary(system: mu2net.System, report_tasks: Sequence[str], label: str) -> dict[str, Any]:
@@ -547,8 +554,7 @@ def aggregate(histories: Sequence[Sequence[Mapping[str, Any]]], names: Sequence[
     for j, lab in enumerate(labels):
         row: dict[str, Any] = {"segment": lab, "n": len(histories)}
         for k, _, _ in AGG:
-            xs = np.array([_other(h[j]) if k == "test_acc_other" else float(h[j][k]) for h in histories])
-            row[k] = (float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan)
+            row[k] = mean_std([_other(h[j]) if k == "test_acc_other" else float(h[j][k]) for h in histories])
         rows.append(row)
     return rows
 
@@ -603,4 +609,109 @@ def aggregate_runs(runs: Sequence[str | Path], out: str | Path) -> list[dict]:
     (out / "aggregate.md").write_text(f"# Figure 3 over {len(runs)} runs: mean ± sample std (ddof = 1)\n\n"
                                       f"Runs: {seeds}\n\n![aggregate](aggregate.png)\n\n{aggregate_table(rows)}")
     plot_aggregate(rows, out / "aggregate.png")
+    return rows
+
+
+# --- Section 4: a comparison of method families (Table 2, Figure 2) -----------------------------------------
+
+AGGREGATION = ("Aggregation (section4.md §8, §10.15; the paper does not state it): each configuration is the mean "
+               "over its repetitions; std is the sample std (ddof = 1); a family's Table 2 row is its configuration "
+               "with the best mean quality. Quality = mean test accuracy over the tasks; params/task = the system's "
+               "accounted parameters (eq. 2, root not a sharer) summed over tasks / #tasks; FLOPs/task = mean "
+               "forward FLOPs per image.")
+
+
+def sub_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Every finished sub-run below `dirs`: its `comparison.json` (family, config, value, repetition) and the final
+    Figure 3 summary of its `result.json` (written when the run finishes)."""
+    out = []
+    for d in dirs:
+        for f in sorted(Path(d).rglob("comparison.json")):
+            res = f.with_name("result.json")
+            if res.exists():
+                out.append({**json.loads(f.read_text()), **json.loads(res.read_text()), "dir": str(f.parent)})
+    return out
+
+
+def run_metrics(result: Mapping[str, Any]) -> tuple[float, float, float]:
+    """(quality, params/task, FLOPs/task) of one finished run's final summary."""
+    test = list(result["test"].values())
+    return _mean(test), float(result["params"]), float(result["flops"])
+
+
+def compare_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (family, configuration): n, max / mean / sample std of quality, mean params and FLOPs."""
+    groups: dict[tuple[str, str], list] = {}
+    for r in runs:
+        groups.setdefault((r["family"], r["config"]), []).append((r.get("value"), run_metrics(r)))
+    rows = []
+    for (fam, cfg), g in groups.items():
+        q = [m[0] for _, m in g]
+        mean, std = mean_std(q)
+        rows.append(dict(family=fam, config=cfg, value=g[0][0], n=len(q), max=max(q), mean=mean, std=std,
+                         params=_mean([m[1] for _, m in g]), flops=_mean([m[2] for _, m in g])))
+    return rows
+
+
+def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated (cost, quality) points, in increasing cost: no other point has both a cost as
+    low and a quality as high, one of them strictly."""
+    keep = [i for i, (c, q) in enumerate(points)
+            if not any((c2 <= c and q2 >= q) and (c2 < c or q2 > q) for c2, q2 in points)]
+    return sorted(keep, key=lambda i: (points[i][0], points[i][1]))
+
+
+def table2(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: Table 2 (each family's best configuration by mean quality), then every configuration."""
+    fams = list(dict.fromkeys(r["family"] for r in rows))
+
+    def line(r: Mapping[str, Any], label: str) -> str:
+        std = "–" if r["std"] != r["std"] else f"{100 * r['std']:.2f}"
+        return (f"| {label} | {100 * r['max']:.2f} | {100 * r['mean']:.2f} ± {std} | {r['n']} | "
+                f"{r['params']:.4g} | {r['flops']:.4g} |")
+
+    head = ["| method | max % | avg ± std % | reps | params/task | FLOPs/task |", "|---|---:|---:|---:|---:|---:|"]
+    best = [max((r for r in rows if r["family"] == f), key=lambda r: r["mean"]) for f in fams]
+    out = ["## Table 2", "", *head, *(line(r, f"{r['family']} ({r['config']})") for r in best), "",
+           "## Every configuration", "", *head,
+           *(line(r, f"{r['family']} ({r['config']})") for f in fams for r in rows if r["family"] == f), "",
+           AGGREGATION]
+    return "\n".join(out) + "\n"
+
+
+def plot_figure2(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> None:
+    """Figure 2: quality against params/task and against FLOPs/task (log x), one point per configuration (mean
+    over repetitions, std as error bars), each family's Pareto frontier drawn as a line."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    for ax, key, xlabel in zip(axes, ("params", "flops"), ("params / task", "FLOPs / task")):
+        for i, fam in enumerate(dict.fromkeys(r["family"] for r in rows)):
+            rs = [r for r in rows if r["family"] == fam]
+            pts = [(r[key], 100 * r["mean"]) for r in rs]
+            col = f"C{i}"
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                        yerr=[0 if r["std"] != r["std"] else 100 * r["std"] for r in rs], fmt="o", color=col,
+                        alpha=0.6, capsize=2)
+            front = pareto(pts)
+            ax.plot([pts[j][0] for j in front], [pts[j][1] for j in front], "-", color=col, label=fam)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mean test accuracy (%)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_comparison(out: str | Path) -> list[dict[str, Any]]:
+    """`comparison.md` (Table 2 and every configuration) and `figure2.png` in `out` from the finished sub-runs
+    below it; callable while the comparison is still running."""
+    out = Path(out)
+    rows = compare_rows(sub_runs([out]))
+    if rows:
+        (out / "comparison.md").write_text(f"# {out.name}\n\n" + table2(rows))
+        plot_figure2(rows, out / "figure2.png", out.name)
     return rows

@@ -400,3 +400,20 @@ def test_offline_arrays_equal_the_package_loaders():
     X, Y = mnist_data()
     o = data._fixed_order(5000)
     assert (x.reshape(5000, -1) == X[o]).all() and (y == Y[o]).all()
+
+
+def test_font_character_tasks_render_offline():
+    """chars/*: every character of an alphabet in every bundled font that has it, randomly distorted, keyed."""
+    x, y = data.render_chars("greek", size=28, samples=2, seed=0)
+    fonts = data._fonts(data.ALPHABETS["greek"])
+    assert not any(f.name.startswith(("LastResort", "cmex", "cmsy")) for f in fonts) and len(fonts) >= 8
+    assert x.shape == (len(fonts) * 24 * 2, 28, 28, 1) and x.dtype == np.uint8
+    assert np.bincount(y).tolist() == [len(fonts) * 2] * 24  # balanced classes
+    assert (x.reshape(len(y), -1).max(axis=1) > 128).all()  # no blank glyph
+    x2, y2 = data.render_chars("greek", size=28, samples=2, seed=0)
+    assert np.array_equal(x, x2) and np.array_equal(y, y2)
+    assert not np.array_equal(x, data.render_chars("greek", size=28, samples=2, seed=1)[0])
+    t = data.make_task_data(data.load_catalog()["chars/cyrillic"], 16)
+    assert t.num_classes == 32 and t.num_train > 2000
+    with pytest.raises(KeyError, match="klingon"):
+        data.render_chars("klingon")

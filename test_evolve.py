@@ -204,11 +204,12 @@ def test_paper_sec5_checks_its_data_before_any_work(tmp_path, capsys):
 @pytest.mark.parametrize("name, iters, P, F, ntasks", [("mccb", 5, 1.48e6, 15e6, 8), ("vddb", 30, 85.6e6, 100e6, 10)])
 def test_paper_sec4_manifests(name, iters, P, F, ntasks):
     m = evolve.load_manifest(f"manifests/paper_sec4_{name}.toml")
-    runs = evolve.sweep(m)
-    assert [r[0] for r in runs] == ["s=0.02", "s=0.3", "s=0.7", "s=0.9", "s=0.95", "s=0.98", "s=1"]
-    for sub, mm in runs:
+    runs = evolve.runs(m)
+    assert [r.config for r in runs] == ["s=0.02", "s=0.3", "s=0.7", "s=0.9", "s=0.95", "s=0.98", "s=1"]
+    for r in runs:
+        mm = r.manifest
         (seg,) = mm.segments
-        assert mm.s_sweep == () and seg.s == float(sub[2:])
+        assert not mm.comparison.families and seg.s == float(r.config[2:])
         assert (seg.iterations, seg.generations, seg.cycles, seg.samples_cap, seg.P, seg.F) == (iters, 4, 4, 51200,
                                                                                                 P, F)
         assert len(evolve.segment_tasks(mm, seg)) == ntasks
