@@ -538,12 +538,14 @@ class Task:
         """uint8 [B,S,S,3], int32 [B]; a resumed run asking for the same (seed, step) gets the same batch."""
         return self.examples("train", self.train_indices(seed, step, batch_size))
 
-    def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Fixed batches of `split` ("validation": the first min(n, 10,000); "test": all), padded with label -1."""
+    def eval_batches(self, split: str, batch_size: int,
+                     limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Fixed batches of `split` ("validation": the first min(n, limit, 10,000); "test": all), padded with
+        label -1."""
         if split not in ("validation", "test"):
             raise DataError(f"task {self.name!r}: eval split must be 'validation' or 'test', got {split!r}")
         n = len(self.source(split))
-        n = min(n, VAL_MAX) if split == "validation" else n
+        n = min(n, VAL_MAX, limit or VAL_MAX) if split == "validation" else n
         S = self.image_size
         for a in range(0, n, batch_size):
             x, y = self.examples(split, np.arange(a, min(a + batch_size, n)))

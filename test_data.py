@@ -233,6 +233,10 @@ def test_validation_is_a_fixed_prefix_capped(toy_dir, monkeypatch):
     assert len(b1) == 2 and (y >= 0).sum() == 7 and list(y[:7]) == [src[i]["label"] for i in range(7)]
     assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(b1, b2))
     assert (np.concatenate([y for _, y in t.eval_batches("test", 32)]) >= 0).sum() == 20  # full test split
+    # A budget's validation_max takes a shorter prefix (Section 4: 5,120 or 2,560 examples); never the test split.
+    y5 = np.concatenate([y for _, y in t.eval_batches("validation", 4, limit=5)])
+    assert list(y5[y5 >= 0]) == list(y[:5])
+    assert (np.concatenate([y for _, y in t.eval_batches("test", 32, limit=5)]) >= 0).sum() == 20
 
 
 # ------------------------------------------------------------------------------------------- keyed train batches
