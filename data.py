@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import math
 import os
 import re
 import sys
@@ -80,8 +79,6 @@ LABEL_FNS: Mapping[str, tuple[Callable[[Mapping[str, Any]], int], int | None]] =
     "clevr_count_cylinders": (lambda ex: int(np.sum(np.asarray(ex["objects"]["shape"]) == 2)), 11),
     "clevr_closest_object_distance": (
         lambda ex: _bin(_CLEVR_DIST, float(np.min(np.asarray(ex["objects"]["pixel_coords"]).reshape(-1, 3)[:, 2]))), 6),
-    "dsprites_x_position_16": (lambda ex: int(ex["label_x_position"]) // 2, 16),  # 32 positions -> 16 bins
-    "dsprites_orientation_16": (lambda ex: int(math.floor(int(ex["label_orientation"]) / 2.5)), 16),  # 40 -> 16
     "kitti_count_vehicles": (lambda ex: min(len(_kitti_vehicle_z(ex)), 3), 4),
     "kitti_closest_vehicle_distance": (
         lambda ex: _bin(_KITTI_VEH, float(np.min(np.append(_kitti_vehicle_z(ex), 1000.0)))), 4),

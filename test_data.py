@@ -106,8 +106,7 @@ def _declared(split: str, src: str) -> bool:
 
 # Features a label function reads (task_adaptation definitions).
 _FN_FEATURES = {"clevr": [("objects", "size"), ("objects", "shape"), ("objects", "pixel_coords")],
-                "kitti": [("objects", "type"), ("objects", "location")],
-                "dsprites_x": [("label_x_position",)], "dsprites_o": [("label_orientation",)]}
+                "kitti": [("objects", "type"), ("objects", "location")]}
 
 
 def test_catalog_resolves_offline(tmp_path):
@@ -129,8 +128,7 @@ def test_catalog_resolves_offline(tmp_path):
             if s.label_fn is None:
                 assert f[s.label].num_classes == s.num_classes, (s.name, b, s.label)
             else:
-                key = s.label_fn.split("_")[0] + ("_" + s.label_fn.split("_")[1][0] if "dsprites" in s.label_fn else "")
-                for path in _FN_FEATURES[key]:
+                for path in _FN_FEATURES[s.label_fn.split("_")[0]]:
                     g = f
                     for p in path:
                         g = g[p] if not hasattr(g, "feature") else g.feature[p]
@@ -176,8 +174,6 @@ def test_label_functions():
     assert fn["kitti_closest_object_distance"](kitti) == 0
     assert fn["kitti_closest_vehicle_distance"]({"objects": {"type": np.array([5]), "location": np.zeros((1, 3))}}) == 3
     assert fn["kitti_closest_object_distance"]({"objects": {"type": np.zeros(0), "location": np.zeros((0, 3))}}) == 4
-    assert fn["dsprites_x_position_16"]({"label_x_position": 31}) == 15
-    assert [fn["dsprites_orientation_16"]({"label_orientation": o}) for o in (0, 2, 3, 39)] == [0, 0, 1, 15]
 
 
 # ------------------------------------------------------------------------------------------------------- splits
