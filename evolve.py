@@ -316,7 +316,7 @@ class Args:
     set: tuple[str, ...] = ()
     """Dotted overrides of any manifest field, e.g. --set segments.0.generations=2 root.pretrain.cycles=1."""
     sweep_index: int | None = None
-    """With s_sweep: run only this entry (e.g. one per machine)."""
+    """With a manifest sweep: run only this entry (e.g. one per machine)."""
     check: bool = False
     """Validate the manifest, print it resolved and exit."""
     compile_cache: str = "~/.cache/mu2net/jax"

@@ -19,6 +19,7 @@ from typing import Any
 
 import data
 import mu2net
+import train
 import vit
 
 HERE = Path(__file__).resolve().parent
@@ -49,7 +50,8 @@ def _budget(name: str, default: Any) -> Any:
 _POS = (lambda v: v >= 1, "an integer ≥ 1")
 _NONNEG = (lambda v: v >= 0, "an integer ≥ 0")
 _METHOD = (lambda v: v in mu2net.METHODS, f"a method of mu2net.METHODS {sorted(mu2net.METHODS)}")
-HP_NAMES = tuple(mu2net.TABLE1) + ("num_layers", "mu")
+HP_NAMES = tuple(dict.fromkeys((*mu2net.TABLE1, *mu2net.MUNET_VALUES, "num_layers", "mu")))
+SWEEPS = ("s", "clone", "adapter_dim")  # Section 4's trade-off knobs: s (μ2Net+, muNet), k (fine-tuning), D (adapters)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,8 +117,9 @@ class UserTask:
 @dataclasses.dataclass(frozen=True)
 class Manifest:
     """A whole continual sequence. `report_set`: the tasks whose test accuracy is averaged in Figure 3's first
-    metric (Section 5: task-set A). `s_sweep`: Section 4 runs one experiment per s value; the runner then runs one
-    sub-run per value in `<out>/s=<value>`, each with every segment's s replaced."""
+    metric (Section 5: task-set A). `sweep`: Section 4 runs one experiment per value of a trade-off knob, e.g.
+    `sweep = { s = [0.02, 0.3] }` (or `clone = ["all", "top:1"]`, `adapter_dim = [8, 16]`); the runner then runs
+    one sub-run per value in `<out>/<field>=<value>`, each with that field of every segment replaced."""
 
     name: str
     segments: tuple[Segment, ...] = _f(check=lambda v: len(v) >= 1, expect="at least one [[segments]] table")
@@ -126,7 +129,8 @@ class Manifest:
     root: Root = _f(factory=Root)
     tasks: Mapping[str, UserTask] = _f(factory=dict)
     report_set: tuple[str, ...] = ("A",)
-    s_sweep: tuple[float, ...] = _f((), lambda v: all(0 < s <= 1 for s in v), "a list of numbers in (0, 1]")
+    sweep: Mapping[str, Any] = _f(factory=dict, check=lambda v: len(v) <= 1 and set(v) <= set(SWEEPS) and all(
+        isinstance(x, list) and x for x in v.values()), expect=f"one of {list(SWEEPS)} with a non-empty list of values")
 
 
 def _type_name(t: Any) -> str:
@@ -253,11 +257,13 @@ def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
         check_names(s.tasks, f"segments[{i}].tasks")
         _check_hp(s.values, f"segments[{i}].values", where, values=True)
         _check_hp(s.defaults, f"segments[{i}].defaults", where, values=False)
-        for j, res in enumerate(s.values.get("resolution", ())):
-            if res % patch:
-                raise ManifestError(f"{where}: segments[{i}].values.resolution[{j}] = {res}: expected a multiple "
-                                    f"of the patch size {patch}")
-        config(m, s, r.depth or vit.CONFIGS[r.vit].depth, f"{where}: segments[{i}]")
+    for _, mm in sweep(m, where):
+        for i, s in enumerate(mm.segments):
+            c = config(mm, s, r.depth or vit.CONFIGS[r.vit].depth, f"{where}: segments[{i}]")
+            bad = [res for res in c.resolutions() if res % patch]
+            if bad:
+                raise ManifestError(f"{where}: segments[{i}]: resolution {bad[0]} of method {s.method!r} (its search "
+                                    f"space or values.resolution) is not a multiple of the patch size {patch}")
     if r.pretrain.task:
         config(m, r.pretrain, r.depth or vit.CONFIGS[r.vit].depth, f"{where}: root.pretrain")
     return m
@@ -269,7 +275,9 @@ def _check_hp(d: Mapping[str, Any], path: str, where: str, values: bool) -> None
             raise ManifestError(f"{where}: {path}.{k}: unknown hyperparameter; expected one of {list(HP_NAMES)}")
         if values and (not isinstance(v, (list, tuple)) or not v):
             raise ManifestError(f"{where}: {path}.{k} = {v!r}: expected a non-empty list of values")
-        if not values and not isinstance(v, (int, float, bool)):
+        if not values and k == "schedule" and v not in train.SCHEDULES:
+            raise ManifestError(f"{where}: {path}.{k} = {v!r}: expected one of {list(train.SCHEDULES)}")
+        if not values and k != "schedule" and not isinstance(v, (int, float, bool)):
             raise ManifestError(f"{where}: {path}.{k} = {v!r}: expected a number or boolean")
 
 
@@ -341,12 +349,24 @@ def load_manifest(path: str | os.PathLike, overrides: Sequence[str] = (), seed: 
 # --- from manifest to mu2net ---------------------------------------------------------------------------------
 
 
-def sweep(m: Manifest) -> list[tuple[str, Manifest]]:
-    """Section 4's seven s values: (sub-directory, manifest with every segment's s replaced), or one plain run."""
-    if not m.s_sweep:
+def sweep(m: Manifest, where: str = "manifest") -> list[tuple[str, Manifest]]:
+    """Section 4's trade-off sweep: (sub-directory `<field>=<value>`, manifest with that field of every segment
+    replaced) per value, or one plain run. Each value is checked like the segment field it replaces."""
+    if not m.sweep:
         return [("", m)]
-    return [(f"s={s:g}", dataclasses.replace(m, s_sweep=(), segments=tuple(
-        dataclasses.replace(seg, s=s) for seg in m.segments))) for s in m.s_sweep]
+    ((name, vals),) = m.sweep.items()
+    field = {f.name: f for f in dataclasses.fields(Segment)}[name]
+    out = []
+    for i, v in enumerate(vals):
+        path = f"sweep.{name}[{i}]"
+        v = _convert(v, typing.get_type_hints(Segment)[name], path, where)
+        check = field.metadata.get("check")
+        if check is not None and not check(v):
+            raise ManifestError(f"{where}: {path} = {v!r}: expected {field.metadata['expect']}")
+        sub = f"{name}={v:g}" if isinstance(v, float) else f"{name}={v}"
+        out.append((sub, dataclasses.replace(m, sweep={}, segments=tuple(
+            dataclasses.replace(seg, **{name: v}) for seg in m.segments))))
+    return out
 
 
 def task_names(m: Manifest, names: Sequence[str]) -> list[str]:
@@ -370,11 +390,13 @@ def report_tasks(m: Manifest) -> list[str]:
 
 
 def image_size(m: Manifest) -> int:
-    """S: the largest resolution the run can use (data.py resizes every image to it once, on the host)."""
-    res = list(m.root.resolutions)
-    for s in m.segments:
-        res += list(s.values.get("resolution", ()))
-    return max(res)
+    """S: the largest resolution the run can use (data.py resizes every image to it once, on the host): the
+    root's, and every one a segment's method can reach (muNet's and μ2Net+'s small-benchmark spaces carry their
+    own image-size lists)."""
+    depth = m.root.depth or vit.CONFIGS[m.root.vit].depth
+    segs = [(mm, s) for _, mm in sweep(m) for s in mm.segments]
+    segs += [(m, m.root.pretrain)] if m.root.pretrain.task else []
+    return max([*m.root.resolutions, *(r for mm, s in segs for r in config(mm, s, depth).resolutions())])
 
 
 def config(m: Manifest, seg: Segment | Pretrain, depth: int, where: str = "manifest") -> mu2net.Config:

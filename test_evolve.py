@@ -91,6 +91,10 @@ def _write(tmp_path: Path, text: str, name: str = "m.toml") -> Path:
      "non-empty list"),
     (('method = "mu2net+"', 'method = "mu2net+"\ntrainable_split = "scan"'), "segments[1].trainable_split = 'scan'",
      "'hybrid'"),
+    (("cycles = 2", "cycles = 2\nvalidation_max = 20000"), "segments[0].validation_max = 20000", "[1, 10000]"),
+    (("seed = 0", "seed = 0\nsweep = { s = [0.5, 2.0] }"), "sweep.s[1] = 2.0", "(0, 1]"),
+    (("seed = 0", "seed = 0\nsweep = { lr = [0.1] }"), "sweep = {'lr'", "one of ['s', 'clone', 'adapter_dim']"),
+    (("seed = 0", 'seed = 0\nsweep = { clone = ["top:x"] }'), "segments[0].clone = 'top:x'", "'top:K'"),
 ])
 def test_bad_manifest_names_the_field(tmp_path, edit, field, expect):
     old, new = edit
@@ -168,17 +172,12 @@ def test_paper_sec5_root_fails_clearly_at_run_time(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("name, iters, P, F, ntasks", [("mccb", 5, 1.48e6, 15e6, 8), ("vddb", 30, 85.6e6, 100e6, 10)])
-def test_paper_sec4_manifests(name, iters, P, F, ntasks):
-    m = evolve.load_manifest(f"manifests/paper_sec4_{name}.toml")
+def test_sweep_makes_one_run_per_value(tmp_path):
+    """Section 4's trade-off sweeps (the paper manifests are pinned in test_section4.py)."""
+    m = evolve.load_manifest(_write(tmp_path, TINY.replace("seed = 0", 'seed = 0\nsweep = { clone = ["all", "top:1"] }')))
     runs = evolve.sweep(m)
-    assert [r[0] for r in runs] == ["s=0.02", "s=0.3", "s=0.7", "s=0.9", "s=0.95", "s=0.98", "s=1"]
-    for sub, mm in runs:
-        (seg,) = mm.segments
-        assert mm.s_sweep == () and seg.s == float(sub[2:])
-        assert (seg.iterations, seg.generations, seg.cycles, seg.samples_cap, seg.P, seg.F) == (iters, 4, 4, 51200,
-                                                                                                P, F)
-        assert len(evolve.segment_tasks(mm, seg)) == ntasks
+    assert [sub for sub, _ in runs] == ["clone=all", "clone=top:1"]
+    assert all(mm.sweep == {} and {s.clone for s in mm.segments} == {sub[6:]} for sub, mm in runs)
 
 
 # --- running, killing, resuming ------------------------------------------------------------------------------
