@@ -250,6 +250,8 @@ def config(method: str | Method, depth: int, resolutions: Sequence[int], resolut
     space = search_space(depth, resolutions, m.space, resolution)
     space = SearchSpace(dict(space.values) | {k: tuple(v) for k, v in (values or {}).items()},
                         dict(space.defaults) | dict(defaults or {}))
+    if m.insert_adapters and not space.defaults.get("adapter_dim"):
+        raise ValueError(f"Method.insert_adapters needs an adapter_dim default in the {m.space!r} search space")
     return Config(space, m, **budget)
 
 
