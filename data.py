@@ -21,7 +21,6 @@ import argparse
 import concurrent.futures
 import dataclasses
 import difflib
-import math
 import os
 import re
 import sys
@@ -85,8 +84,6 @@ LABEL_FNS: Mapping[str, tuple[Callable[[Mapping[str, Any]], int], int | None]] =
     "clevr_count_cylinders": (lambda ex: int(np.sum(np.asarray(ex["objects"]["shape"]) == 2)), 11),
     "clevr_closest_object_distance": (
         lambda ex: _bin(_CLEVR_DIST, float(np.min(np.asarray(ex["objects"]["pixel_coords"]).reshape(-1, 3)[:, 2]))), 6),
-    "dsprites_x_position_16": (lambda ex: int(ex["label_x_position"]) // 2, 16),  # 32 positions -> 16 bins
-    "dsprites_orientation_16": (lambda ex: int(math.floor(int(ex["label_orientation"]) / 2.5)), 16),  # 40 -> 16
     "kitti_count_vehicles": (lambda ex: min(len(_kitti_vehicle_z(ex)), 3), 4),
     "kitti_closest_vehicle_distance": (
         lambda ex: _bin(_KITTI_VEH, float(np.min(np.append(_kitti_vehicle_z(ex), 1000.0)))), 4),
@@ -742,12 +739,14 @@ class Task:
         """uint8 [B,S,S,3], int32 [B]; a resumed run asking for the same (seed, step) gets the same batch."""
         return self.examples("train", self.train_indices(seed, step, batch_size))
 
-    def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Fixed batches of `split` ("validation": the first min(n, 10,000); "test": all), padded with label -1."""
+    def eval_batches(self, split: str, batch_size: int,
+                     limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Fixed batches of `split` ("validation": the first min(n, limit, 10,000); "test": all), padded with
+        label -1."""
         if split not in ("validation", "test"):
             raise DataError(f"task {self.name!r}: eval split must be 'validation' or 'test', got {split!r}")
         n = len(self.source(split))
-        n = min(n, VAL_MAX) if split == "validation" else n
+        n = min(n, VAL_MAX, limit or VAL_MAX) if split == "validation" else n
         S = self.image_size
         for a in range(0, n, batch_size):
             x, y = self.examples(split, np.arange(a, min(a + batch_size, n)))

@@ -20,6 +20,7 @@ from typing import Any
 
 import data
 import mu2net
+import train
 import vit
 
 HERE = Path(__file__).resolve().parent
@@ -51,7 +52,7 @@ _POS = (lambda v: v >= 1, "an integer ≥ 1")
 _NONNEG = (lambda v: v >= 0, "an integer ≥ 0")
 _NONNEGF = (lambda v: v >= 0, "a number ≥ 0")
 _METHOD = (lambda v: v in mu2net.METHODS, f"a method of mu2net.METHODS {sorted(mu2net.METHODS)}")
-HP_NAMES = tuple(mu2net.TABLE1) + ("num_layers", "mu")
+HP_NAMES = tuple(dict.fromkeys((*mu2net.TABLE1, *mu2net.MUNET_VALUES, "num_layers", "mu")))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -293,11 +294,11 @@ def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
         check_names(s.tasks, f"segments[{i}].tasks")
         _check_hp(s.values, f"segments[{i}].values", where, values=True)
         _check_hp(s.defaults, f"segments[{i}].defaults", where, values=False)
-        for j, res in enumerate(s.values.get("resolution", ())):
-            if res % patch:
-                raise ManifestError(f"{where}: segments[{i}].values.resolution[{j}] = {res}: expected a multiple "
-                                    f"of the patch size {patch}")
-        config(m, s, r.depth or (cfg.depth if cfg else 1), f"{where}: segments[{i}]")
+        c = config(m, s, r.depth or (cfg.depth if cfg else 1), f"{where}: segments[{i}]")
+        bad = [res for res in c.resolutions() if cfg and res % cfg.patch]
+        if bad:
+            raise ManifestError(f"{where}: segments[{i}]: resolution {bad[0]} of method {s.method!r} (its search "
+                                f"space or values.resolution) is not a multiple of the patch size {cfg.patch}")
         _check_penalties(m, i, where)
     if r.pretrain.task:
         config(m, r.pretrain, r.depth or cfg.depth, f"{where}: root.pretrain")
@@ -377,7 +378,9 @@ def _check_hp(d: Mapping[str, Any], path: str, where: str, values: bool) -> None
             raise ManifestError(f"{where}: {path}.{k}: unknown hyperparameter; expected one of {list(HP_NAMES)}")
         if values and (not isinstance(v, (list, tuple)) or not v):
             raise ManifestError(f"{where}: {path}.{k} = {v!r}: expected a non-empty list of values")
-        if not values and not isinstance(v, (int, float, bool)):
+        if not values and k == "schedule" and v not in train.SCHEDULES:
+            raise ManifestError(f"{where}: {path}.{k} = {v!r}: expected one of {list(train.SCHEDULES)}")
+        if not values and k != "schedule" and not isinstance(v, (int, float, bool)):
             raise ManifestError(f"{where}: {path}.{k} = {v!r}: expected a number or boolean")
 
 
@@ -506,11 +509,13 @@ def report_tasks(m: Manifest) -> list[str]:
 
 
 def image_size(m: Manifest) -> int:
-    """S: the largest resolution the run can use (data.py resizes every image to it once, on the host)."""
-    res = list(m.root.resolutions)
-    for s in m.segments:
-        res += list(s.values.get("resolution", ()))
-    return max(res)
+    """S: the largest resolution the run can use (data.py resizes every image to it once, on the host): the
+    root's, and every one a segment's method can reach (muNet's and μ2Net+'s small-benchmark spaces carry their
+    own image-size lists)."""
+    cfg = root_config(m.root)
+    depth = m.root.depth or (cfg.depth if cfg else 1)  # image sizes do not depend on it
+    segs = [*m.segments, *([m.root.pretrain] if m.root.pretrain.task else [])]
+    return max([*m.root.resolutions, *(r for s in segs for r in config(m, s, depth).resolutions())])
 
 
 def config(m: Manifest, seg: Segment | Pretrain, depth: int, where: str = "manifest") -> mu2net.Config:

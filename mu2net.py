@@ -48,6 +48,47 @@ PLUS_DEFAULTS: dict[str, Any] = dict(  # μ2Net+ (method-notes "Search space def
     lr=0.01, warmup=0.05, momentum=0.9, nesterov=False, crop_area_min=1.0, crop_aspect_min=1.0, flip=False,
     brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, quality=0.0, resolution=384, mu=0.2,
 )
+ADAPTER_DIMS = (8, 16, 32, 64, 128)  # adapter_dim of muNet and of small-benchmark μ2Net+ (section4.md §5.5, §6)
+SMALL_RESOLUTIONS = tuple(range(16, 113, 16))  # μ2Net+ on MCCB / VDDB: {16, …, 112} (section4.md §6, §10.4)
+MILD = dict(crop_area_min=0.05, crop_aspect_min=0.75, flip=True)  # Steiner et al.'s fine-tuning preprocessing
+
+# muNet (Gesmundo & Dean 2022a) as muNet.ipynb runs it with AUTO_TUNE (section4.md §5.5, §10.14). Its momentum list
+# starts with None, which would crash the notebook's optimizer; 0.0 (plain SGD) stands for it (§10.16).
+MUNET_VALUES: dict[str, tuple] = {
+    "adapter_dim": ADAPTER_DIMS,
+    "lr": (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
+    "schedule": ("constant", "cosine", "restarts"),
+    "warmup": (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4),
+    "momentum": (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
+    "nesterov": (False, True),
+    "resolution": tuple(range(16, 385, 16)),  # 16, 32, …, 384: 24 sizes
+    "crop_area_min": (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+    "crop_aspect_min": (0.25, 0.5, 0.75, 1.0),
+    "flip": (False, True),
+    "brightness": _DELTAS,
+    "contrast": _DELTAS,
+    "saturation": _DELTAS,
+    "hue": _DELTAS,
+}
+MUNET_DEFAULTS: dict[str, Any] = dict(PLUS_DEFAULTS, **MILD, adapter_dim=32, schedule="cosine", warmup=0.1, mu=0.1)
+
+# μ2Net (Gesmundo & Dean 2022b) large agent, the one Section 5.1 continues: mu2Net.ipynb's auto-tune v2 ranges with
+# μ a tuned hyperparameter and the resolution fixed (section4.md §5.8; the table's non-underlined values).
+MU2NET_VALUES: dict[str, tuple] = {
+    "mu": tuple(round(0.1 + 0.02 * i, 2) for i in range(11)),  # 0.10, 0.12, …, 0.30
+    "lr": TABLE1["lr"],
+    "warmup": (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4),
+    "momentum": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99),
+    "nesterov": (False, True),
+    "crop_area_min": (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+    "crop_aspect_min": (0.25, 0.5, 0.75, 1.0),
+    "flip": (False, True),
+    "brightness": _DELTAS,
+    "contrast": _DELTAS,
+    "saturation": _DELTAS,
+    "hue": _DELTAS,
+}
+DATA_HP = ("resolution",) + train.AUG_KEYS  # muNet draws these once per generation (section4.md §5.4 step 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,71 +99,109 @@ class SearchSpace:
     defaults: Mapping[str, Any]
 
 
-SPACES = ("plus", "mu2net", "munet")
+SPACES = ("plus", "plus-small", "mu2net", "munet")
 
 
 def search_space(depth: int, resolutions: Sequence[int] = (224, 384), method: str = "plus",
                  resolution: int | None = None) -> SearchSpace:
-    """Table 1 for a root of `depth` blocks. `method="plus"`: μ2Net+ (layer removal, both resolutions, image
-    quality, learned μ); `"mu2net"`: μ2Net's space (fixed largest resolution, global μ as a hyperparameter);
-    `"munet"`: the same with μ constant."""
-    values = dict(TABLE1, resolution=tuple(resolutions))
-    defaults = dict(PLUS_DEFAULTS, resolution=resolution or max(resolutions), num_layers=depth)
-    if method == "plus":
-        values["num_layers"] = tuple(range(depth + 1))
-    elif method in ("mu2net", "munet"):
-        # What Section 3 says μ2Net+ changed: warm-up 0, aspect 1.0, 224 px and image quality are additions, μ
-        # was a tuned hyperparameter, and μ2Net's defaults were the mild fine-tuning preprocessing of Steiner et
-        # al. (2021) (inception crop and flip) where μ2Net+ turns every augmentation off.
-        del values["quality"]
-        values |= dict(warmup=values["warmup"][1:], crop_aspect_min=values["crop_aspect_min"][:-1],
-                       resolution=(defaults["resolution"],), mu=MU_VALUES)
-        defaults |= dict(crop_area_min=0.05, crop_aspect_min=0.75, flip=True)
-        if method == "munet":  # muNet (Gesmundo & Dean, 2022a): one global, constant mutation probability
-            del values["mu"]
+    """The search space of a method for a root of `depth` blocks whose resolutions are `resolutions` (default
+    `resolution`, else the largest).
+
+    "plus": Table 1, μ2Net+ (layer removal 0…depth, the root's resolutions, image quality, learned μ from 0.2).
+    "plus-small": μ2Net+ on the Section 4 benchmarks (section4.md §6, §10.4): Table 1 with image sizes
+      {16, …, 112}, adapter insertion with its width, warm-up default 0.1.
+    "mu2net": μ2Net's large agent (section4.md §5.8): its own lists, μ a tuned hyperparameter, the largest
+      resolution fixed, the mild fine-tuning preprocessing by default.
+    "munet": muNet (section4.md §5.5): `num_layers` 1…depth, 24 image sizes 16…384, its lists and schedules.
+    """
+    res = resolution or max(resolutions)
+    if method in ("plus", "plus-small"):
+        values = dict(TABLE1, resolution=tuple(resolutions), num_layers=tuple(range(depth + 1)))
+        defaults = dict(PLUS_DEFAULTS, resolution=res, num_layers=depth)
+        if method == "plus-small":
+            values |= dict(resolution=SMALL_RESOLUTIONS, adapter_dim=ADAPTER_DIMS)
+            defaults |= dict(warmup=0.1, adapter_dim=32)
+    elif method == "mu2net":
+        values = dict(MU2NET_VALUES, resolution=(max(resolutions),))
+        defaults = dict(PLUS_DEFAULTS, **MILD, resolution=max(resolutions), num_layers=depth)
+    elif method == "munet":
+        values = dict(MUNET_VALUES, num_layers=tuple(range(1, depth + 1)))
+        defaults = dict(MUNET_DEFAULTS, resolution=res, num_layers=depth)
     else:
-        raise ValueError(f"search_space: method={method!r}; expected 'plus', 'mu2net' or 'munet'")
+        raise ValueError(f"search_space: method={method!r}; expected one of {list(SPACES)}")
     return SearchSpace(values, defaults)
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """How children are made: one complete setting per method, as big_vision's `decode_variant` gives a model's
-    settings from its name. μ2Net+ is the default; the others are settings, not code paths.
+    """How children are made and trained: one complete setting per method, as big_vision's `decode_variant`
+    gives a model's settings from its name. μ2Net+ is the default; the others are settings, not code paths.
 
-    space: the Table 1 variant of `search_space` ("plus": μ2Net+, "mu2net", "munet").
+    space: the `search_space` variant ("plus": μ2Net+, "plus-small", "mu2net", "munet").
     learned_mu: per-action μ table (μ2Net+ ext. 4) instead of the model's single μ for every action.
+    mu: > 0: one constant μ for every decision, whatever a model carries (muNet: 0.1).
     clone: "mu" (Algorithm 1), "all" (full fine-tune), "top:K" (blocks ≥ K trained, below shared frozen),
-      "none" (only the forced head / encoder_norm / adapters).
-    adapter_dim: > 0 inserts `residual_adapter_{i}` before every block (Section 4 baseline).
-    hp_moves: mutate hyperparameters; parents: "any" (Algorithm 1) or "root" (baselines start at the root).
+      "none" (only the forced encoder_norm, the head and the adapters train).
+    adapter_dim: > 0 inserts `residual_adapter_{i}` of this width before every block (Section 4 baseline).
+    insert_adapters: adapter insertion as a mutation: before each block without one, with probability μ, of the
+      child's `adapter_dim` (muNet, μ2Net+ on the small benchmarks).
+    hp_moves: mutate hyperparameters; parents: "any" (Algorithm 1), "root" (baselines start at the root) or
+      "active" (muNet §5.3: only the active population is walked, selection counts persist across iterations,
+      fallback uniform over it and the seeds).
+    seeds: muNet's seed phase (§5.2): an iteration's first children are unmutated clones of every other task's
+      retained model and of the root, newest first.
+    generation_hp: the data hyperparameters (DATA_HP) are drawn once per generation (muNet §5.4 step 4).
+    clone_momentum: a clone carries its momentum (Section 3); muNet copies parameters only.
+    strict, warmup_floor: train.Budget's training rules (muNet: keep only strict improvements, ties to the
+      earliest model; warm-up from lr/100).
+    compute: eq. 1's compute factor; muNet's score has none (§5.6).
     """
 
     space: str = "plus"
     learned_mu: bool = True
+    mu: float = 0.0
     clone: str = "mu"
     adapter_dim: int = 0
+    insert_adapters: bool = False
     hp_moves: bool = True
     parents: str = "any"
+    seeds: bool = False
+    generation_hp: bool = False
+    clone_momentum: bool = True
+    strict: bool = False
+    warmup_floor: float = 1e-3
+    compute: bool = True
 
     def __post_init__(self):
         ok = self.clone in ("mu", "all", "none") or (self.clone.startswith("top:") and self.clone[4:].isdigit())
         if not ok:
             raise ValueError(f"Method.clone = {self.clone!r}: expected 'mu', 'all', 'none' or 'top:K'")
-        if self.parents not in ("any", "root"):
-            raise ValueError(f"Method.parents = {self.parents!r}: expected 'any' or 'root'")
+        if self.parents not in ("any", "root", "active"):
+            raise ValueError(f"Method.parents = {self.parents!r}: expected 'any', 'root' or 'active'")
         if self.space not in SPACES:
             raise ValueError(f"Method.space = {self.space!r}: expected one of {list(SPACES)}")
         if self.adapter_dim < 0:
             raise ValueError(f"Method.adapter_dim = {self.adapter_dim!r}: expected an integer ≥ 0")
+        if not 0 <= self.mu <= 1:
+            raise ValueError(f"Method.mu = {self.mu!r}: expected a probability (0 = the model's own μ)")
+        if not 0 < self.warmup_floor <= 1:
+            raise ValueError(f"Method.warmup_floor = {self.warmup_floor!r}: expected a fraction of lr in (0, 1]")
 
+
+# The Section 4 baselines as muNet.ipynb / mu2Net.ipynb run them (section4.md §7.1): one child of the root, the
+# benchmark defaults never tuned (lr 0.01, cosine warm-up 0.1 from lr/100, crop ≥ 0.05 / aspect 0.75, flip), no
+# optimizer state, snapshots on strict improvement.
+_BASELINE = dict(space="munet", learned_mu=False, hp_moves=False, parents="root", clone_momentum=False,
+                 strict=True, warmup_floor=0.01)
 
 METHODS: dict[str, Method] = {
     "mu2net+": Method(),
-    "mu2net": Method(space="mu2net", learned_mu=False),
-    "munet": Method(space="munet", learned_mu=False),
-    "finetune": Method(clone="all", hp_moves=False, parents="root"),
-    "adapters": Method(clone="none", adapter_dim=64, hp_moves=False, parents="root"),
+    "mu2net+small": Method(space="plus-small", insert_adapters=True),  # μ2Net+ in Section 4 (section4.md §6)
+    "mu2net": Method(space="mu2net", learned_mu=False, warmup_floor=0.01),
+    "munet": Method(space="munet", learned_mu=False, mu=0.1, insert_adapters=True, parents="active", seeds=True,
+                    generation_hp=True, clone_momentum=False, strict=True, warmup_floor=0.01, compute=False),
+    "finetune": Method(clone="all", **_BASELINE),  # with clone = "top:K": Freeze bottom layers:K
+    "adapters": Method(clone="none", adapter_dim=64, **_BASELINE),  # Adapters:D with adapter_dim = D
 }
 
 
@@ -144,6 +223,23 @@ class Config(Budget):
     space: SearchSpace
     method: Method = Method()
 
+    @property
+    def strict(self) -> bool:
+        return self.method.strict
+
+    @property
+    def warmup_floor(self) -> float:
+        return self.method.warmup_floor
+
+    def score(self, q: float, A: float, Fm: float) -> float:
+        """Eq. 1 with this budget's s, P, F (no compute factor when the method has none)."""
+        return sc.score(q, A, Fm, self.s, self.P, self.F if self.method.compute else math.inf)
+
+    def resolutions(self) -> tuple[int, ...]:
+        """Every resolution a child can reach (what the input pipeline must provide)."""
+        r = self.space.defaults["resolution"]
+        return tuple(sorted({r, *self.space.values.get("resolution", ())} if self.method.hp_moves else {r}))
+
 
 def config(method: str | Method, depth: int, resolutions: Sequence[int], resolution: int | None = None,
            values: Mapping[str, Sequence] | None = None, defaults: Mapping[str, Any] | None = None,
@@ -154,6 +250,8 @@ def config(method: str | Method, depth: int, resolutions: Sequence[int], resolut
     space = search_space(depth, resolutions, m.space, resolution)
     space = SearchSpace(dict(space.values) | {k: tuple(v) for k, v in (values or {}).items()},
                         dict(space.defaults) | dict(defaults or {}))
+    if m.insert_adapters and not space.defaults.get("adapter_dim"):
+        raise ValueError(f"Method.insert_adapters needs an adapter_dim default in the {m.space!r} search space")
     return Config(space, m, **budget)
 
 
@@ -247,9 +345,9 @@ def model_flops(cfg: vit.Config, params: Mapping[str, eqx.Module], model: Model)
     """#flops of eq. 1: one image's forward pass at the model's depth, resolution, adapter and head widths."""
     ids = model.components
     depth = sum(vit.is_block(kind(c)) for c in ids)
-    adapter = next((params[c].Dense_0.kernel.shape[1] for c in ids if vit.is_adapter(kind(c))), 0)
+    adapters = [params[c].Dense_0.kernel.shape[1] for c in ids if vit.is_adapter(kind(c))]
     classes = next(params[c].bias.shape[0] for c in ids if kind(c) == "head")
-    return sc.flops(cfg, depth, int(model.hp["resolution"]), classes, adapter)
+    return sc.flops(cfg, depth, int(model.hp["resolution"]), classes, adapters)
 
 
 def accounted_params(system: System, model: Model) -> float:
@@ -259,8 +357,7 @@ def accounted_params(system: System, model: Model) -> float:
 def model_score(system: System, model: Model, config: Config) -> float:
     """Eq. 1 for a retained model in the current system (sharing may have changed since it was trained)."""
     q = model.metrics.get("quality", 0.0)
-    return sc.score(q, accounted_params(system, model), model_flops(system.cfg, system.params, model),
-                    config.s, config.P, config.F)
+    return config.score(q, accounted_params(system, model), model_flops(system.cfg, system.params, model))
 
 
 def assemble(system: System, model: Model) -> list[eqx.Module]:
@@ -377,13 +474,14 @@ class Sampler:
 
 
 def sample_parent(active: Sequence[Model], scores: Mapping[str, float], others: Sequence[Model],
-                  selections: Mapping[str, int], key: jax.Array) -> Model:
+                  selections: Mapping[str, int], key: jax.Array, walk_others: bool = True) -> Model:
     """Algorithm 1 lines 7–16: walk the active population best-first, then the other models in random order;
-    accept a candidate with probability 0.5^#selections; if none is accepted, pick uniformly from all."""
+    accept a candidate with probability 0.5^#selections; if none is accepted, pick uniformly from all.
+    `walk_others=False` (muNet, section4.md §5.3): only the active population is walked."""
     rng = Sampler(key)
     ranked = sorted(active, key=lambda m: -scores[m.id])
     candidates = ranked + [others[i] for i in rng.rng.permutation(len(others))]
-    for m in candidates:
+    for m in candidates if walk_others else ranked:
         if 0.5 ** selections.get(m.id, 0) > rng.uniform():
             return m
     return candidates[int(rng.rng.integers(len(candidates)))]
@@ -413,14 +511,19 @@ def query(action: str, hp: Mapping[str, Any], mu: dict[str, float], learned: boo
     return value > rng.uniform()
 
 
-def mutate_hparams(parent: Model, space: SearchSpace, method: Method, rng: Sampler) -> tuple[dict, dict]:
+def mutate_hparams(parent: Model, space: SearchSpace, method: Method, rng: Sampler,
+                   fixed: Mapping[str, Any] | None = None, moves: bool = True) -> tuple[dict, dict]:
     """Hyperparameter moves (Section 3): each hyperparameter moves to a neighbouring value when its action fires.
-    μ goes first: in μ2Net it is itself a hyperparameter and sets the rate of the others."""
-    hp = dict(space.defaults) | dict(parent.hp)
+    μ goes first: in μ2Net it is itself a hyperparameter and sets the rate of the others. `fixed` values (muNet's
+    generation-level data hyperparameters) replace the parent's and never move; `moves=False`: no move at all."""
+    fixed = dict(fixed or {})
+    hp = dict(space.defaults) | dict(parent.hp) | fixed
+    if method.mu:
+        hp["mu"] = method.mu
     mu = dict(parent.mu) if method.learned_mu else {}
-    if method.hp_moves:
+    if method.hp_moves and moves:
         for name in sorted(space.values, key=lambda n: n != "mu"):
-            if query(f"hp:{name}", hp, mu, method.learned_mu, rng):
+            if name not in fixed and query(f"hp:{name}", hp, mu, method.learned_mu, rng):
                 hp[name] = neighbour(space.values[name], hp[name], rng)
     return hp, mu
 
@@ -444,10 +547,10 @@ def frozen_ids(system: System, task: str) -> set[str]:
 def clones(name: str, cid: str, locked: set[str], method: Method, hp: Mapping[str, Any], mu: dict[str, float],
            rng: Sampler) -> bool:
     """Whether the child trains a copy of component `cid` rather than sharing it frozen."""
-    if name == "head" or vit.is_adapter(name) or cid not in locked:
-        return True  # make-trainable-head, the adapters of the baseline, or being trained for this task
+    if name == "head" or cid not in locked:
+        return True  # make-trainable-head, or being trained for this task
     if name == "encoder_norm":
-        return method.clone != "none"  # forced in μ2Net+; the adapter baseline freezes all but adapters and head
+        return True  # the forced clone of every method, the baselines included (section4.md §7.2, §7.3)
     if method.clone == "mu":
         return query(f"clone:{name}", hp, mu, method.learned_mu, rng)
     if method.clone.startswith("top:"):
@@ -466,17 +569,32 @@ class Child:
 
 
 def make_child(pool: Pool, parent: Model, task: str, num_classes: int, config: Config, key: jax.Array,
-               counter: int) -> tuple[Child, int]:
+               counter: int, seed: bool = False, fixed: Mapping[str, Any] | None = None) -> tuple[Child, int]:
     """Algorithm 1 lines 17–24: sample the mutations Δ of `parent` and apply them. The child's model id and
-    every fresh component id are drawn from `counter`; returns the child and the advanced counter."""
+    every fresh component id are drawn from `counter`; returns the child and the advanced counter.
+
+    `seed`: muNet's seed clone (section4.md §5.2): no mutation at all, so only what is already trainable for
+    `task` (nothing, for another task's model or the root) and a new head train. `fixed`: hyperparameters the
+    generation fixed (muNet's data hyperparameters)."""
     system, method, cfg = pool.system, config.method, pool.system.cfg
     child_id = model_id(task, counter)
     rng = Sampler(key)
-    hp, mu = mutate_hparams(parent, config.space, method, rng)
+    hp, mu = mutate_hparams(parent, config.space, method, rng, fixed, moves=not seed)
     have = {kind(c): c for c in parent.components}
     # Layer removal / re-adding: num_layers moves one step; a re-added block comes from the nearest ancestor.
     hp["num_layers"] = int(hp.get("num_layers", sum(vit.is_block(n) for n in have)))
     blocks = layers(pool, parent, hp["num_layers"])
+    # Residual adapters: the baseline's before every block; otherwise the parent's below num_layers, plus one
+    # inserted before each other block with probability μ (muNet §5.4 step 2), of the child's adapter_dim.
+    dim = method.adapter_dim or int(hp.get("adapter_dim", 0))
+    if method.adapter_dim:
+        where = set(range(len(blocks)))
+    else:
+        where = {vit.block_index(n) for n in have if vit.is_adapter(n)} & set(range(len(blocks)))
+        if method.insert_adapters and not seed:
+            where |= {i for i in range(len(blocks))
+                      if i not in where and query(f"add:{vit.adapter(i)}", hp, mu, method.learned_mu, rng)}
+    fits = (lambda p: p.Dense_0.kernel.shape[1] == dim) if dim else (lambda p: True)  # a new width: search on
     # Resolution: the position embedding of the nearest ancestor with that size, else (None) the root's resampled.
     res = int(hp["resolution"])
     size = 1 + vit.grid(res, cfg.patch) ** 2
@@ -487,25 +605,25 @@ def make_child(pool: Pool, parent: Model, task: str, num_classes: int, config: C
     slots: list[tuple[str, str | None]] = [("embedding", have["embedding"]), ("cls", have["cls"]),
                                            ("posembed_input", pe)]
     for i, b in enumerate(blocks):
-        if method.adapter_dim:
-            slots.append((vit.adapter(i), pool.find(parent, vit.adapter(i))))
+        if i in where:
+            slots.append((vit.adapter(i), pool.find(parent, vit.adapter(i), fits)))
         slots.append((vit.block(i), b))
     slots += [("encoder_norm", have["encoder_norm"]), ("head", have["head"] if parent.task == task else None)]
 
     locked = frozen_ids(system, task)
     out, trainable, fresh = [], [], {}
     for name, src in slots:  # lines 18–24: each clone decision is a mutation δ drawn with probability μ(δ|p)
-        if src is not None and not clones(name, src, locked, method, hp, mu, rng):
+        if src is not None and (src in locked if seed else not clones(name, src, locked, method, hp, mu, rng)):
             out.append(src), trainable.append(False)
             continue
         counter += 1
         cid = component_id(name, counter)
-        if src is not None:  # a clone carries the parameters and their momentum
-            mom = pool.momentum.get(src)
+        if src is not None:  # a clone carries the parameters, and their momentum unless the method drops it
+            mom = pool.momentum.get(src) if method.clone_momentum else None
             fresh[cid] = (pool.params[src], zeros_like_bf16(pool.params[src]) if mom is None else mom)
         else:
             p = (vit.init_head(cfg, num_classes) if name == "head"
-                 else vit.init_adapter(cfg, rng.key(), method.adapter_dim) if vit.is_adapter(name)
+                 else vit.init_adapter(cfg, rng.key(), dim) if vit.is_adapter(name)
                  else vit.resample_posembed(pool.params[pool.find(system.root, name)], res, cfg.patch))
             fresh[cid] = (p, zeros_like_bf16(p))
         out.append(cid), trainable.append(True)
@@ -528,8 +646,7 @@ def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: j
     size = model_size(params, model, sharers(pool.system, task.name))
     flops = model_flops(pool.system.cfg, params, model)
     snap = train.train_child(comps, mom, child.trainable, model.hp, task, config, key,
-                             lambda q: sc.score(q, size, flops, config.s, config.P, config.F), threshold, device,
-                             log, model.id)
+                             lambda q: config.score(q, size, flops), threshold, device, log, model.id)
     if snap is None:
         return None
     metrics = dict(quality=snap.quality, score=snap.score, params=size, flops=flops)
@@ -557,31 +674,71 @@ def _train_all(pool: Pool, children: Sequence[tuple[Child, float, jax.Array]], t
 # --- one task iteration (Algorithm 1) ------------------------------------------------------------------------
 
 
+def best_model(pool: Pool, strict: bool) -> Model | None:
+    """Line 39's argmax of the active population's scores; a tie goes to the most recent model (μ2Net, μ2Net+),
+    or to the earliest under `strict` (muNet's Python `max`, section4.md §5.1, §10.13)."""
+    order = pool.models if strict else pool.models[::-1]
+    return max(order, key=lambda m: pool.scores[m.id], default=None)
+
+
+def seed_models(system: System, task: str) -> list[Model]:
+    """muNet's seeds (section4.md §5.2): every other task's retained model and the root, newest first."""
+    others = [m for m in system.models.values() if m.task != task]
+    return sorted(others, key=lambda m: -int(m.id.rsplit("/", 1)[1])) + [system.root]
+
+
+def generation_data(pool: Pool, config: Config, frozen: bool, key: jax.Array) -> dict[str, Any]:
+    """muNet's data hyperparameters of one generation (section4.md §5.4 step 4): the defaults, overwritten by the
+    active task's best model, then each tunable one moved with probability μ, unless `frozen` (seeds remain)."""
+    best = best_model(pool, config.method.strict)
+    hp = {k: v for k, v in config.space.defaults.items() if k in DATA_HP}
+    hp |= {k: v for k, v in (best.hp if best else {}).items() if k in DATA_HP}
+    if frozen or not config.method.hp_moves:
+        return hp
+    rng, mu = Sampler(key), config.method.mu or config.space.defaults["mu"]
+    for name in DATA_HP:
+        if name in config.space.values and mu > rng.uniform():
+            hp[name] = neighbour(config.space.values[name], hp[name], rng)
+    return hp
+
+
 def task_iteration(system: System, task: TaskData, config: Config, key: jax.Array,
                    log: Callable[[dict], None] | None = None, devices: Sequence[jax.Device] | None = None) -> System:
     """One active-task iteration (Algorithm 1) as a pure function: #generations × #children children, each
     trained on its own device when several exist; only the task's best model is kept, and every component no
     retained model (nor the root) uses is dropped. Children of one generation are sampled from the population at
-    the generation's start, so the result does not depend on how many devices train them."""
-    t = task.name  # Alg. 1 line 1
+    the generation's start, so the result does not depend on how many devices train them. muNet's settings add
+    its seed phase, generation-level data hyperparameters and persistent selection counts (`Method`)."""
+    t, method = task.name, config.method  # Alg. 1 line 1
     devices = list(devices or jax.local_devices())
     pool = Pool.of(system, t, config)  # lines 2–3: ℳ is the system, 𝒜 the task's models
-    others = sorted((m for m in system.models.values() if m.task != t), key=lambda m: m.task) + [system.root]
-    counter, selections = system.counter, {}
+    seeds = seed_models(system, t) if method.seeds else []
+    if method.parents == "active":  # muNet: the uniform fallback draws from the seeds (= the other models)
+        others = seed_models(system, t)
+    else:
+        others = sorted((m for m in system.models.values() if m.task != t), key=lambda m: m.task) + [system.root]
+    persist = method.parents == "active"  # muNet's offspring counts live on with the retained model (§5.3)
+    counter = system.counter
+    selections = {m.id: int(m.metrics.get("offspring", 0)) for m in pool.models} if persist else {}
     for gen in range(config.generations):  # line 4
         kg = jax.random.fold_in(key, gen)
+        first = gen * config.children  # index of the generation's first child in the iteration
+        fixed = (generation_data(pool, config, first < len(seeds), jax.random.fold_in(kg, config.children))
+                 if method.generation_hp else None)
         children = []
         for i in range(config.children):  # line 5
             kp, kc, kt = jax.random.split(jax.random.fold_in(kg, i), 3)
-            parent = (system.root if config.method.parents == "root"  # lines 7–16
-                      else sample_parent(pool.models, pool.scores, others, selections, kp))
+            seed = first + i < len(seeds)
+            parent = (seeds[first + i] if seed else system.root if method.parents == "root"  # lines 7–16
+                      else sample_parent(pool.models, pool.scores, others, selections, kp, not persist))
             selections[parent.id] = selections.get(parent.id, 0) + 1
-            child, counter = make_child(pool, parent, t, task.num_classes, config, kc, counter)  # lines 17–24
+            child, counter = make_child(pool, parent, t, task.num_classes, config, kc, counter,  # lines 17–24
+                                        seed, fixed)
             threshold = pool.scores[parent.id] if parent.task == t else -math.inf  # line 29's max at c = none
             children.append((child, threshold, kt))
             if log:
                 log(dict(event="child", task=t, generation=gen, child=child.model.id, parent=parent.id,
-                         trainable=sum(child.trainable), hp=dict(child.model.hp)))
+                         seed=seed, trainable=sum(child.trainable), hp=dict(child.model.hp)))
         results = _train_all(pool, children, task, config, devices, log)  # lines 26–32, one child per device
         for r in results:
             if r is not None:  # lines 33–35
@@ -589,10 +746,13 @@ def task_iteration(system: System, task: TaskData, config: Config, key: jax.Arra
         if log:
             log(dict(event="generation", task=t, generation=gen, retained=sum(r is not None for r in results),
                      best=max(pool.scores.values(), default=None)))
-    if not pool.models:
+    best = best_model(pool, method.strict)  # line 39: the task's argmax score
+    if best is None:
         return dataclasses.replace(system, counter=counter)
-    best = max(pool.models, key=lambda m: pool.scores[m.id])  # line 39: the task's argmax score
     test = train.accuracy([pool.params[c] for c in best.components], task, "test", int(best.hp["resolution"]),
                           config.eval_batch, devices[0])  # placed like validation's inputs: the same compiled function
-    best = dataclasses.replace(best, metrics={**best.metrics, "score": pool.scores[best.id], "test": test})
+    metrics = {**best.metrics, "score": pool.scores[best.id], "test": test}
+    if persist:
+        metrics["offspring"] = selections.get(best.id, 0)
+    best = dataclasses.replace(best, metrics=metrics)
     return collect(dataclasses.replace(system, models={**system.models, t: best}, counter=counter), pool)

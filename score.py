@@ -77,23 +77,27 @@ def _adapter(n: int, d: int, a: int) -> int:
     return _layernorm(n, d) + 2 * n * d * a + n * a + _gelu(n * a) + 2 * n * a * d + n * d + n * d
 
 
-def flops(cfg: vit.Config, depth: int, res: int, num_classes: int, adapter_dim: int = 0) -> int:
-    """#flops(m) of eq. 1: forward FLOPs for ONE image through embedding, cls, posembed, `depth` encoder blocks
-    (each preceded by a `residual_adapter` of width `adapter_dim` when > 0), encoder_norm and head.
+def flops(cfg: vit.Config, depth: int, res: int, num_classes: int, adapter_dim: int | Sequence[int] = 0) -> int:
+    """#flops(m) of eq. 1: forward FLOPs for ONE image through embedding, cls, posembed, `depth` encoder blocks,
+    residual adapters, encoder_norm and head. `adapter_dim`: an int > 0 puts an adapter of that width before
+    every block (the Section 4 baseline); a sequence gives the width of each adapter the model has (muNet's
+    adapter insertion places them before some blocks only).
 
     A multiply-add counts 2. Agrees with XLA's cost analysis of `vit.forward` (tested within 2 %); ViT-L/16 is
     ≈1.24e11 at 224 px and ≈3.84e11 at 384 px.
     """
     if not 0 <= depth <= cfg.depth:
         raise ValueError(f"depth {depth} outside 0..{cfg.depth}")
+    widths = [adapter_dim] * depth if isinstance(adapter_dim, int) and adapter_dim else list(adapter_dim or ())
+    if len(widths) > depth:
+        raise ValueError(f"{len(widths)} adapters but only {depth} blocks to put them before")
     p, d = cfg.patch, cfg.width
     patches = vit.grid(res, p) ** 2
     n = patches + 1  # + class token
     total = 2 * patches * (p * p * 3) * d + patches * d  # patch embedding (a stride-p conv) + bias
     total += n * d  # position embedding
     total += depth * _block(n, d, cfg.mlp_dim, cfg.heads)
-    if adapter_dim:
-        total += depth * _adapter(n, d, adapter_dim)
+    total += sum(_adapter(n, d, a) for a in widths)
     total += _layernorm(n, d)  # encoder_norm runs on every token, as in the AugReg model
     total += 2 * d * num_classes + num_classes  # head on the class token
     return total

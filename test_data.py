@@ -106,8 +106,7 @@ def _declared(split: str, src: str) -> bool:
 
 # Features a label function reads (task_adaptation definitions).
 _FN_FEATURES = {"clevr": [("objects", "size"), ("objects", "shape"), ("objects", "pixel_coords")],
-                "kitti": [("objects", "type"), ("objects", "location")],
-                "dsprites_x": [("label_x_position",)], "dsprites_o": [("label_orientation",)]}
+                "kitti": [("objects", "type"), ("objects", "location")]}
 
 
 def test_catalog_resolves_offline(tmp_path):
@@ -129,8 +128,7 @@ def test_catalog_resolves_offline(tmp_path):
             if s.label_fn is None:
                 assert f[s.label].num_classes == s.num_classes, (s.name, b, s.label)
             else:
-                key = s.label_fn.split("_")[0] + ("_" + s.label_fn.split("_")[1][0] if "dsprites" in s.label_fn else "")
-                for path in _FN_FEATURES[key]:
+                for path in _FN_FEATURES[s.label_fn.split("_")[0]]:
                     g = f
                     for p in path:
                         g = g[p] if not hasattr(g, "feature") else g.feature[p]
@@ -176,8 +174,6 @@ def test_label_functions():
     assert fn["kitti_closest_object_distance"](kitti) == 0
     assert fn["kitti_closest_vehicle_distance"]({"objects": {"type": np.array([5]), "location": np.zeros((1, 3))}}) == 3
     assert fn["kitti_closest_object_distance"]({"objects": {"type": np.zeros(0), "location": np.zeros((0, 3))}}) == 4
-    assert fn["dsprites_x_position_16"]({"label_x_position": 31}) == 15
-    assert [fn["dsprites_orientation_16"]({"label_orientation": o}) for o in (0, 2, 3, 39)] == [0, 0, 1, 15]
 
 
 # ------------------------------------------------------------------------------------------------------- splits
@@ -233,6 +229,10 @@ def test_validation_is_a_fixed_prefix_capped(toy_dir, monkeypatch):
     assert len(b1) == 2 and (y >= 0).sum() == 7 and list(y[:7]) == [src[i]["label"] for i in range(7)]
     assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(b1, b2))
     assert (np.concatenate([y for _, y in t.eval_batches("test", 32)]) >= 0).sum() == 20  # full test split
+    # A budget's validation_max takes a shorter prefix (Section 4: 5,120 or 2,560 examples); never the test split.
+    y5 = np.concatenate([y for _, y in t.eval_batches("validation", 4, limit=5)])
+    assert list(y5[y5 >= 0]) == list(y[:5])
+    assert (np.concatenate([y for _, y in t.eval_batches("test", 32, limit=5)]) >= 0).sum() == 20
 
 
 # ------------------------------------------------------------------------------------------- keyed train batches

@@ -265,7 +265,8 @@ def test_baselines_are_settings(s0):
     names = [mu2net.kind(c) for c in child.model.components]
     assert names[3:7] == ["residual_adapter_0", "encoderblock_0", "residual_adapter_1", "encoderblock_1"]
     assert [t for n, t in zip(names, child.trainable) if n.startswith("encoderblock")] == [False, False]
-    assert not dict(zip(names, child.trainable))["encoder_norm"]  # only adapters and the head train
+    # Adapters, the forced encoder_norm and the head train (section4.md §7.2; §7.3's sizes count it per task).
+    assert dict(zip(names, child.trainable))["encoder_norm"]
     assert all(t for n, t in zip(names, child.trainable) if n.startswith("residual_adapter"))
     assert child.model.components[4] == ids[3]
 
@@ -274,7 +275,8 @@ def test_method_search_spaces():
     plus, mu2, mun = (mu2net.search_space(2, (8, 16), method=m) for m in ("plus", "mu2net", "munet"))
     assert plus.values["num_layers"] == (0, 1, 2) and plus.values["resolution"] == (8, 16) and "mu" not in plus.values
     assert "num_layers" not in mu2.values and mu2.values["resolution"] == (16,) and "quality" not in mu2.values
-    assert mu2.values["mu"] == mu2net.MU_VALUES and "mu" not in mun.values  # muNet: one constant μ
+    assert mu2.values["mu"] == (0.1, 0.12, 0.14, 0.16, 0.18, 0.2, 0.22, 0.24, 0.26, 0.28, 0.3)  # section4.md §5.8
+    assert "mu" not in mun.values and mun.defaults["mu"] == 0.1  # muNet: one constant μ
     assert mu2.defaults["flip"] and not plus.defaults["flip"]  # μ2Net+ turns every augmentation off
     # A child of a root that fixes only some hyperparameters takes the rest from its segment's defaults.
     root = mu2net.Model(mu2net.ROOT, mu2net.ROOT, (), {"lr": 0.05}, {}, None, {})

@@ -1,9 +1,10 @@
 """Training one child (Algorithm 1 lines 26–32; method-notes "Training one child").
 
 SGD with momentum after clipping by global norm 1.0, the momentum accumulator kept in bfloat16, a linear warm-up
-from lr/1000 then cosine decay to 0, softmax cross-entropy, no weight decay or dropout. A child trains for #cycles
-cycles of min(1 epoch, samples cap) and is validated after each; a snapshot is kept when its score reaches the
-running threshold of Algorithm 1 line 29. This module knows components, hyperparameters and a task's batches,
+from lr/1000 (μ2Net+; lr/100 in μ2Net, muNet and the Section 4 baselines) then cosine decay to 0, softmax
+cross-entropy, no weight decay or dropout. A child trains for #cycles cycles of min(1 epoch, samples cap) and is
+validated after each; a snapshot is kept when its score reaches the running threshold of Algorithm 1 line 29 (≥;
+muNet keeps it only on a strict improvement). This module knows components, hyperparameters and a task's batches,
 nothing of the system or of sharing: the caller gives the score of a validation accuracy (eq. 1).
 """
 
@@ -25,6 +26,7 @@ from jaxtyping import Array, Float, Int
 import augment
 import vit
 
+SCHEDULES = ("cosine", "constant", "restarts")  # muNet's learning-rate schedules (section4.md §5.7)
 AUG_KEYS = ("crop_area_min", "crop_aspect_min", "flip", "brightness", "contrast", "saturation", "hue", "quality")
 SPLITS = ("mask", "hybrid", "partition")
 
@@ -51,7 +53,21 @@ class Budget:
     samples_cap: int = at_least_one(51_200)
     batch_size: int = at_least_one(16)
     eval_batch: int = at_least_one(256)
+    # Validation reads the first min(n, validation_max) examples; data.VAL_MAX = 10,000 is the most it keeps
+    # (method-notes; Section 4 used 5,120, and 2,560 for muNet and the baselines on VDDB: section4.md §3).
+    validation_max: int = _check(lambda v: 1 <= v <= 10_000, "an integer in [1, 10000]", 10_000)
     trainable_split: str = _check(lambda v: v in SPLITS, "'mask', 'hybrid' or 'partition'", "mask")
+
+    # The method's training rules (mu2net.Config reads them from its Method; properties, so no manifest field):
+    @property
+    def strict(self) -> bool:
+        """Keep a cycle's snapshot only when its score beats the threshold (muNet: >), not when it equals it."""
+        return False
+
+    @property
+    def warmup_floor(self) -> float:
+        """The warm-up's first learning rate as a fraction of lr: 1/1000 (μ2Net+), 1/100 (μ2Net, muNet)."""
+        return 1e-3
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -62,33 +78,55 @@ class Budget:
 
 
 class HParams(eqx.Module):
-    """Optimizer and preprocessing hyperparameters as traced scalars, so a new value never recompiles."""
+    """Optimizer and preprocessing hyperparameters as traced scalars, so a new value never recompiles. `floor`
+    (the warm-up's start as a fraction of lr), `schedule` (an index of SCHEDULES) and `cycles` (restarts per
+    run) shape the learning-rate schedule."""
 
     lr: Float[Array, ""]
     warmup: Float[Array, ""]
     momentum: Float[Array, ""]
     nesterov: Float[Array, ""]
     aug: augment.Aug
+    floor: Float[Array, ""]
+    schedule: Float[Array, ""]
+    cycles: Float[Array, ""]
 
     @staticmethod
-    def of(hp: Mapping[str, Any]) -> HParams:
+    def of(hp: Mapping[str, Any], floor: float = 1e-3, cycles: int = 1) -> HParams:
         f = lambda v: jnp.asarray(float(v), jnp.float32)  # noqa: E731
         return HParams(f(hp["lr"]), f(hp["warmup"]), f(hp["momentum"]), f(hp["nesterov"]),
-                       augment.Aug.from_hparams({k: hp[k] for k in AUG_KEYS}))
+                       augment.Aug.from_hparams({k: hp[k] for k in AUG_KEYS}), f(floor),
+                       f(SCHEDULES.index(hp.get("schedule", "cosine"))), f(cycles))
 
 
 def learning_rate(step: Int[Array, ""], total: Int[Array, ""], hp: HParams) -> Float[Array, ""]:
-    """Linear warm-up from lr/1000 to lr over warmup·T steps, then cosine decay to 0 at T."""
+    """Cosine (Table 1's only schedule): a linear warm-up from lr·floor to lr over warmup·T steps, then cosine
+    decay to 0 at T. muNet also searches "constant" (lr/2, the same mean) and "restarts" (the cosine schedule once
+    per cycle), section4.md §5.7."""
     t, total = step.astype(jnp.float32), total.astype(jnp.float32)
-    w = hp.warmup * total
-    warm = hp.lr / 1000 + (hp.lr - hp.lr / 1000) * t / jnp.maximum(w, 1.0)
-    frac = jnp.clip((t - w) / jnp.maximum(total - w, 1.0), 0.0, 1.0)
-    return jnp.where(t < w, warm, 0.5 * hp.lr * (1 + jnp.cos(jnp.pi * frac)))
+    restarts = hp.schedule == SCHEDULES.index("restarts")
+    period = jnp.where(restarts, total / hp.cycles, total)
+    t = jnp.where(restarts, jnp.mod(t, period), t)
+    w = hp.warmup * period
+    start = hp.lr * hp.floor
+    warm = start + (hp.lr - start) * t / jnp.maximum(w, 1.0)
+    frac = jnp.clip((t - w) / jnp.maximum(period - w, 1.0), 0.0, 1.0)
+    cosine = jnp.where(t < w, warm, 0.5 * hp.lr * (1 + jnp.cos(jnp.pi * frac)))
+    return jnp.where(hp.schedule == SCHEDULES.index("constant"), 0.5 * hp.lr, cosine)
 
 
 def zeros_like_bf16(tree: eqx.Module) -> eqx.Module:
-    """A zero bfloat16 momentum for a component (built on the host: no compile per shape)."""
-    return jax.tree.map(lambda a: jnp.asarray(np.zeros(a.shape, jnp.bfloat16)), tree)
+    """A zero bfloat16 momentum for a component (built on the host: no compile per shape). Abstract parameters
+    (`jax.eval_shape`'s ShapeDtypeStruct) get an abstract momentum, so a system's shapes cost no memory."""
+
+    def zero(a):
+        if isinstance(a, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(a.shape, jnp.bfloat16)
+        if isinstance(a, jax.core.Tracer):
+            return jnp.zeros(a.shape, jnp.bfloat16)
+        return jnp.asarray(np.zeros(a.shape, jnp.bfloat16))
+
+    return jax.tree.map(zero, tree)
 
 
 def padded_classes(k: int) -> int:
@@ -167,17 +205,19 @@ class TaskData(Protocol):
 
     def train_batch(self, seed: int, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+    def eval_batches(self, split: str, batch_size: int,
+                     limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
 
 def accuracy(components: Sequence[eqx.Module], task: TaskData, split: str, res: int, batch: int,
-             device: jax.Device | None = None) -> float:
-    """Top-1 accuracy on a split (validation: the fixed subset; test: the whole split)."""
+             device: jax.Device | None = None, limit: int | None = None) -> float:
+    """Top-1 accuracy on a split (validation: the fixed subset of the first `limit` examples; test: the whole
+    split)."""
     *body, head = components
     comps = jax.device_put((*body, pad_head(head, padded_classes(task.num_classes))), device)
     k = jax.device_put(jnp.asarray(task.num_classes, jnp.int32), device)
     n, hits = 0, jnp.zeros((), jnp.int32)
-    for x, y in task.eval_batches(split, batch):
+    for x, y in task.eval_batches(split, batch, limit):
         hits = hits + correct(comps, jax.device_put(x, device), jax.device_put(y, device), k, res)  # no sync
         n += int((y >= 0).sum())
     return int(hits) / max(n, 1)
@@ -208,16 +248,17 @@ def train_child(components: Sequence[eqx.Module], momentum: Sequence[eqx.Module]
                 hp: Mapping[str, Any], task: TaskData, budget: Budget, key: jax.Array,
                 score: Callable[[float], float], threshold: float, device: jax.Device | None = None,
                 log: Callable[[dict], None] | None = None, name: str = "") -> Snapshot | None:
-    """Algorithm 1 lines 26–32: #cycles cycles of min(1 epoch, samples cap), validate after each, keep the best
-    snapshot whose score(quality) is at least the running threshold (line 29). None when no cycle reached it."""
+    """Algorithm 1 lines 26–32: #cycles cycles of ⌈min(#train, samples cap) / batch⌉ steps (an epoch, capped, as
+    the notebooks count it: section4.md §4), validate after each, keep the best snapshot whose score(quality)
+    reaches the running threshold (line 29; strictly beats it under `budget.strict`). None when no cycle did."""
     kpad = padded_classes(task.num_classes)
     comps = tuple(components[:-1]) + (pad_head(components[-1], kpad),)
     mom = tuple(momentum[:-1]) + (pad_head(momentum[-1], kpad),)
     diff, frozen, mom, mask = partition_trainable(comps, mom, trainable, budget.trainable_split)
     diff, frozen, mom, mask = jax.device_put((diff, frozen, mom, mask), device)
-    hps = jax.device_put(HParams.of(hp), device)
+    hps = jax.device_put(HParams.of(hp, budget.warmup_floor, budget.cycles), device)
     res = int(hp["resolution"])
-    steps = max(1, min(task.num_train, budget.samples_cap) // budget.batch_size)
+    steps = -(-min(task.num_train, budget.samples_cap) // budget.batch_size)  # ceil: a part batch is a step
     total, ncls = jax.device_put((jnp.asarray(budget.cycles * steps, jnp.int32),
                                   jnp.asarray(task.num_classes, jnp.int32)), device)
     k_data, key = jax.device_put(jax.random.split(key), device)  # data order's seed; augmentation keys' base
@@ -232,11 +273,11 @@ def train_child(components: Sequence[eqx.Module], momentum: Sequence[eqx.Module]
             t += 1
         trained = eqx.combine(diff, frozen)
         trained = trained[:-1] + (unpad_head(trained[-1], task.num_classes),)
-        q = accuracy(trained, task, "validation", res, budget.eval_batch, device)
+        q = accuracy(trained, task, "validation", res, budget.eval_batch, device, budget.validation_max)
         s = score(q)
         if log:
             log(dict(event="cycle", child=name, cycle=cycle, loss=float(loss), quality=q, score=s))
-        if s >= threshold:  # Alg. 1 line 29: the threshold rises with every kept snapshot
+        if s > threshold or (s == threshold and not budget.strict):  # Alg. 1 line 29: the threshold rises
             threshold = s
             m = mom[:-1] + (unpad_head(mom[-1], task.num_classes),)
             best = ([p if tr else None for p, tr in zip(trained, trainable)],
@@ -250,5 +291,8 @@ def train_child(components: Sequence[eqx.Module], momentum: Sequence[eqx.Module]
 
 def seed_of(key: jax.Array) -> np.random.Generator:
     """A numpy generator seeded by the bits of an explicit jax key: host-side random choices then cost no device
-    round trip and no compile, and stay a pure function of the key."""
-    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    round trip and no compile, and stay a pure function of the key (computed eagerly even under a trace, e.g. when
+    `jax.eval_shape` builds a system's shapes)."""
+    with jax.ensure_compile_time_eval():
+        bits = np.asarray(jax.random.key_data(key))
+    return np.random.default_rng(bits.ravel().tolist())
