@@ -118,3 +118,21 @@ def test_tiny_comparison_end_to_end_and_resumed(tmp_path, capsys):
     assert "## Table 2" in (out / "comparison.md").read_text()
     info = json.loads((out / subs[5].path / "comparison.json").read_text())
     assert info == dict(family="fine-tune top layers", config="clone=all", value="all", repetition=1)
+
+
+def test_offline_miniature_manifest():
+    """sec4_mini.toml: ≥ 6 tasks from ≥ 3 sources, five families × 3 configurations × 3 repetitions, and equal
+    training epochs per task across the evolutionary methods (the baselines: one copy of a generation's two)."""
+    import data
+
+    m = evolve.load_manifest("manifests/sec4_mini.toml")
+    subs = evolve.runs(m)
+    assert len({s.family for s in subs}) == 5 and len(subs) == 5 * 3 * 3
+    tasks = evolve.segment_tasks(m, m.segments[0])
+    cat = data.load_catalog()
+    assert len(tasks) >= 6 and len({cat[t].source for t in tasks}) >= 3
+    assert m.root.pretrain.task not in tasks
+    for s in subs:
+        (seg,) = s.manifest.segments
+        epochs = seg.iterations * seg.generations * seg.children * seg.cycles
+        assert epochs == (16 if seg.method in ("mu2net+small", "munet") else 8), s.path
