@@ -28,7 +28,7 @@ def trained():
     """A random tiny root fine-tuned on scikit-learn digits by one short task iteration."""
     space = mu2net.search_space(CFG.depth, (S,), resolution=S)
     space = dataclasses.replace(space, defaults={**space.defaults, "lr": 0.1})
-    conf = mu2net.Config(space, method=mu2net.METHODS["finetune"], generations=1, children=1, cycles=4,
+    conf = mu2net.Config(space, method=mu2net.METHODS["finetune"], generations=1, children=1, cycles=8,
                          samples_cap=1024, batch_size=32)
     task = data.make_task_data(data.load_catalog()["digits"], S)
     s0 = mu2net.new_system(CFG, vit.init(CFG, jax.random.key(0), 10, S), {})
