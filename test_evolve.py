@@ -17,7 +17,7 @@ import mu2net
 
 HERE = Path(__file__).resolve().parent
 
-# Two offline tasks, two segments, 1 generation × 2 children, a tiny ViT: seconds per task iteration.
+# Two offline tasks, two segments of 1 and 3 generations × 2 children, a tiny ViT: seconds per task iteration.
 TINY = """
 name = "tiny"
 seed = 0
@@ -51,7 +51,7 @@ eval_batch = 128
 name = "two"
 method = "mu2net+"
 tasks = ["digits"]
-generations = 1
+generations = 3
 children = 2
 cycles = 1
 samples_cap = 64
@@ -184,43 +184,82 @@ def test_paper_sec4_manifests(name, iters, P, F, ntasks):
 # --- running, killing, resuming ------------------------------------------------------------------------------
 
 
-def _run(args: list[str], kill_after: int | None = None, cache: Path | None = None) -> subprocess.CompletedProcess:
+def _cmd(args: list[str], kill_after: int | None = None, cache: Path | None = None) -> tuple[list[str], dict]:
     env = dict(os.environ)
     env.pop(evolve.KILL_ENV, None)
     if kill_after:
         env[evolve.KILL_ENV] = str(kill_after)
-    cmd = [sys.executable, str(HERE / "evolve.py"), *args, "--compile-cache", str(cache) if cache else ""]
+    return [sys.executable, str(HERE / "evolve.py"), *args, "--compile-cache", str(cache) if cache else ""], env
+
+
+def _run(args: list[str], kill_after: int | None = None, cache: Path | None = None) -> subprocess.CompletedProcess:
+    cmd, env = _cmd(args, kill_after, cache)
     return subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _signalled(args: list[str], cache: Path, signals: int) -> tuple[int, str]:
+    """Runs evolve.py and sends it `signals` SIGTERMs as soon as its first child has finished."""
+    import signal
+    cmd, env = _cmd(args, None, cache)
+    p = subprocess.Popen(cmd, cwd=HERE, env=env, stderr=subprocess.PIPE, text=True)
+    lines, sent = [], 0
+    for line in p.stderr:
+        lines.append(line)
+        if sent < signals and ("children, elapsed" in line or "SIGTERM: stopping" in line):
+            p.send_signal(signal.SIGTERM)  # the second only once the first was seen: signals can coalesce
+            sent += 1
+    return p.wait(timeout=300), "".join(lines)
 
 
 def _events(run: Path) -> list[str]:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return sorted(json.dumps({k: v for k, v in d.items() if k != "elapsed"}, sort_keys=True) for d in lines)
+    return sorted(json.dumps({k: v for k, v in d.items() if k != "elapsed"}, sort_keys=True) for d in lines
+                  if d["event"] != "step")  # in-child progress is time-based
+
+
+def _finished(log: str) -> list[str]:
+    """The generation ("gen g/G") of every child a run's stderr reports finished."""
+    return [x.split(" gen ")[1].split()[0] for x in log.splitlines() if "children, elapsed" in x]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """An uninterrupted run, and the same run killed twice mid-iteration and resumed (seed 5 via --seed)."""
+    """An uninterrupted run, and the same run killed twice, stopped by SIGTERM, by two SIGTERMs, and resumed each
+    time (seed 5 via --seed)."""
     d = tmp_path_factory.mktemp("runs")
     man = d / "tiny.toml"
     man.write_text(TINY)
     cache = d / "xla-cache"
     whole, broken = d / "whole", d / "broken"
+    args = ["--manifest", str(man), "--out", str(broken), "--seed", "5"]
     r = _run(["--manifest", str(man), "--out", str(whole), "--seed", "5"], cache=cache)
     assert r.returncode == 0, r.stderr[-3000:]
-    # Children: 1 pre-training, then 2 per task iteration. Kill after the 2nd (mid "digits" of segment one, before
-    # its commit), resume and kill after the 3rd (mid "digits/parity"), then resume to the end.
-    logs = []
-    for kill in (2, 3, None):
-        r = _run(["--manifest", str(man), "--out", str(broken), "--seed", "5"], kill_after=kill, cache=cache)
+    # Children: 1 pre-training, then 2 per generation: segment one's two iterations of 1 generation (children 2-5),
+    # segment two's 3 generations (6-11). Kill after the 2nd (mid "digits" of segment one, before its commit), resume
+    # and kill after 7 more (the 9th: mid generation 2 of segment two, after generation 1's commit); resume and stop
+    # with SIGTERM after one child, then with two SIGTERMs at once, then resume to the end.
+    logs, codes = [], []
+    for kill in (2, 7):
+        r = _run(args, kill_after=kill, cache=cache)
         logs.append(r.stderr)
-        assert r.returncode == (75 if kill else 0), r.stderr[-3000:]
-    return whole, broken, logs
+        assert r.returncode == 75, r.stderr[-3000:]
+    for signals in (1, 2):
+        code, log = _signalled(args, cache, signals)
+        logs.append(log)
+        codes.append(code)
+    r = _run(args, cache=cache)
+    logs.append(r.stderr)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return whole, broken, logs, codes
 
 
 def test_kill_and_resume_equals_uninterrupted(runs):
-    whole, broken, logs = runs
-    assert "resuming" in logs[1] and "resuming" in logs[2]
+    whole, broken, logs, _ = runs
+    assert all("resuming" in log for log in logs[1:])
+    # Killed mid-generation, a run resumes from the last generation's commit: the third run retrains none of
+    # segment two's first generation, which a restart of the task iteration would.
+    assert _finished(logs[1])[-3:] == ["1/3", "1/3", "2/3"]
+    assert "generation 2/3" in logs[2] and _finished(logs[2]) and "1/3" not in _finished(logs[2])
     a, b = checkpoint.load(whole), checkpoint.load(broken)
     sa, sb = a.system, b.system
     assert mu2net.identical(sa, sb)  # every parameter and momentum bit, models, lineage, counter
@@ -231,8 +270,19 @@ def test_kill_and_resume_equals_uninterrupted(runs):
     assert set(sa.models) == {"digits", "digits/parity"}
 
 
+def test_signals_stop_at_a_safe_point(runs):
+    """SIGTERM: the run commits at its next safe point, says how to resume and exits with `STOPPED`; a second
+    SIGTERM stops at once, the last commit stands (the next run resumes from it) and its stale lock is taken over."""
+    _, broken, logs, codes = runs
+    assert codes == [evolve.STOPPED, 128 + 15]
+    assert "stopped at a safe point" in logs[2] and "rerun the same command to resume" in logs[2]
+    assert "--out" in logs[2].rsplit("to resume", 1)[1]
+    assert "taking over the stale lock" in logs[4] and "taking over" not in logs[3]
+    assert not (broken / checkpoint.LOCK).exists()
+
+
 def test_seed_reaches_the_run(runs):
-    whole, _, _ = runs
+    whole = runs[0]
     ck = checkpoint.load(whole)
     assert ck.extra["seed"] == 5 and ck.extra["manifest"]["seed"] == 5
     assert json.loads((whole / "manifest.json").read_text())["seed"] == 5
@@ -240,7 +290,7 @@ def test_seed_reaches_the_run(runs):
 
 
 def test_reports_written(runs):
-    whole, _, logs = runs
+    whole, logs = runs[0], runs[2]
     for f in ("report.md", "metrics.png", "graph.png", "metrics.jsonl", "manifest.json"):
         assert (whole / f).stat().st_size > 0, f
     text = (whole / "report.md").read_text()
@@ -249,7 +299,7 @@ def test_reports_written(runs):
 
 
 def test_finished_run_resumes_to_nothing_and_other_manifest_is_refused(runs, tmp_path):
-    whole, _, _ = runs
+    whole = runs[0]
     before = {p: p.read_bytes() for p in whole.rglob("*") if p.is_file() and p.name != "report.md"}
     man = _write(tmp_path, TINY)
     m = evolve.load_manifest(man, seed=5)
@@ -264,7 +314,7 @@ def test_finished_run_resumes_to_nothing_and_other_manifest_is_refused(runs, tmp
 
 def test_corrupt_run_is_refused_and_left_alone(runs, tmp_path, capsys):
     import shutil
-    _, broken, _ = runs
+    broken = runs[1]
     run = tmp_path / "copy"
     shutil.copytree(broken, run)
     state = next(run.glob("state-*.msgpack"))
