@@ -127,7 +127,10 @@ class Progress:
     def _step(self, rec: dict) -> None:
         """Inside a child: time-based, so a report costs one device sync (the loss) per `every` seconds."""
         now, child, step = time.monotonic(), rec["child"], rec["step"]
-        t0, s0, shown, logged = self.steps.setdefault(child, (now, step, now, now))
+        if child not in self.steps:  # the child's first step: the clock starts
+            self.steps[child] = (now, step, now, now)
+            return
+        t0, s0, shown, logged = self.steps[child]
         due_show, due_log = now - shown >= self.every, now - logged >= self.log_every
         if not (due_show or due_log):
             return
@@ -448,8 +451,10 @@ def _run(m: Manifest, out: str, store: checkpoint.Store, work: Path, resuming: b
                 if state.generation < conf.generations or state.done or stopping:  # the last one: finish commits
                     ck = commit(system, cursor, ck, state, final=stopping)
                 if stopping:
-                    raise stopped(f"generation {state.generation} of task {state.task!r}"
-                                  + (f" ({len(state.done)} of its children)" if state.done else ""))
+                    g, n = state.generation, conf.generations
+                    raise stopped(f"{len(state.done)} of the {conf.children} children of generation {g + 1}/{n} of "
+                                  f"task {state.task!r}" if state.done else f"generation {g}/{n} of task "
+                                                                            f"{state.task!r}")
 
             system = mu2net.task_iteration(system, tasks(task), conf, iteration_key(m.seed, si, it, ti), progress,
                                            train=train, state=pending, after=after)

@@ -44,8 +44,9 @@ class Hosts:
     """This process's place among the run's processes, and the collectives the segment loop needs. With one
     process every method is the plain local operation."""
 
-    def __init__(self):
+    def __init__(self, devices: Sequence[jax.Device] | None = None):
         self.index, self.count = jax.process_index(), jax.process_count()
+        self.devices = list(devices or jax.local_devices())  # where this process trains its children
 
     @property
     def main(self) -> bool:
@@ -101,7 +102,7 @@ class Hosts:
         then every child reaches every process. The log records of a child (its cycles, a discard) travel with it:
         each process shows its own children's progress as they train, and the log gets every child's records in
         child order."""
-        local = mu2net.train_local(jax.local_devices(), stop)
+        local = mu2net.train_local(self.devices, stop)
         if self.count == 1:
             return local
         devices = jax.devices()

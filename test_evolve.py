@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import checkpoint
+import conftest
 import evolve
 import mu2net
 
@@ -390,3 +391,159 @@ resolution = 16
     assert names[3:7] == ["residual_adapter_0", "encoderblock_0", "residual_adapter_1", "encoderblock_1"]
     assert [c for c in ad.components if mu2net.kind(c).startswith("encoderblock")] == blocks
     assert all(m.parent == mu2net.ROOT for m in (full, top, ad))
+
+
+# --- progress, object stores, a full disk, many processes (issue 13) --------------------------------------------
+
+# One task iteration of 2 generations × 4 children: one child per device of a 4-device run.
+SMALL = """
+name = "small"
+seed = 2
+report_set = ["digits"]
+[root]
+kind = "random"
+vit = "tiny"
+resolutions = [8, 16]
+resolution = 16
+hp = { lr = 0.05 }
+[[segments]]
+name = "one"
+method = "mu2net+"
+tasks = ["digits"]
+generations = 2
+children = 4
+cycles = 1
+samples_cap = 64
+batch_size = 32
+eval_batch = 128
+P = 2e5
+F = 7e6
+"""
+
+
+class Stream:
+    """A stderr stand-in that keeps what is written and, if asked, sends this process a SIGTERM once a child has
+    finished (as a scheduler preempting the job would)."""
+
+    def __init__(self, term: bool = False):
+        self.text, self.term = [], term
+
+    def write(self, s: str) -> None:
+        self.text.append(s)
+        if self.term and "children, elapsed" in s:
+            import signal
+            self.term = False
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def flush(self) -> None:
+        pass
+
+    def __str__(self) -> str:
+        return "".join(self.text)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """SMALL run on 4 devices into a local directory, the disk full at its generation commit and in-child progress
+    shown and logged at every step; the same run into fsspec's memory filesystem on 1 device, stopped by SIGTERM
+    after its first child and resumed."""
+    import fsspec
+    import jax
+
+    import exchange
+    d = tmp_path_factory.mktemp("small")
+    m = evolve.load_manifest(_write(d, SMALL))
+    real, calls = checkpoint.Store.write, []
+
+    def full(self, rel, data):  # the second state file: the commit after generation 1
+        calls.append(rel)
+        if rel.startswith("state-") and sum(c.startswith("state-") for c in calls) == 2:
+            raise checkpoint.DiskFull(f"no space left on device while writing {self.name(rel)}")
+        real(self, rel, data)
+
+    a_log = Stream()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint.Store, "write", full)
+        a = evolve.run(m, d / "a", a_log, every=0.0, log_every=0.0)
+    url = "memory://mu2net-test/b"
+    one = exchange.Hosts(jax.local_devices()[:1])
+    b_logs = [Stream(term=True), Stream()]
+    with pytest.raises(evolve.Stopped, match="stopped at a safe point: 1 of the 4 children of generation 1/2 of task 'digits' committed"):
+        evolve.run(m, url, b_logs[0], hosts=one)
+    stopped = checkpoint.load(url)
+    b = evolve.run(m, url, b_logs[1], hosts=one)
+    yield dict(m=m, d=d, a=a, a_log=str(a_log), b=b, b_logs=list(map(str, b_logs)), stopped=stopped, url=url)
+    fsspec.filesystem("memory").rm("/mu2net-test", recursive=True)
+
+
+def test_progress_inside_a_child(small):
+    log = small["a_log"]
+    lines = [x for x in log.splitlines() if "img/s" in x]
+    assert lines and all(" step " in x and " loss " in x and "child ETA" in x for x in lines)
+    steps = [json.loads(x) for x in (small["d"] / "a" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["event"] == "step"]
+    assert steps and {"step", "steps", "loss", "images_per_s", "eta", "task"} <= set(steps[0])
+    assert all(r["steps"] == 2 and 1 <= r["step"] <= 2 and r["images_per_s"] > 0 for r in steps)
+
+
+def test_full_disk_at_a_commit_leaves_the_run_going(small):
+    assert "warning: no space left on device while writing" in small["a_log"]
+    assert "the next commit tries again" in small["a_log"]
+    ck = checkpoint.load(small["d"] / "a")
+    assert mu2net.identical(ck.system, small["a"]) and ck.extra["done"]
+
+
+def test_object_store_run_stops_resumes_and_equals_a_local_one(small):
+    """A run directory on a non-local filesystem (fsspec memory), 1 device instead of 4, stopped part-way through a
+    generation (1 of its 4 children trained) and resumed from there: the same system, bit for bit."""
+    st = small["stopped"]
+    assert st.pending is not None and st.pending.generation == 0 and list(st.pending.done) == [0]
+    assert "generation 1/2 (1 of its children done)" in small["b_logs"][1]
+    assert len([x for x in small["b_logs"][1].splitlines() if "children, elapsed" in x]) == 7  # 8 - 1 kept
+    assert mu2net.identical(small["a"], small["b"])
+    ck = checkpoint.load(small["url"])
+    assert mu2net.identical(ck.system, small["a"]) and not checkpoint.Store(small["url"]).exists(checkpoint.LOCK)
+    got = checkpoint.Store(small["url"]).read("metrics.jsonl").decode().splitlines()
+    assert _events_of(got) == _events_of((small["d"] / "a" / "metrics.jsonl").read_text().splitlines())
+    assert "report.md" in checkpoint.Store(small["url"]).glob("*.md")
+
+
+def _events_of(lines: list[str]) -> list[str]:
+    recs = [json.loads(x) for x in lines]
+    return sorted(json.dumps({k: v for k, v in d.items() if k != "elapsed"}, sort_keys=True) for d in recs
+                  if d["event"] != "step")
+
+
+def test_lock_refuses_a_second_run_of_the_same_directory(tmp_path, capsys):
+    man = _write(tmp_path, SMALL)
+    with checkpoint.lock(tmp_path / "run"):
+        assert evolve.main(["--manifest", str(man), "--out", str(tmp_path / "run"), "--compile-cache", ""]) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by process {os.getpid()}" in err and "refusing to run it twice" in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+
+
+def test_two_processes_equal_one(small, tmp_path):
+    """2 processes × 2 CPU devices on JAX's multi-controller runtime (gloo collectives), the children spread one per
+    device: the same system, bit for bit, as 1 process with 4 devices and with 1 device."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    man = _write(tmp_path, SMALL)
+    out = tmp_path / "mp"
+    env = {k: v for k, v in os.environ.items() if k != evolve.KILL_ENV}
+    env["XLA_FLAGS"] = conftest.CPU_FLAGS.format(2)
+    procs = [subprocess.Popen([sys.executable, str(HERE / "evolve.py"), "--manifest", str(man), "--out", str(out),
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                               "--compile-cache", ""], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    res = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], res[0][1][-3000:] + res[1][1][-3000:]
+    for _, err in res:  # each process trained its own half of every generation
+        assert len([x for x in err.splitlines() if "children, elapsed" in x]) == 4, err[-2000:]
+    ck = checkpoint.load(out)
+    assert mu2net.identical(ck.system, small["a"]) and mu2net.identical(ck.system, small["b"])
+    assert _events_of((out / "metrics.jsonl").read_text().splitlines()) == \
+        _events_of((small["d"] / "a" / "metrics.jsonl").read_text().splitlines())
