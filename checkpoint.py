@@ -321,8 +321,8 @@ def _pending(it: mu2net.Iteration, system: mu2net.System) -> tuple[dict, dict[st
     """The task iteration in progress as a msgpack-able record, and the components it adds to the system's."""
     pool = it.pool
     comps = {c: (pool.params[c], pool.momentum[c]) for c in pool.params if c not in system.params}
-    done = {}
-    for i, r in it.done.items():
+    done = None if it.done is None else {}
+    for i, r in (it.done or {}).items():
         if r is not None:
             comps |= {c: (p, r.momentum[c]) for c, p in r.params.items()}
         done[str(i)] = None if r is None else {"model": model_record(r.model), "score": r.score,
@@ -338,12 +338,12 @@ def _unpending(rec: Mapping, system: mu2net.System, params: Mapping, momentum: M
     models = tuple(model_of(m) for m in rec["models"])
     ids = [c for c in params if c not in system.params]
     lineage = {**system.lineage, **{m: (p, tuple(c)) for m, (p, c) in rec["lineage"].items()}}
-    done = {}
-    for i, r in rec["done"].items():
+    done = None if rec["done"] is None else {}
+    for i, r in (rec["done"] or {}).items():
         done[int(i)] = None if r is None else mu2net.Trained(
             model_of(r["model"]), {c: params[c] for c in r["components"]}, {c: momentum[c] for c in r["components"]},
             float(r["score"]))
-    done_ids = {c for r in done.values() if r is not None for c in r.params}
+    done_ids = {c for r in (done or {}).values() if r is not None for c in r.params}
     pool = mu2net.Pool(system, {**system.params, **{c: params[c] for c in ids if c not in done_ids}},
                        {**system.momentum, **{c: momentum[c] for c in ids if c not in done_ids}}, lineage, models,
                        {k: float(v) for k, v in rec["scores"].items()})

@@ -4,13 +4,16 @@ A manifest (TOML) names where the system starts (a root ViT: AugReg `.npz`, a ra
 pre-training iteration, or a previous run's system), the seed, and an ordered list of experiment segments — each
 a method (μ2Net, μ2Net+ or a Section 4 baseline) with its budgets, score parameters and the tasks it iterates over.
 The runner executes every task iteration of every segment in order (Algorithm 1 via `mu2net.task_iteration`),
-commits a checkpoint after each (checkpoint.py), and reports the three Figure 3 metrics at each segment's end
-(report.py). Rerunning the same command resumes from the last commit; a killed-and-resumed run ends bit-identical to
-an uninterrupted one because every task iteration's key is a pure function of (seed, segment, iteration, task).
+commits a checkpoint after every generation and every task iteration (checkpoint.py), and reports the three Figure 3
+metrics at each segment's end (report.py). Rerunning the same command resumes from the last commit; a
+killed-and-resumed run ends bit-identical to an uninterrupted one because every task iteration's key is a pure
+function of (seed, segment, iteration, task) and the state between generations is a value (`mu2net.Iteration`).
+SIGTERM / SIGINT stop at a safe point with a commit; one run may span many processes (exchange.py).
 
     python evolve.py                                       # the quickstart (manifests/quickstart.toml)
     python evolve.py --manifest manifests/paper_sec5.toml --out runs/sec5 --seed 3
     python evolve.py --set segments.0.generations=2 --set root.pretrain.cycles=1
+    python evolve.py --manifest M --out gs://bucket/run --distributed       # on every host of a TPU pod slice
 """
 
 from __future__ import annotations
@@ -268,7 +271,7 @@ def _total_children(m: Manifest, cursor: tuple[int, int, int], pretrain: bool,
                     pending: mu2net.Iteration | None = None) -> int:
     n = m.root.pretrain.generations * m.root.pretrain.children if pretrain else 0
     if pending:
-        n -= pending.generation * m.segments[cursor[0]].children + len(pending.done)
+        n -= pending.generation * m.segments[cursor[0]].children + len(pending.done or {})
     for i, s in enumerate(m.segments):
         per = s.generations * s.children
         k = len(segment_tasks(m, s))
@@ -324,16 +327,19 @@ def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr, hosts: ex
             f"root.kind = 'mu2net_state' (path {r.path!r}): reading the authors' published μ2Net system state is not "
             f"implemented yet (it comes in a later issue). Start from root.kind = 'augreg' or 'system' meanwhile.")
     # On an object store the log and the reports are written locally and uploaded at each commit.
-    work = Path(out) if store.local else Path(tempfile.mkdtemp(prefix="mu2net-")) / Path(store.root).name
-
-    def first() -> bytes:
-        if r.kind in ("augreg", "system") and not Path(_expand(r.path)).exists() and not checkpoint.exists(out):
-            raise ManifestError(f"root.path = {r.path!r} (root.kind = {r.kind!r}): no such file or directory")
-        work.mkdir(parents=True, exist_ok=True)
-        return b"1" if checkpoint.exists(out) else b"0"
-
-    resuming = hosts.share(first) == b"1"
     with contextlib.ExitStack() as stack:
+        work = Path(out)
+        if not store.local and hosts.main:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mu2net-"))) / Path(store.root).name
+
+        def first() -> bytes:
+            root = checkpoint.Store(_expand(r.path)) if r.kind in ("augreg", "system") else None
+            if root and not root.fs.exists(root.root) and not checkpoint.exists(out):
+                raise ManifestError(f"root.path = {r.path!r} (root.kind = {r.kind!r}): no such file or directory")
+            work.mkdir(parents=True, exist_ok=True)
+            return b"1" if checkpoint.exists(out) else b"0"
+
+        resuming = hosts.share(first) == b"1"
         hosts.share(lambda: (stack.enter_context(checkpoint.lock(out)), b"")[1])
         stop = stack.enter_context(Stop(stream))
         return _run(m, out, store, work, resuming, stream, hosts, stop, every, log_every)
@@ -381,7 +387,8 @@ def _run(m: Manifest, out: str, store: checkpoint.Store, work: Path, resuming: b
         progress = Progress(metrics, round(_total_children(m, cursor, False, pending) * share),
                             float(ck.extra["elapsed"]), stream, every, log_every)
         where = "" if not pending else (f", generation {pending.generation + 1}/{m.segments[cursor[0]].generations}"
-                                        + (f" ({len(pending.done)} of its children done)" if pending.done else ""))
+                                        + (f" ({len(pending.done)} of its children done)"
+                                           if pending.done is not None else ""))
         print(f"resuming {out} at segment {cursor[0]}, iteration {cursor[1]}, task {cursor[2]}{where} "
               f"(state {ck.state}, code {ck.extra.get('version')})", file=stream, flush=True)
     else:
@@ -448,13 +455,13 @@ def _run(m: Manifest, out: str, store: checkpoint.Store, work: Path, resuming: b
             def after(state: mu2net.Iteration, system=system, cursor=cursor, conf=conf) -> None:
                 nonlocal ck
                 stopping = hosts.any(stop())
-                if state.generation < conf.generations or state.done or stopping:  # the last one: finish commits
+                partial = state.done is not None
+                if state.generation < conf.generations or partial or stopping:  # the last one: finish commits
                     ck = commit(system, cursor, ck, state, final=stopping)
                 if stopping:
-                    g, n = state.generation, conf.generations
+                    g, n, t = state.generation, conf.generations, state.task
                     raise stopped(f"{len(state.done)} of the {conf.children} children of generation {g + 1}/{n} of "
-                                  f"task {state.task!r}" if state.done else f"generation {g}/{n} of task "
-                                                                            f"{state.task!r}")
+                                  f"task {t!r}" if partial else f"generation {g}/{n} of task {t!r}")
 
             system = mu2net.task_iteration(system, tasks(task), conf, iteration_key(m.seed, si, it, ti), progress,
                                            train=train, state=pending, after=after)

@@ -97,18 +97,22 @@ class Hosts:
         return got[1:]
 
     def train(self, stop: Callable[[], bool] = lambda: False) -> mu2net.Train:
-        """`mu2net.Train` over every process's devices: child i of a generation is trained on device i mod D of the
-        D devices of the run, i.e. by the process owning that device, on its own devices (`mu2net.train_local`);
-        then every child reaches every process. The log records of a child (its cycles, a discard) travel with it:
-        each process shows its own children's progress as they train, and the log gets every child's records in
-        child order."""
+        """`mu2net.Train` over every process's devices: the children of a generation are dealt one per device over
+        the run's D devices, taken first device of every process, then second device of every process, ... (child i
+        on slot i mod D, so a generation smaller than the run is spread over every host); each process trains its
+        own on its devices (`mu2net.train_local`), then every child reaches every process. The log records of a
+        child (its cycles, a discard) travel with it: each process shows its own children's progress as they
+        train, and the log gets every child's records in child order."""
         local = mu2net.train_local(self.devices, stop)
         if self.count == 1:
             return local
-        devices = jax.devices()
+        per: dict[int, list[jax.Device]] = collections.defaultdict(list)
+        for d in jax.devices():
+            per[d.process_index].append(d)
+        slots = [ds[k] for k in range(max(map(len, per.values()))) for _, ds in sorted(per.items()) if k < len(ds)]
 
         def owner(i: int) -> int:
-            return devices[i % len(devices)].process_index
+            return slots[i % len(slots)].process_index
 
         def run(pool: mu2net.Pool, todo: Sequence[mu2net.Planned], task: mu2net.TaskData, config: mu2net.Config,
                 log: Any) -> dict[int, mu2net.Trained | None]:

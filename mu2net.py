@@ -575,15 +575,16 @@ def train_local(devices: Sequence[jax.Device], stop: Callable[[], bool] = lambda
 class Iteration:
     """A task iteration between two generations: everything Algorithm 1's loop carries (line 4's generation, the
     active population 𝒜 in `pool`, the id counter, the #selections of line 13), plus the children of the current
-    generation already trained when it was stopped part-way (`done`, by index in the generation). It is a value, so
-    a runner can commit it after every generation and resume from it bit-identically."""
+    generation already trained when it was stopped part-way (`done`, by index in the generation; None while the
+    generation has not started). It is a value, so a runner can commit it after every generation and resume from it
+    bit-identically."""
 
     task: str
     generation: int
     pool: Pool
     counter: int
     selections: Mapping[str, int]
-    done: Mapping[int, Trained | None] = dataclasses.field(default_factory=dict)
+    done: Mapping[int, Trained | None] | None = None
 
 
 class Stopped(Exception):
@@ -608,7 +609,7 @@ def generation(state: Iteration, task: TaskData, config: Config, key: jax.Array,
     pool, t, gen = state.pool, state.task, state.generation
     system = pool.system
     others = sorted((m for m in system.models.values() if m.task != t), key=lambda m: m.task) + [system.root]
-    counter, selections = state.counter, dict(state.selections)
+    counter, selections, done = state.counter, dict(state.selections), state.done or {}
     kg = jax.random.fold_in(key, gen)
     children: list[Planned] = []
     for i in range(config.children):  # line 5
@@ -619,11 +620,11 @@ def generation(state: Iteration, task: TaskData, config: Config, key: jax.Array,
         child, counter = make_child(pool, parent, t, task.num_classes, config, kc, counter)  # lines 17–24
         threshold = pool.scores[parent.id] if parent.task == t else -math.inf  # line 29's max at c = none
         children.append((i, child, threshold, kt))
-        if log and not state.done:  # a resumed generation logged its children before it stopped
+        if log and state.done is None:  # a resumed generation logged its children before it stopped
             log(dict(event="child", task=t, generation=gen, child=child.model.id, parent=parent.id,
                      trainable=sum(child.trainable), hp=dict(child.model.hp)))
-    todo = [c for c in children if c[0] not in state.done]
-    results = {**state.done, **train(pool, todo, task, config, log)}  # lines 26–32, one child per device
+    todo = [c for c in children if c[0] not in done]
+    results = {**done, **train(pool, todo, task, config, log)}  # lines 26–32, one child per device
     if len(results) < len(children):
         return dataclasses.replace(state, done=results)
     for i in range(len(children)):
@@ -667,6 +668,6 @@ def task_iteration(system: System, task: TaskData, config: Config, key: jax.Arra
         it = generation(it, task, config, key, train, log)  # lines 5–35
         if after:
             after(it)
-        if it.done:
+        if it.done is not None:
             raise Stopped(it)
     return finish(it, task, config, devices[0])  # line 39

@@ -318,7 +318,8 @@ def test_the_system_lives_in_host_memory(s0, tasks):
     import gc
     gc.collect()
     before = {id(a) for a in jax.live_arrays()}
-    s = mu2net.task_iteration(s0, tasks[0], conf(generations=1, cycles=1, samples_cap=64), jax.random.key(11))
+    s = mu2net.task_iteration(s0, tasks[0], conf(generations=1, children=1, cycles=1, samples_cap=64),
+                              jax.random.key(11))
     assert all(type(a) is np.ndarray for a in jax.tree.leaves((s.params, s.momentum)))
     gc.collect()
     left = [a for a in jax.live_arrays() if id(a) not in before]
