@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fnmatch
 import hashlib
 import json
 import os
@@ -38,7 +39,6 @@ from typing import Any
 
 import equinox as eqx
 import fsspec
-import jax
 import ml_dtypes
 import msgpack
 import numpy as np
@@ -140,9 +140,14 @@ class Store:
         return self.fs.exists(self._p(rel))
 
     def glob(self, pattern: str) -> list[str]:
-        """Relative names matching `pattern` (e.g. `components/*.msgpack`), sorted."""
-        root = self.root.strip("/") + "/"  # filesystems differ on a leading '/'
-        return sorted(p.strip("/")[len(root):] for p in self.fs.glob(self._p(pattern)) if p.strip("/").startswith(root))
+        """Relative names matching `pattern` (`*.msgpack`, `components/*.msgpack`: a pattern in the last part only,
+        so the run directory's own name may hold any character), sorted."""
+        parent, _, pat = pattern.rpartition("/")
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._p(parent).rstrip("/"), detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(f"{parent}/{n}" if parent else n for n in names if fnmatch.fnmatchcase(n, pat))
 
     def remove(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -87,7 +87,7 @@ class Hosts:
         if self.main:
             try:
                 blob = b"\0" + produce()
-            except (checkpoint.CheckpointError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 -- whatever it is, the others must not wait for it
                 err, blob = e, b"\1" + f"{type(e).__name__}: {e}".encode()
         got = self.send(blob if self.main else None, 0)
         if err is not None:
