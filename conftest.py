@@ -2,8 +2,12 @@
 import os
 import socket
 
-# Several fake CPU devices so the per-device child training is tested; must precede the first jax import.
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+# Several fake CPU devices so the per-device child training is tested; must precede the first jax import. XLA:CPU
+# splits a matmul over its thread pool in a way that depends on how many devices the process has, so bit-for-bit
+# comparisons between processes with other device counts (test_evolve's 2 processes × 2 devices against 1 × 4)
+# need single-threaded Eigen; subprocesses inherit the flags.
+CPU_FLAGS = "--xla_force_host_platform_device_count={} --xla_cpu_multi_thread_eigen=false"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + CPU_FLAGS.format(4)
 os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-tfds-data-dir")
 os.environ["NO_GCE_CHECK"] = "true"
 

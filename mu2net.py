@@ -317,9 +317,10 @@ def task_of(mid: str) -> str:
 
 
 def new_system(cfg: vit.Config, root: Mapping[str, eqx.Module], hp: Mapping[str, Any]) -> System:
-    """A system holding only the root model (e.g. an AugReg checkpoint or a random init), momentum zero."""
+    """A system holding only the root model (e.g. an AugReg checkpoint or a random init), momentum zero. A system's
+    components live in host memory (numpy): only the children in flight occupy accelerators (issue 13)."""
     ids = tuple(component_id(name, i) for i, name in enumerate(root))
-    params = {cid: root[kind(cid)] for cid in ids}
+    params = {cid: jax.device_get(root[kind(cid)]) for cid in ids}
     model = Model(ROOT, ROOT, ids, dict(hp), {}, None, {})
     return System(cfg, params, {c: zeros_like_bf16(p) for c, p in params.items()}, {}, model,
                   {ROOT: (None, ids)}, len(ids))
@@ -655,20 +656,33 @@ def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: j
                    {c: m for c, m in zip(ids, snap.momentum) if m is not None}, snap.score)
 
 
-def _train_all(pool: Pool, children: Sequence[tuple[Child, float, jax.Array]], task: TaskData, config: Config,
-               devices: Sequence[jax.Device], log) -> list[Trained | None]:
-    """Trains a generation's children, one per local device at a time (the paper's one child per TPU core): one
-    thread per device trains children d, d + n, d + 2n, ... in turn, so no device ever holds two children."""
+Planned = tuple[int, Child, float, jax.Array]  # a child's index in its generation, the child, line 29's threshold, key
+Train = Callable[[Pool, Sequence[Planned], TaskData, Config, Callable[[dict], None] | None],
+                 Mapping[int, "Trained | None"]]
+
+
+def train_local(devices: Sequence[jax.Device], stop: Callable[[], bool] = lambda: False) -> Train:
+    """Trains a generation's children, one per device at a time (the paper's one child per TPU core): one thread per
+    device trains children d, d + n, d + 2n, ... in turn, so no device ever holds two children. A child not yet
+    started when `stop()` turns true is left out of the result (a stopped generation resumes from the others)."""
+    devices = list(devices)
     n = len(devices)
 
-    def worker(d: int) -> list[Trained | None]:
-        return [train_child(pool, c, task, config, k, thr, devices[d], log) for c, thr, k in children[d::n]]
+    def run(pool: Pool, todo: Sequence[Planned], task: TaskData, config: Config, log) -> dict[int, Trained | None]:
+        def worker(d: int) -> dict[int, Trained | None]:
+            out = {}
+            for i, c, thr, k in todo[d::n]:
+                if stop():
+                    break
+                out[i] = train_child(pool, c, task, config, k, thr, devices[d], log)
+            return out
 
-    if n == 1:
-        return worker(0)
-    with concurrent.futures.ThreadPoolExecutor(n) as ex:
-        done = list(ex.map(worker, range(n)))
-    return [done[i % n][i // n] for i in range(len(children))]
+        if n == 1:
+            return worker(0)
+        with concurrent.futures.ThreadPoolExecutor(n) as ex:
+            return {i: r for done in ex.map(worker, range(n)) for i, r in done.items()}
+
+    return run
 
 
 # --- one task iteration (Algorithm 1) ------------------------------------------------------------------------
@@ -702,57 +716,121 @@ def generation_data(pool: Pool, config: Config, frozen: bool, key: jax.Array) ->
     return hp
 
 
-def task_iteration(system: System, task: TaskData, config: Config, key: jax.Array,
-                   log: Callable[[dict], None] | None = None, devices: Sequence[jax.Device] | None = None) -> System:
-    """One active-task iteration (Algorithm 1) as a pure function: #generations × #children children, each
-    trained on its own device when several exist; only the task's best model is kept, and every component no
-    retained model (nor the root) uses is dropped. Children of one generation are sampled from the population at
-    the generation's start, so the result does not depend on how many devices train them. muNet's settings add
-    its seed phase, generation-level data hyperparameters and persistent selection counts (`Method`)."""
-    t, method = task.name, config.method  # Alg. 1 line 1
-    devices = list(devices or jax.local_devices())
-    pool = Pool.of(system, t, config)  # lines 2–3: ℳ is the system, 𝒜 the task's models
+@dataclasses.dataclass(frozen=True)
+class Iteration:
+    """A task iteration between two generations: everything Algorithm 1's loop carries (line 4's generation, the
+    active population 𝒜 in `pool`, the id counter, the #selections of line 13), plus the children of the current
+    generation already trained when it was stopped part-way (`done`, by index in the generation; None while the
+    generation has not started). It is a value, so a runner can commit it after every generation and resume from it
+    bit-identically."""
+
+    task: str
+    generation: int
+    pool: Pool
+    counter: int
+    selections: Mapping[str, int]
+    done: Mapping[int, Trained | None] | None = None
+
+
+class Stopped(Exception):
+    """A task iteration stopped at a safe point (a stop request); `state` resumes it."""
+
+    def __init__(self, state: Iteration):
+        super().__init__(f"task iteration on {state.task!r} stopped in generation {state.generation}")
+        self.state = state
+
+
+def start(system: System, task: str, config: Config) -> Iteration:
+    """Algorithm 1 lines 1–3: ℳ is the system, 𝒜 the task's models. muNet's selection counts start from the
+    retained model's `offspring` (they persist across iterations, section4.md §5.3)."""
+    pool = Pool.of(system, task, config)
+    persist = config.method.parents == "active"
+    selections = {m.id: int(m.metrics.get("offspring", 0)) for m in pool.models} if persist else {}
+    return Iteration(task, 0, pool, system.counter, selections)
+
+
+def generation(state: Iteration, task: TaskData, config: Config, key: jax.Array, train: Train,
+               log: Callable[[dict], None] | None = None) -> Iteration:
+    """One generation (Algorithm 1 lines 5–35): sample #children children from the population as it stands at the
+    generation's start, train them (`train`: on this process's devices, or spread over several processes), and
+    add the retained ones to 𝒜 in child order. If `train` stopped before every child was trained, the state keeps
+    the generation's start and the finished children, so the generation resumes where it stopped."""
+    pool, t, gen, method = state.pool, state.task, state.generation, config.method
+    system = pool.system  # the system at the iteration's start: seeds and others are the same every generation
     seeds = seed_models(system, t) if method.seeds else []
-    if method.parents == "active":  # muNet: the uniform fallback draws from the seeds (= the other models)
+    persist = method.parents == "active"  # muNet's offspring counts live on with the retained model (§5.3)
+    if persist:  # muNet: the uniform fallback draws from the seeds (= the other models)
         others = seed_models(system, t)
     else:
         others = sorted((m for m in system.models.values() if m.task != t), key=lambda m: m.task) + [system.root]
-    persist = method.parents == "active"  # muNet's offspring counts live on with the retained model (§5.3)
-    counter = system.counter
-    selections = {m.id: int(m.metrics.get("offspring", 0)) for m in pool.models} if persist else {}
-    for gen in range(config.generations):  # line 4
-        kg = jax.random.fold_in(key, gen)
-        first = gen * config.children  # index of the generation's first child in the iteration
-        fixed = (generation_data(pool, config, first < len(seeds), jax.random.fold_in(kg, config.children))
-                 if method.generation_hp else None)
-        children = []
-        for i in range(config.children):  # line 5
-            kp, kc, kt = jax.random.split(jax.random.fold_in(kg, i), 3)
-            seed = first + i < len(seeds)
-            parent = (seeds[first + i] if seed else system.root if method.parents == "root"  # lines 7–16
-                      else sample_parent(pool.models, pool.scores, others, selections, kp, not persist))
-            selections[parent.id] = selections.get(parent.id, 0) + 1
-            child, counter = make_child(pool, parent, t, task.num_classes, config, kc, counter,  # lines 17–24
-                                        seed, fixed)
-            threshold = pool.scores[parent.id] if parent.task == t else -math.inf  # line 29's max at c = none
-            children.append((child, threshold, kt))
-            if log:
-                log(dict(event="child", task=t, generation=gen, child=child.model.id, parent=parent.id,
-                         seed=seed, trainable=sum(child.trainable), hp=dict(child.model.hp)))
-        results = _train_all(pool, children, task, config, devices, log)  # lines 26–32, one child per device
-        for r in results:
-            if r is not None:  # lines 33–35
-                pool = pool.add(r)
-        if log:
-            log(dict(event="generation", task=t, generation=gen, retained=sum(r is not None for r in results),
-                     best=max(pool.scores.values(), default=None)))
-    best = best_model(pool, method.strict)  # line 39: the task's argmax score
+    counter, selections, done = state.counter, dict(state.selections), state.done or {}
+    kg = jax.random.fold_in(key, gen)
+    first = gen * config.children  # index of the generation's first child in the iteration
+    fixed = (generation_data(pool, config, first < len(seeds), jax.random.fold_in(kg, config.children))
+             if method.generation_hp else None)
+    children: list[Planned] = []
+    for i in range(config.children):  # line 5
+        kp, kc, kt = jax.random.split(jax.random.fold_in(kg, i), 3)
+        seed = first + i < len(seeds)
+        parent = (seeds[first + i] if seed else system.root if method.parents == "root"  # lines 7–16
+                  else sample_parent(pool.models, pool.scores, others, selections, kp, not persist))
+        selections[parent.id] = selections.get(parent.id, 0) + 1
+        child, counter = make_child(pool, parent, t, task.num_classes, config, kc, counter,  # lines 17–24
+                                    seed, fixed)
+        threshold = pool.scores[parent.id] if parent.task == t else -math.inf  # line 29's max at c = none
+        children.append((i, child, threshold, kt))
+        if log and state.done is None:  # a resumed generation logged its children before it stopped
+            log(dict(event="child", task=t, generation=gen, child=child.model.id, parent=parent.id,
+                     seed=seed, trainable=sum(child.trainable), hp=dict(child.model.hp)))
+    todo = [c for c in children if c[0] not in done]
+    results = {**done, **train(pool, todo, task, config, log)}  # lines 26–32, one child per device
+    if len(results) < len(children):
+        return dataclasses.replace(state, done=results)
+    for i in range(len(children)):
+        if results[i] is not None:  # lines 33–35
+            pool = pool.add(results[i])
+    if log:
+        log(dict(event="generation", task=t, generation=gen, retained=sum(r is not None for r in results.values()),
+                 best=max(pool.scores.values(), default=None)))
+    return Iteration(t, gen + 1, pool, counter, selections)
+
+
+def finish(state: Iteration, task: TaskData, config: Config, device: jax.Device | None = None) -> System:
+    """Algorithm 1 line 39: the task keeps its best model; components no retained model uses are dropped."""
+    pool = state.pool
+    system = dataclasses.replace(pool.system, counter=state.counter)
+    best = best_model(pool, config.method.strict)  # line 39: the task's argmax score
     if best is None:
-        return dataclasses.replace(system, counter=counter)
+        return system
     test = train.accuracy([pool.params[c] for c in best.components], task, "test", int(best.hp["resolution"]),
-                          config.eval_batch, devices[0])  # placed like validation's inputs: the same compiled function
+                          config.eval_batch, device)  # placed like validation's inputs: the same compiled function
     metrics = {**best.metrics, "score": pool.scores[best.id], "test": test}
-    if persist:
-        metrics["offspring"] = selections.get(best.id, 0)
+    if config.method.parents == "active":
+        metrics["offspring"] = state.selections.get(best.id, 0)
     best = dataclasses.replace(best, metrics=metrics)
-    return collect(dataclasses.replace(system, models={**system.models, t: best}, counter=counter), pool)
+    return collect(dataclasses.replace(system, models={**system.models, state.task: best}), pool)
+
+
+def task_iteration(system: System, task: TaskData, config: Config, key: jax.Array,
+                   log: Callable[[dict], None] | None = None, devices: Sequence[jax.Device] | None = None,
+                   train: Train | None = None, state: Iteration | None = None,
+                   after: Callable[[Iteration], None] | None = None) -> System:
+    """One active-task iteration (Algorithm 1) as a pure function: #generations × #children children, each
+    trained on its own device when several exist; only the task's best model is kept, and every component no
+    retained model (nor the root) uses is dropped. Children of one generation are sampled from the population at
+    the generation's start, so the result does not depend on how many devices (or processes) train them. muNet's
+    settings add its seed phase, generation-level data hyperparameters and persistent selection counts (`Method`).
+
+    `train` trains a generation's children (default: `train_local` on `devices`, this process's devices by
+    default); `after` sees the state after every generation (a runner commits it there); `state` resumes from such
+    a state. A generation that `train` stopped part-way raises `Stopped` after `after` has seen it."""
+    devices = list(devices or jax.local_devices())
+    train = train or train_local(devices)
+    it = state or start(system, task.name, config)  # lines 1–3
+    while it.generation < config.generations:  # line 4
+        it = generation(it, task, config, key, train, log)  # lines 5–35
+        if after:
+            after(it)
+        if it.done is not None:
+            raise Stopped(it)
+    return finish(it, task, config, devices[0])  # line 39

@@ -12,6 +12,7 @@ import pytest
 
 import checkpoint
 import mu2net
+import train
 import vit
 
 
@@ -129,3 +130,120 @@ def test_unknown_component_name_is_rejected():
     assert vit.component_class("encoderblock_11") is vit.EncoderBlock
     assert vit.component_class("residual_adapter_0") is vit.ResidualAdapter
     assert vit.component_class("encoder_norm") is vit.LayerNorm
+
+
+# --- a task iteration in progress, object stores, a full disk, the lock (issue 13) ------------------------------
+
+
+def _pending(s: mu2net.System) -> mu2net.Iteration:
+    """A task iteration after one generation (a retained child) and part of the next (one child done, one not
+    retained), with components only it holds."""
+    conf = mu2net.config("mu2net+", s.cfg.depth, (8, 16), P=2e5, F=7e6)
+    it = mu2net.start(s, "digits", conf)
+    m = s.models["digits"]
+    k = jax.random.key(7)
+
+    def trained(n: int) -> mu2net.Trained:
+        ids = {c: f"{mu2net.kind(c)}:{n + i}" for i, c in enumerate(m.components[-2:])}
+        model = dataclasses.replace(m, id=f"digits/{n}", parent=m.id, metrics={"quality": 0.25 * n},
+                                    components=tuple(ids.get(c, c) for c in m.components))
+        p = {new: jax.tree.map(lambda a: np.asarray(jax.random.normal(jax.random.fold_in(k, n), a.shape)), s.params[c])
+             for c, new in ids.items()}
+        return mu2net.Trained(model, p, {c: train.zeros_like_bf16(v) for c, v in p.items()}, 0.1 * n)
+
+    pool = it.pool.add(trained(20))
+    return mu2net.Iteration("digits", 1, pool, 31, {"digits/12": 2, "root": 1}, {0: trained(25), 2: None})
+
+
+def _same_iteration(a: mu2net.Iteration, b: mu2net.Iteration) -> bool:
+    same = lambda x, y: all(np.asarray(u).tobytes() == np.asarray(v).tobytes()  # noqa: E731
+                            for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+    pa, pb = a.pool, b.pool
+    return ((a.task, a.generation, a.counter, dict(a.selections)) == (b.task, b.generation, b.counter,
+                                                                       dict(b.selections))
+            and pa.models == pb.models and dict(pa.scores) == dict(pb.scores) and dict(pa.lineage) == dict(pb.lineage)
+            and set(pa.params) == set(pb.params) and all(same(pa.params[c], pb.params[c]) and
+                                                         same(pa.momentum[c], pb.momentum[c]) for c in pa.params)
+            and set(a.done) == set(b.done) and b.done[2] is None
+            and all(x.model == y.model and x.score == y.score and same(x.params, y.params) and
+                    same(x.momentum, y.momentum) for x, y in ((a.done[0], b.done[0]),)))
+
+
+def test_pending_iteration_round_trips_and_its_files_are_kept(tmp_path):
+    s = _system()
+    it = _pending(s)
+    ck = checkpoint.save(tmp_path, s, {}, pending=it)
+    checkpoint.prune(tmp_path, ck)
+    got = checkpoint.load(tmp_path)
+    assert mu2net.identical(got.system, s) and _same_iteration(it, got.pending)
+    assert got.pending.pool.system is got.system
+    assert len(list((tmp_path / "components").iterdir())) == len(s.params) + 4  # 2 pool + 2 done components
+    # The next commit (the iteration finished) drops the pending components.
+    ck2 = checkpoint.save(tmp_path, s, {}, got)
+    checkpoint.prune(tmp_path, ck2)
+    assert checkpoint.load(tmp_path).pending is None
+    assert len(list((tmp_path / "components").iterdir())) == len(s.params)
+
+
+def test_object_store_without_rename_saves_and_loads():
+    """fsspec's memory filesystem stands in for gs://: no rename, whole-object writes."""
+    import fsspec
+    run = "memory://ckpt-test/run"
+    s = _system()
+    ck = checkpoint.save(run, s, {"cursor": [0, 0, 1]}, pending=_pending(s))
+    assert checkpoint.exists(run)
+    ck2 = checkpoint.save(run, s, {"cursor": [0, 1, 0]}, ck)
+    checkpoint.prune(run, ck2)
+    got = checkpoint.load(run)
+    assert mu2net.identical(got.system, s) and got.extra["cursor"] == [0, 1, 0] and got.pending is None
+    fs = fsspec.filesystem("memory")
+    assert [p.rsplit("/", 1)[1] for p in fs.glob("/ckpt-test/run/state-*")] == ["state-000001.msgpack"]
+    assert not [p for p in fs.find("/ckpt-test/run") if ".tmp" in p]
+    fs.rm("/ckpt-test", recursive=True)
+
+
+def test_full_disk_leaves_the_last_commit_loadable(tmp_path, monkeypatch):
+    import errno
+    s = _system()
+    ck = checkpoint.save(tmp_path, s, {"n": 1})
+    before = _snapshot(tmp_path)
+    real = checkpoint._put
+
+    def full(path, data):  # the disk fills up half-way through the new state file
+        if "state-" in path.name:
+            real(path, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "_put", full)
+    with pytest.raises(checkpoint.DiskFull, match=r"no space left on device while writing .*state-000001\.msgpack.*"
+                                                  r"the last commit \(state-000000\.msgpack\) stands"):
+        checkpoint.save(tmp_path, s, {"n": 2}, ck, pending=_pending(s))
+    after = _snapshot(tmp_path)
+    assert not [f for f in after if ".tmp" in f or f.startswith("state-000001")]
+    assert {f: b for f, b in after.items() if f in before} == before  # nothing committed was touched
+    got = checkpoint.load(tmp_path)
+    assert got.extra == {"n": 1} and mu2net.identical(got.system, s)
+
+
+def test_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    with checkpoint.lock(tmp_path):
+        held = json.loads((tmp_path / "LOCK").read_text())
+        assert held["pid"] == os.getpid()
+        with pytest.raises(checkpoint.Locked, match=rf"in use by process {os.getpid()} on host .*delete .*LOCK"):
+            with checkpoint.lock(tmp_path):
+                pass
+    assert not (tmp_path / "LOCK").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "LOCK").write_text(json.dumps(dict(held, pid=dead.pid, ticks=None)))
+    with checkpoint.lock(tmp_path):
+        assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
+    (tmp_path / "LOCK").write_text(json.dumps(dict(held, host="elsewhere")))  # cannot be checked: refused
+    with pytest.raises(checkpoint.Locked, match="host elsewhere"):
+        with checkpoint.lock(tmp_path):
+            pass

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,13 +16,14 @@ import numpy as np
 import pytest
 
 import checkpoint
+import conftest
 import evolve
 import mu2net
 import report
 
 HERE = Path(__file__).resolve().parent
 
-# Two offline tasks, two segments, 1 generation × 2 children, a tiny ViT: seconds per task iteration.
+# Two offline tasks, two segments of 1 and 3 generations × 2 children, a tiny ViT: seconds per task iteration.
 TINY = """
 name = "tiny"
 seed = 0
@@ -55,7 +57,7 @@ eval_batch = 128
 name = "two"
 method = "mu2net+"
 tasks = ["digits"]
-generations = 1
+generations = 3
 children = 2
 cycles = 1
 samples_cap = 64
@@ -211,43 +213,83 @@ def test_paper_sec5_checks_its_data_before_any_work(tmp_path, capsys):
 # --- running, killing, resuming ------------------------------------------------------------------------------
 
 
-def _run(args: list[str], kill_after: int | None = None, cache: Path | None = None) -> subprocess.CompletedProcess:
+def _cmd(args: list[str], kill_after: int | None = None, cache: Path | None = None) -> tuple[list[str], dict]:
     env = dict(os.environ)
     env.pop(evolve.KILL_ENV, None)
     if kill_after:
         env[evolve.KILL_ENV] = str(kill_after)
-    cmd = [sys.executable, str(HERE / "evolve.py"), *args, "--compile-cache", str(cache) if cache else ""]
+    return [sys.executable, str(HERE / "evolve.py"), *args, "--compile-cache", str(cache) if cache else ""], env
+
+
+def _run(args: list[str], kill_after: int | None = None, cache: Path | None = None) -> subprocess.CompletedProcess:
+    cmd, env = _cmd(args, kill_after, cache)
     return subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _signalled(args: list[str], cache: Path, signals: list[int]) -> tuple[int, str]:
+    """Runs evolve.py and sends it `signals` as soon as its first child has finished (while the rest of its
+    generation still trains). Two signals are two kinds: the same one sent twice can arrive as one."""
+    cmd, env = _cmd(args, None, cache)
+    p = subprocess.Popen(cmd, cwd=HERE, env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in p.stderr:
+        lines.append(line)
+        if "children, elapsed" in line and signals:
+            for s in signals:
+                p.send_signal(s)
+            signals = []
+    return p.wait(timeout=300), "".join(lines)
 
 
 def _events(run: Path) -> list[str]:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return sorted(json.dumps({k: v for k, v in d.items() if k != "elapsed"}, sort_keys=True) for d in lines)
+    return sorted(json.dumps({k: v for k, v in d.items() if k != "elapsed"}, sort_keys=True) for d in lines
+                  if d["event"] != "step")  # in-child progress is time-based
+
+
+def _finished(log: str) -> list[str]:
+    """The generation ("gen g/G") of every child a run's stderr reports finished."""
+    return [x.split(" gen ")[1].split()[0] for x in log.splitlines() if "children, elapsed" in x]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """An uninterrupted run, and the same run killed twice mid-iteration and resumed (seed 5 via --seed)."""
+    """An uninterrupted run, and the same run killed twice, stopped by SIGTERM, by SIGINT + SIGTERM, and resumed
+    each time (seed 5 via --seed)."""
     d = tmp_path_factory.mktemp("runs")
     man = d / "tiny.toml"
     man.write_text(TINY)
     cache = d / "xla-cache"
     whole, broken = d / "whole", d / "broken"
+    args = ["--manifest", str(man), "--out", str(broken), "--seed", "5"]
     r = _run(["--manifest", str(man), "--out", str(whole), "--seed", "5"], cache=cache)
     assert r.returncode == 0, r.stderr[-3000:]
-    # Children: 1 pre-training, then 2 per task iteration. Kill after the 2nd (mid "digits" of segment one, before
-    # its commit), resume and kill after the 3rd (mid "digits/parity"), then resume to the end.
-    logs = []
-    for kill in (2, 3, None):
-        r = _run(["--manifest", str(man), "--out", str(broken), "--seed", "5"], kill_after=kill, cache=cache)
+    # Children: 1 pre-training, then 2 per generation: segment one's two iterations of 1 generation (children 2-5),
+    # segment two's 3 generations (6-11). Kill after the 2nd (mid "digits" of segment one, before its commit), resume
+    # and kill after 7 more (the 9th: mid generation 2 of segment two, after generation 1's commit); resume and stop
+    # with SIGTERM after one child, then with SIGINT and SIGTERM at once, then resume to the end.
+    logs, codes = [], []
+    for kill in (2, 7):
+        r = _run(args, kill_after=kill, cache=cache)
         logs.append(r.stderr)
-        assert r.returncode == (75 if kill else 0), r.stderr[-3000:]
-    return whole, broken, logs
+        assert r.returncode == 75, r.stderr[-3000:]
+    for signals in ([signal.SIGTERM], [signal.SIGINT, signal.SIGTERM]):
+        code, log = _signalled(args, cache, signals)
+        logs.append(log)
+        codes.append(code)
+    r = _run(args, cache=cache)
+    logs.append(r.stderr)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return whole, broken, logs, codes
 
 
 def test_kill_and_resume_equals_uninterrupted(runs):
-    whole, broken, logs = runs
-    assert "resuming" in logs[1] and "resuming" in logs[2]
+    whole, broken, logs, _ = runs
+    assert all("resuming" in log for log in logs[1:])
+    # Killed mid-generation, a run resumes from the last generation's commit: the third run retrains none of
+    # segment two's first generation, which a restart of the task iteration would.
+    assert _finished(logs[1])[-3:] == ["1/3", "1/3", "2/3"]
+    assert "generation 2/3" in logs[2] and _finished(logs[2]) and "1/3" not in _finished(logs[2])
     a, b = checkpoint.load(whole), checkpoint.load(broken)
     sa, sb = a.system, b.system
     assert mu2net.identical(sa, sb)  # every parameter and momentum bit, models, lineage, counter
@@ -258,8 +300,19 @@ def test_kill_and_resume_equals_uninterrupted(runs):
     assert set(sa.models) == {"digits", "digits/parity"}
 
 
+def test_signals_stop_at_a_safe_point(runs):
+    """SIGTERM: the run commits at its next safe point, says how to resume and exits with `STOPPED`; a second
+    signal stops at once, the last commit stands (the next run resumes from it) and its stale lock is taken over."""
+    _, broken, logs, codes = runs
+    assert codes == [evolve.STOPPED, 128 + 15]
+    assert "stopped at a safe point" in logs[2] and "rerun the same command to resume" in logs[2]
+    assert "--out" in logs[2].rsplit("to resume", 1)[1]
+    assert "taking over the stale lock" in logs[4] and "taking over" not in logs[3]
+    assert not (broken / checkpoint.LOCK).exists()
+
+
 def test_seed_reaches_the_run(runs):
-    whole, _, _ = runs
+    whole = runs[0]
     ck = checkpoint.load(whole)
     assert ck.extra["seed"] == 5 and ck.extra["manifest"]["seed"] == 5
     assert json.loads((whole / "manifest.json").read_text())["seed"] == 5
@@ -267,7 +320,7 @@ def test_seed_reaches_the_run(runs):
 
 
 def test_reports_written(runs):
-    whole, _, logs = runs
+    whole, logs = runs[0], runs[2]
     for f in ("report.md", "metrics.png", "graph.png", "metrics.jsonl", "manifest.json", *report.FIGURES):
         assert (whole / f).stat().st_size > 0, f
     text = (whole / "report.md").read_text()
@@ -280,7 +333,7 @@ def test_section5_figures_from_a_tiny_run(runs, tmp_path):
     and `report.analyse` rewrites the same analysis from the run directory alone."""
     import collections
 
-    whole, broken, _ = runs
+    whole, broken = runs[:2]
     ck = checkpoint.load(whole)
     system, history = ck.system, ck.extra["history"]
     assert [h["segment"] for h in history] == ["start", "one", "two"]
@@ -336,7 +389,7 @@ def test_section5_figures_from_a_tiny_run(runs, tmp_path):
 
 def test_report_command(runs, tmp_path, capsys):
     import shutil
-    whole, broken, _ = runs
+    whole, broken = runs[:2]
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(whole, a)
     shutil.copytree(broken, b)
@@ -357,7 +410,7 @@ def test_report_command(runs, tmp_path, capsys):
 
 
 def test_finished_run_resumes_to_nothing_and_other_manifest_is_refused(runs, tmp_path):
-    whole, _, _ = runs
+    whole = runs[0]
     before = {p: p.read_bytes() for p in whole.rglob("*") if p.is_file() and p.name != "report.md"}
     man = _write(tmp_path, TINY)
     m = evolve.load_manifest(man, seed=5)
@@ -372,7 +425,7 @@ def test_finished_run_resumes_to_nothing_and_other_manifest_is_refused(runs, tmp
 
 def test_corrupt_run_is_refused_and_left_alone(runs, tmp_path, capsys):
     import shutil
-    _, broken, _ = runs
+    broken = runs[1]
     run = tmp_path / "copy"
     shutil.copytree(broken, run)
     state = next(run.glob("state-*.msgpack"))
@@ -613,3 +666,160 @@ def test_user_errors_exit_2_without_traceback(tmp_path):
         r = subprocess.run([sys.executable, str(HERE / "evolve.py"), *args], cwd=tmp_path, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+# --- progress, object stores, a full disk, many processes (issue 13) --------------------------------------------
+
+# One task iteration of 2 generations × 2 children on one architecture (few compiles): with 2 processes, one child
+# each per generation.
+SMALL = """
+name = "small"
+seed = 2
+report_set = ["digits"]
+[root]
+kind = "random"
+vit = "tiny"
+resolutions = [8, 16]
+resolution = 16
+hp = { lr = 0.05 }
+[[segments]]
+name = "one"
+method = "mu2net+"
+tasks = ["digits"]
+generations = 2
+children = 2
+cycles = 1
+samples_cap = 64
+batch_size = 32
+eval_batch = 128
+P = 2e5
+F = 7e6
+values = { num_layers = [2], resolution = [16] }
+"""
+
+
+class Stream:
+    """A stderr stand-in that keeps what is written and, if asked, sends this process a SIGTERM once a child has
+    finished (as a scheduler preempting the job would)."""
+
+    def __init__(self, term: bool = False):
+        self.text, self.term = [], term
+
+    def write(self, s: str) -> None:
+        self.text.append(s)
+        if self.term and "children, elapsed" in s:
+            self.term = False
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def flush(self) -> None:
+        pass
+
+    def __str__(self) -> str:
+        return "".join(self.text)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """SMALL run on 4 devices into a local directory, the disk full at its generation commit and in-child progress
+    shown and logged at every step; the same run into fsspec's memory filesystem on 1 device, stopped by SIGTERM
+    after its first child and resumed."""
+    import fsspec
+    import jax
+
+    import exchange
+    d = tmp_path_factory.mktemp("small")
+    m = evolve.load_manifest(_write(d, SMALL))
+    real, calls = checkpoint.Store.write, []
+
+    def full(self, rel, data):  # the second state file: the commit after generation 1
+        calls.append(rel)
+        if rel.startswith("state-") and sum(c.startswith("state-") for c in calls) == 2:
+            raise checkpoint.DiskFull(f"no space left on device while writing {self.name(rel)}")
+        real(self, rel, data)
+
+    a_log = Stream()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checkpoint.Store, "write", full)
+        a = evolve.run(m, d / "a", a_log, every=0.0, log_every=0.0)
+    url = "memory://mu2net-test/b"
+    one = exchange.Hosts(jax.local_devices()[:1])
+    b_logs = [Stream(term=True), Stream()]
+    with pytest.raises(evolve.Stopped, match="safe point: 1 of the 2 children of generation 1/2 of task 'digits' "):
+        evolve.run(m, url, b_logs[0], hosts=one)
+    stopped = checkpoint.load(url)
+    b = evolve.run(m, url, b_logs[1], hosts=one)
+    yield dict(m=m, d=d, a=a, a_log=str(a_log), b=b, b_logs=list(map(str, b_logs)), stopped=stopped, url=url)
+    fsspec.filesystem("memory").rm("/mu2net-test", recursive=True)
+
+
+def test_progress_inside_a_child(small):
+    log = small["a_log"]
+    lines = [x for x in log.splitlines() if "img/s" in x]
+    assert lines and all(" step " in x and " loss " in x and "child ETA" in x for x in lines)
+    steps = [json.loads(x) for x in (small["d"] / "a" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["event"] == "step"]
+    assert steps and {"step", "steps", "loss", "images_per_s", "eta", "task"} <= set(steps[0])
+    assert all(r["steps"] == 2 and 1 <= r["step"] <= 2 and r["images_per_s"] > 0 for r in steps)
+
+
+def test_full_disk_at_a_commit_leaves_the_run_going(small):
+    assert "warning: no space left on device while writing" in small["a_log"]
+    assert "the next commit tries again" in small["a_log"]
+    ck = checkpoint.load(small["d"] / "a")
+    assert mu2net.identical(ck.system, small["a"]) and ck.extra["done"]
+
+
+def test_object_store_run_stops_resumes_and_equals_a_local_one(small):
+    """A run directory on a non-local filesystem (fsspec memory), 1 device instead of 4, stopped part-way through a
+    generation (1 of its 4 children trained) and resumed from there: the same system, bit for bit."""
+    st = small["stopped"]
+    assert st.pending is not None and st.pending.generation == 0 and list(st.pending.done) == [0]
+    assert "generation 1/2 (1 of its children done)" in small["b_logs"][1]
+    assert len([x for x in small["b_logs"][1].splitlines() if "children, elapsed" in x]) == 3  # 4 - 1 kept
+    assert mu2net.identical(small["a"], small["b"])
+    ck = checkpoint.load(small["url"])
+    assert mu2net.identical(ck.system, small["a"]) and not checkpoint.Store(small["url"]).exists(checkpoint.LOCK)
+    got = checkpoint.Store(small["url"]).read("metrics.jsonl").decode().splitlines()
+    assert _events_of(got) == _events_of((small["d"] / "a" / "metrics.jsonl").read_text().splitlines())
+    assert "report.md" in checkpoint.Store(small["url"]).glob("*.md")
+
+
+def _events_of(lines: list[str]) -> list[str]:
+    recs = [json.loads(x) for x in lines]
+    return sorted(json.dumps({k: v for k, v in d.items() if k != "elapsed"}, sort_keys=True) for d in recs
+                  if d["event"] != "step")
+
+
+def test_lock_refuses_a_second_run_of_the_same_directory(tmp_path, capsys):
+    man = _write(tmp_path, SMALL)
+    with checkpoint.lock(tmp_path / "run"):
+        assert evolve.main(["--manifest", str(man), "--out", str(tmp_path / "run"), "--compile-cache", ""]) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by process {os.getpid()}" in err and "refusing to run it twice" in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+
+
+def test_two_processes_equal_one(small, tmp_path):
+    """2 processes × 2 CPU devices on JAX's multi-controller runtime (gloo collectives), a generation's children
+    spread over both: the same system, bit for bit, as 1 process with 4 devices and with 1 device."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    man = _write(tmp_path, SMALL)
+    out = tmp_path / "mp"
+    env = {k: v for k, v in os.environ.items() if k != evolve.KILL_ENV}
+    env["XLA_FLAGS"] = conftest.CPU_FLAGS.format(2)
+    procs = [subprocess.Popen([sys.executable, str(HERE / "evolve.py"), "--manifest", str(man), "--out", str(out),
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                               "--compile-cache", ""], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    res = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], res[0][1][-3000:] + res[1][1][-3000:]
+    for _, err in res:  # each process trained its own half of every generation
+        assert len([x for x in err.splitlines() if "children, elapsed" in x]) == 2, err[-2000:]
+    ck = checkpoint.load(out)
+    assert mu2net.identical(ck.system, small["a"]) and mu2net.identical(ck.system, small["b"])
+    assert _events_of((out / "metrics.jsonl").read_text().splitlines()) == \
+        _events_of((small["d"] / "a" / "metrics.jsonl").read_text().splitlines())

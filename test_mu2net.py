@@ -283,3 +283,47 @@ def test_method_search_spaces():
     c = mu2net.Config(mu2, method=mu2net.Method(learned_mu=False, hp_moves=False))
     hp, _ = mu2net.mutate_hparams(root, c.space, c.method, mu2net.Sampler(jax.random.key(0)))
     assert hp["lr"] == 0.05 and hp["crop_area_min"] == 0.05 and hp["resolution"] == 16
+
+
+# --- faults and memory placement (issue 13) -------------------------------------------------------------------
+
+
+class Poisoned:
+    """A task whose training batches are NaN for the first child that asks (its data seed): that child diverges."""
+
+    def __init__(self, task):
+        self.task, self.seed = task, None
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def train_batch(self, seed, step, batch_size):
+        x, y = self.task.train_batch(seed, step, batch_size)
+        self.seed = seed if self.seed is None else self.seed
+        return (np.full(x.shape, np.nan, np.float32) if seed == self.seed else x), y
+
+
+def test_a_diverged_child_is_discarded_and_the_iteration_goes_on(s0, tasks):
+    log = []
+    c = conf(generations=1, cycles=1, samples_cap=64)
+    s = mu2net.task_iteration(s0, Poisoned(tasks[0]), c, jax.random.key(4), log.append, jax.local_devices()[:1])
+    (gone,) = [r for r in log if r["event"] == "discarded"]
+    assert "loss nan" in gone["reason"]
+    kept = s.models["digits"]
+    assert kept.id != gone["child"] and np.isfinite(kept.metrics["quality"])
+    assert all(np.isfinite(a).all() for a in jax.tree.leaves(s.params))
+
+
+def test_the_system_lives_in_host_memory(s0, tasks):
+    """Components live in host memory (numpy); the devices hold the children in flight, and nothing of them stays
+    once the task iteration is done (issue 13: the published system is ~65 GB, more than any accelerator)."""
+    import gc
+    gc.collect()
+    before = {id(a) for a in jax.live_arrays()}
+    s = mu2net.task_iteration(s0, tasks[0], conf(generations=1, children=1, cycles=1, samples_cap=64),
+                              jax.random.key(11))
+    assert all(type(a) is np.ndarray for a in jax.tree.leaves((s.params, s.momentum)))
+    gc.collect()
+    left = [a for a in jax.live_arrays() if id(a) not in before]
+    block = min(sum(a.nbytes for a in jax.tree.leaves(s.params[c])) for c in s.params if vit.is_block(mu2net.kind(c)))
+    assert sum(a.nbytes for a in left) < block, [(a.shape, a.dtype) for a in left]

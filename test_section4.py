@@ -413,3 +413,24 @@ def test_dsprites_raw_labels():
         x, o = cat["dsprites/label_x_position" + suffix], cat["dsprites/label_orientation" + suffix]
         assert (x.label, x.label_fn, x.num_classes) == ("label_x_position", None, 32)
         assert (o.label, o.label_fn, o.num_classes) == ("label_orientation", None, 40)
+
+
+def test_munet_stopped_iteration_resumes_bit_identically(world, tasks, tmp_path):
+    """muNet across the per-generation commits (issue 13): stopped part-way through the generation where the seed
+    phase ends, committed and loaded, the resumed iteration recomputes its seeds and generation data from the
+    iteration's start and carries the persistent selection counts, so it ends bit-identical to an uninterrupted one."""
+    import checkpoint
+
+    conf, key, t = munet(generations=3, children=2), jax.random.key(5), tasks["mnist5k"]
+    whole = mu2net.task_iteration(world, t, conf, key)
+    calls = iter(range(100))
+    one = jax.local_devices()[:1]
+    stop = mu2net.train_local(one, stop=lambda: next(calls) >= 3)  # children 0–2 train, then it stops
+    with pytest.raises(mu2net.Stopped) as e:
+        mu2net.task_iteration(world, t, conf, key, devices=one, train=stop)
+    state = e.value.state
+    assert state.generation == 1 and list(state.done) == [0]  # the third seed (the root) trained, the first mutant not
+    checkpoint.save(tmp_path, world, {}, pending=state)
+    back = checkpoint.load(tmp_path)
+    resumed = mu2net.task_iteration(back.system, t, conf, key, state=back.pending)
+    assert mu2net.identical(resumed, whole) and "offspring" in whole.models["mnist5k"].metrics

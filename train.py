@@ -116,15 +116,16 @@ def learning_rate(step: Int[Array, ""], total: Int[Array, ""], hp: HParams) -> F
 
 
 def zeros_like_bf16(tree: eqx.Module) -> eqx.Module:
-    """A zero bfloat16 momentum for a component (built on the host: no compile per shape). Abstract parameters
-    (`jax.eval_shape`'s ShapeDtypeStruct) get an abstract momentum, so a system's shapes cost no memory."""
+    """A zero bfloat16 momentum for a component, in host memory (no compile per shape, no accelerator memory).
+    Abstract parameters (`jax.eval_shape`'s ShapeDtypeStruct) get an abstract momentum, so a system's shapes cost no
+    memory."""
 
     def zero(a):
         if isinstance(a, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(a.shape, jnp.bfloat16)
         if isinstance(a, jax.core.Tracer):
             return jnp.zeros(a.shape, jnp.bfloat16)
-        return jnp.asarray(np.zeros(a.shape, jnp.bfloat16))
+        return np.zeros(a.shape, jnp.bfloat16)
 
     return jax.tree.map(zero, tree)
 
@@ -271,6 +272,11 @@ def train_child(components: Sequence[eqx.Module], momentum: Sequence[eqx.Module]
             x = preprocess(key, step, x, hps.aug, res)
             diff, mom, loss, _ = train_step(diff, frozen, mom, mask, x, y, hps, step, total, ncls)
             t += 1
+            if log:  # the loss stays on device: the receiver reads it (a sync) only when it reports
+                log(dict(event="step", child=name, step=t, steps=budget.cycles * steps, batch=budget.batch_size,
+                         loss=loss))
+        if not np.isfinite(float(loss)):
+            return _discard(log, name, f"loss {float(loss)} after step {t}")
         trained = eqx.combine(diff, frozen)
         trained = trained[:-1] + (unpad_head(trained[-1], task.num_classes),)
         q = accuracy(trained, task, "validation", res, budget.eval_batch, device, budget.validation_max)
@@ -285,8 +291,18 @@ def train_child(components: Sequence[eqx.Module], momentum: Sequence[eqx.Module]
     if best is None:
         return None
     p, m, q, s = best
-    p, m = jax.device_put((p, m), jax.devices("cpu")[0])
+    p, m = jax.device_get((p, m))  # components live in host memory; the device holds only children in flight
+    finite = lambda c: c is None or all(np.isfinite(a).all() for a in jax.tree.leaves(c))  # noqa: E731
+    if bad := [i for i, c in enumerate(p) if not finite(c)]:
+        return _discard(log, name, f"non-finite parameters in component {bad[0]} of the kept snapshot")
     return Snapshot(tuple(p), tuple(m), q, s)
+
+
+def _discard(log: Callable[[dict], None] | None, name: str, reason: str) -> None:
+    """A child whose training diverged (NaN or Inf) is not retained (issue 13): logged with its reason."""
+    if log:
+        log(dict(event="discarded", child=name, reason=reason))
+    return None
 
 
 def seed_of(key: jax.Array) -> np.random.Generator:
