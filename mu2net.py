@@ -52,6 +52,17 @@ ADAPTER_DIMS = (8, 16, 32, 64, 128)  # adapter_dim of muNet and of small-benchma
 SMALL_RESOLUTIONS = tuple(range(16, 113, 16))  # μ2Net+ on MCCB / VDDB: {16, …, 112} (section4.md §6, §10.4)
 MILD = dict(crop_area_min=0.05, crop_aspect_min=0.75, flip=True)  # Steiner et al.'s fine-tuning preprocessing
 
+# The augmentation ranges muNet and μ2Net's notebooks share (section4.md §5.5, §5.8).
+_WIDE_AUG: dict[str, tuple] = {
+    "crop_area_min": (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+    "crop_aspect_min": (0.25, 0.5, 0.75, 1.0),
+    "flip": (False, True),
+    "brightness": _DELTAS,
+    "contrast": _DELTAS,
+    "saturation": _DELTAS,
+    "hue": _DELTAS,
+}
+
 # muNet (Gesmundo & Dean 2022a) as muNet.ipynb runs it with AUTO_TUNE (section4.md §5.5, §10.14). Its momentum list
 # starts with None, which would crash the notebook's optimizer; 0.0 (plain SGD) stands for it (§10.16).
 MUNET_VALUES: dict[str, tuple] = {
@@ -62,13 +73,7 @@ MUNET_VALUES: dict[str, tuple] = {
     "momentum": (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
     "nesterov": (False, True),
     "resolution": tuple(range(16, 385, 16)),  # 16, 32, …, 384: 24 sizes
-    "crop_area_min": (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
-    "crop_aspect_min": (0.25, 0.5, 0.75, 1.0),
-    "flip": (False, True),
-    "brightness": _DELTAS,
-    "contrast": _DELTAS,
-    "saturation": _DELTAS,
-    "hue": _DELTAS,
+    **_WIDE_AUG,
 }
 MUNET_DEFAULTS: dict[str, Any] = dict(PLUS_DEFAULTS, **MILD, adapter_dim=32, schedule="cosine", warmup=0.1, mu=0.1)
 
@@ -80,13 +85,7 @@ MU2NET_VALUES: dict[str, tuple] = {
     "warmup": (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4),
     "momentum": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99),
     "nesterov": (False, True),
-    "crop_area_min": (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
-    "crop_aspect_min": (0.25, 0.5, 0.75, 1.0),
-    "flip": (False, True),
-    "brightness": _DELTAS,
-    "contrast": _DELTAS,
-    "saturation": _DELTAS,
-    "hue": _DELTAS,
+    **_WIDE_AUG,
 }
 DATA_HP = ("resolution",) + train.AUG_KEYS  # muNet draws these once per generation (section4.md §5.4 step 4)
 
