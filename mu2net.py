@@ -135,6 +135,10 @@ class Budget(train.Budget):
     s: float = train._check(lambda v: 0 < v <= 1, "a number in (0, 1]", 0.99)
     P: float = train._check(lambda v: v > 0, "a number > 0 (inf = no penalty)", math.inf)
     F: float = train._check(lambda v: v > 0, "a number > 0 (inf = no penalty)", math.inf)
+    # Children of a generation that share an architecture train as one vectorised program, at most this many
+    # together (a power of two; 1: one by one). Not bit-identical to one by one, but a pure function of the key
+    # for any device count. bench/child.py measures whether it pays on a device: on a CPU it does not (README).
+    vectorise: int = train._check(lambda v: v >= 1 and v & (v - 1) == 0, "a power of two ≥ 1", 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,42 +520,87 @@ def make_child(pool: Pool, parent: Model, task: str, num_classes: int, config: C
 # --- training a child (Algorithm 1 lines 26–32) ---------------------------------------------------------------
 
 
-def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: jax.Array,
-                threshold: float = -math.inf, device: jax.Device | None = None,
-                log: Callable[[dict], None] | None = None) -> Trained | None:
-    """Trains `child` (train.train_child) scored by eq. 1 in the system as it stands; None if no cycle reached
-    `threshold` (line 29)."""
+def _job(pool: Pool, child: Child, task: TaskData, config: Config, key: jax.Array, threshold: float
+         ) -> tuple[train.Job, float, int]:
+    """What train.py needs to train `child`, scored by eq. 1 in the system as it stands; and its size and FLOPs."""
     model, ids = child.model, child.model.components
     params = {**pool.params, **{c: p for c, (p, _) in child.new.items()}}
     comps = [params[c] for c in ids]
     mom = [child.new[c][1] if c in child.new else zeros_like_bf16(p) for c, p in zip(ids, comps)]
     size = model_size(params, model, sharers(pool.system, task.name))
     flops = model_flops(pool.system.cfg, params, model)
-    snap = train.train_child(comps, mom, child.trainable, model.hp, task, config, key,
-                             lambda q: sc.score(q, size, flops, config.s, config.P, config.F), threshold, device,
-                             log, model.id)
+    score = lambda q: sc.score(q, size, flops, config.s, config.P, config.F)  # noqa: E731
+    return train.Job(comps, mom, child.trainable, model.hp, key, score, threshold, model.id), size, flops
+
+
+def _trained(child: Child, snap: train.Snapshot | None, size: float, flops: int) -> Trained | None:
     if snap is None:
         return None
+    ids = child.model.components
     metrics = dict(quality=snap.quality, score=snap.score, params=size, flops=flops)
-    return Trained(dataclasses.replace(model, metrics=metrics),
+    return Trained(dataclasses.replace(child.model, metrics=metrics),
                    {c: p for c, p in zip(ids, snap.params) if p is not None},
                    {c: m for c, m in zip(ids, snap.momentum) if m is not None}, snap.score)
 
 
+def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: jax.Array,
+                threshold: float = -math.inf, device: jax.Device | None = None,
+                log: Callable[[dict], None] | None = None) -> Trained | None:
+    """Trains `child` (train.train_child) scored by eq. 1 in the system as it stands; None if no cycle reached
+    `threshold` (line 29)."""
+    job, size, flops = _job(pool, child, task, config, key, threshold)
+    snap = train.train_child(job.components, job.momentum, job.trainable, job.hp, task, config, key, job.score,
+                             threshold, device, log, job.name)
+    return _trained(child, snap, size, flops)
+
+
+def groups(shapes: Sequence[Any], most: int) -> list[list[int]]:
+    """Children (indices, in order) that train together: those of one shape, in groups of powers of two up to
+    `most` (7 alike at most 8 -> 4, 2, 1), so an architecture compiles for a few group sizes only. A function of
+    the children alone, never of the devices, so the result does not depend on how many there are."""
+    by: dict[Any, list[int]] = {}
+    for i, s in enumerate(shapes):
+        by.setdefault(s, []).append(i)
+    out = []
+    for idx in by.values():
+        while idx:
+            k = 1 << (min(most, len(idx)).bit_length() - 1)
+            out.append(idx[:k])
+            idx = idx[k:]
+    return sorted(out)
+
+
 def _train_all(pool: Pool, children: Sequence[tuple[Child, float, jax.Array]], task: TaskData, config: Config,
                devices: Sequence[jax.Device], log) -> list[Trained | None]:
-    """Trains a generation's children, one per local device at a time (the paper's one child per TPU core): one
-    thread per device trains children d, d + n, d + 2n, ... in turn, so no device ever holds two children."""
+    """Trains a generation's children (lines 26–32): children of one architecture in groups (`groups`), group g
+    on local device g mod n (the paper's one child per TPU core when groups are single children). Every group's
+    programs start compiling at once, in worker threads (train.compile_ahead), and each device trains its groups
+    whose programs are ready first, so a new architecture compiles while other children train."""
+    jobs = [_job(pool, c, task, config, k, thr) for c, thr, k in children]
+    plans = [train.prepare(j, task, config) for j, _, _ in jobs]
+    units = groups([q.shape for q in plans], config.vectorise)
     n = len(devices)
+    ahead = [train.compile_ahead([plans[i] for i in u], task, config, devices[g % n]) for g, u in enumerate(units)]
+    snaps: dict[int, train.Snapshot | None] = {}
 
-    def worker(d: int) -> list[Trained | None]:
-        return [train_child(pool, c, task, config, k, thr, devices[d], log) for c, thr, k in children[d::n]]
+    def worker(d: int) -> None:
+        todo = list(range(d, len(units), n))
+        while todo:
+            ready = [g for g in todo if all(f.done() for f in ahead[g])]
+            if not ready:
+                train.wait_first([f for g in todo for f in ahead[g] if not f.done()])
+                continue
+            g = ready[0]
+            todo.remove(g)
+            out = train.train_group([plans[i] for i in units[g]], task, config, devices[d], log)
+            snaps.update(zip(units[g], out))
 
     if n == 1:
-        return worker(0)
-    with concurrent.futures.ThreadPoolExecutor(n) as ex:
-        done = list(ex.map(worker, range(n)))
-    return [done[i % n][i // n] for i in range(len(children))]
+        worker(0)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(n) as ex:
+            list(ex.map(worker, range(n)))
+    return [_trained(c, snaps[i], size, flops) for i, ((c, _, _), (_, size, flops)) in enumerate(zip(children, jobs))]
 
 
 # --- one task iteration (Algorithm 1) ------------------------------------------------------------------------

@@ -9,14 +9,17 @@ nothing of the system or of sharing: the caller gives the score of a validation 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import equinox as eqx
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -115,8 +118,9 @@ def logits(components: Sequence[eqx.Module], images: Float[Array, "b h w 3"],
     return jnp.where(jnp.arange(z.shape[-1])[None, :] < num_classes, z, -1e30)
 
 
-# Compiled on its own (once per batch shape and resolution) rather than inside `train_step`: it costs as much to
-# compile as a tiny ViT's forward and backward, and every architecture would otherwise pay for it again.
+# Compiled on its own (once per batch shape and resolution) rather than inside a training step: it costs as much to
+# compile as a tiny ViT's forward and backward, and every architecture would otherwise pay for it again. A run
+# preprocesses a whole chunk of steps at once (`_augment_chunk`); this one-batch form is its reference (bench/input.py).
 @functools.partial(jax.jit, static_argnums=4)
 def preprocess(key: jax.Array, step: Int[Array, ""], x: Array, aug: augment.Aug, res: int) -> Float[Array, "b r r 3"]:
     return augment.train_preprocess(jax.random.fold_in(key, step), x, aug, res)
@@ -125,36 +129,190 @@ def preprocess(key: jax.Array, step: Int[Array, ""], x: Array, aug: augment.Aug,
 Components = tuple[eqx.Module | None, ...]  # one entry per component of the path; None where partitioned away
 
 
+@dataclasses.dataclass(frozen=True)
+class Flat:
+    """Where each array of a tuple of components sits in one flat vector: a static, hashable layout.
+
+    The optimizer updates one vector, which compiles to a few loops where a tree of leaves compiles to several per
+    leaf (a third of a tiny ViT step's compile time), and the host unflattens a result with numpy slices, where
+    eager device slicing would compile once per leaf shape. `owner` is the component index of each leaf."""
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    owner: tuple[int, ...]
+
+    @staticmethod
+    def of(components: Components) -> Flat:
+        leaves, treedef = jax.tree.flatten(components)
+        owner = tuple(i for i, c in enumerate(components) for _ in jax.tree.leaves(c))
+        return Flat(treedef, tuple(tuple(np.shape(a)) for a in leaves), owner)
+
+    @property
+    def size(self) -> int:
+        return sum(int(np.prod(s)) for s in self.shapes)
+
+    def ravel(self, tree: Components, dtype: Any, xp: Any = np) -> Array:
+        """The leaves in order as one `dtype` vector; xp = np on the host, jnp inside a traced function."""
+        return xp.concatenate([xp.ravel(xp.asarray(a, dtype)) for a in jax.tree.leaves(tree)])
+
+    def unravel(self, v: Array) -> Components:
+        """The inverse of `ravel`, over the last axis (leading axes, e.g. one per child, are kept)."""
+        out, a = [], 0
+        for s in self.shapes:
+            b = a + int(np.prod(s))
+            out.append(v[..., a:b].reshape(v.shape[:-1] + s))
+            a = b
+        return jax.tree.unflatten(self.treedef, out)
+
+    def expand(self, mask: Float[Array, " n"]) -> Float[Array, " p"]:
+        """A per-component value repeated over that component's entries of the vector."""
+        return jnp.concatenate([jnp.broadcast_to(mask[o], (int(np.prod(s)),)) for o, s in zip(self.owner, self.shapes)])
+
+
+def _step(p: Float[Array, " p"], m: Array, mask: Float[Array, " n"], frozen: Components, flat: Flat,
+          x: Float[Array, "b r r 3"], y: Int[Array, " b"], hp: HParams, step: Int[Array, ""], total: Int[Array, ""],
+          k: Int[Array, ""]) -> tuple[Array, Array, Float[Array, ""], Float[Array, ""]]:
+    """One SGD step on the flat trainable half `p` (layout `flat`) and its bfloat16 momentum `m`: clip by global
+    norm 1.0, momentum (Nesterov traced), the gradients of frozen components (mask 0) zeroed. Returns the new `p`,
+    `m`, the loss and the gradient norm before clipping."""
+
+    def loss_fn(p):
+        z = logits(eqx.combine(flat.unravel(p), frozen), x, k)
+        return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+
+    loss, g = jax.value_and_grad(loss_fn)(p)
+    g = g * flat.expand(mask)
+    norm = jnp.linalg.norm(g)
+    g = g * jnp.minimum(1.0, 1.0 / (norm + 1e-12))
+    m = hp.momentum * m.astype(jnp.float32) + g
+    u = jnp.where(hp.nesterov > 0, hp.momentum * m + g, m)
+    return p - learning_rate(step, total, hp) * u, m.astype(jnp.bfloat16), loss, norm
+
+
 @eqx.filter_jit
 def train_step(diff: Components, frozen: Components, mom: Components, mask: Float[Array, " n"],
                x: Float[Array, "b r r 3"], y: Int[Array, " b"], hp: HParams, step: Int[Array, ""],
                total: Int[Array, ""], k: Int[Array, ""]
                ) -> tuple[Components, Components, Float[Array, ""], Float[Array, ""]]:
-    """One SGD step on the trainable half: clip by global norm 1.0, momentum kept in bfloat16 (Nesterov traced).
-    Returns the new trainable half and momentum, the loss and the gradient norm before clipping."""
-
-    def loss_fn(d):
-        z = logits(eqx.combine(d, frozen), x, k)
-        return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
-
-    loss, g = eqx.filter_value_and_grad(loss_fn)(diff)
-    g = tuple(jax.tree.map(lambda a: a * mask[i], gi) for i, gi in enumerate(g))
-    flat, unravel = jax.flatten_util.ravel_pytree(g)  # one flat norm compiles faster than a per-leaf tree of sums
-    norm = jnp.linalg.norm(flat)
-    g = unravel(flat * jnp.minimum(1.0, 1.0 / (norm + 1e-12)))
-    m = jax.tree.map(lambda mi, gi: (hp.momentum * mi.astype(jnp.float32) + gi), mom, g)
-    u = jax.tree.map(lambda mi, gi: jnp.where(hp.nesterov > 0, hp.momentum * mi + gi, mi), m, g)
-    lr = learning_rate(step, total, hp)
-    diff = jax.tree.map(lambda p, ui: p - lr * ui, diff, u)
-    return diff, jax.tree.map(lambda a: a.astype(jnp.bfloat16), m), loss, norm
+    """`_step` on component trees: the single-step reference (test_train.py's golden metrics) of what a fused
+    chunk of steps runs. Returns the new trainable half and momentum, the loss and the gradient norm before
+    clipping."""
+    flat = Flat.of(diff)
+    p, m, loss, norm = _step(flat.ravel(diff, jnp.float32, jnp), flat.ravel(mom, jnp.bfloat16, jnp), mask, frozen,
+                             flat, x, y, hp, step, total, k)
+    return flat.unravel(p), flat.unravel(m), loss, norm
 
 
-@eqx.filter_jit
-def correct(components: Sequence[eqx.Module], x: Array, y: Int[Array, " b"], k: Int[Array, ""],
-            res: int) -> Int[Array, ""]:
-    """Number of correct predictions in a batch; padding rows (label −1) never count."""
-    pred = jnp.argmax(logits(components, augment.eval_preprocess(x, res), k), axis=-1)
+# --- one compiled program per chunk of steps -------------------------------------------------------------------
+# A child's cycle runs as chunks of CHUNK steps: the host assembles a chunk's batches of every child of a group and
+# moves them in one transfer, one call preprocesses them, one call runs the steps as a lax.scan. Step i of a chunk
+# runs only when i < valid (a cycle's last chunk is padded), so one compile per (architecture, group size) serves
+# every cycle and every task. All inputs carry a leading axis of n children (see `_per_child`).
+
+CHUNK = 64  # steps per compiled call at most: the per-step host dispatch of a small child costs as much as the step
+CHUNK_BYTES = 1 << 28  # ... and at most this much input per call, so a chunk of large images fits a device
+
+
+def chunk_length(n: int, batch: int, size: int, res: int) -> int:
+    """Steps per chunk: CHUNK, or the largest power of two whose uint8 input and float32 preprocessed batches of
+    n children fit CHUNK_BYTES. It depends on no task's step count, so tasks share the compiled chunk."""
+    per_step = n * batch * 3 * (size * size + 4 * res * res)
+    c = max(1, min(CHUNK, CHUNK_BYTES // per_step))
+    return 1 << (c.bit_length() - 1)
+
+
+def _augment_chunk(kd: Array, xs: Array, aug: augment.Aug, t0: Int[Array, ""], valid: Int[Array, ""],
+                   res: int) -> Float[Array, "n c b r r 3"]:
+    """uint8 [n, C, B, S, S, 3] -> float32 [n, C, B, res, res, 3]: child j's step t0 + i is preprocessed with
+    fold_in(its augmentation key kd[j], t0 + i), as `preprocess` does. One batch at a time (lax.map) with that
+    child's unbatched hyperparameters, so the lax.cond in `augment` still skips what is off."""
+    n, c = xs.shape[:2]
+    ii = jnp.tile(jnp.arange(c, dtype=jnp.int32), n)
+    jj = jnp.repeat(jnp.arange(n, dtype=jnp.int32), c)
+
+    def one(a):
+        x, i, j = a
+        key = jax.random.fold_in(jax.random.wrap_key_data(kd[j]), t0 + i)
+        out = lambda: augment.train_preprocess(key, x, jax.tree.map(lambda v: v[j], aug), res)  # noqa: E731
+        return jax.lax.cond(i < valid, out, lambda: jnp.zeros((x.shape[0], res, res, 3), jnp.float32))
+
+    out = jax.lax.map(one, (xs.reshape((n * c,) + xs.shape[2:]), ii, jj))
+    return out.reshape((n, c) + out.shape[1:])
+
+
+def _chunk(p: Array, m: Array, mask: Array, frozen: Components, hp: HParams, xs: Array, ys: Array,
+           t0: Int[Array, ""], valid: Int[Array, ""], total: Int[Array, ""], k: Int[Array, ""], flat: Flat
+           ) -> tuple[Array, Array, Float[Array, " c"]]:
+    """One child's steps t0 .. t0 + valid - 1 of `_step` as one scan over a chunk; returns p, m and the losses."""
+
+    def body(carry, a):
+        x, y, i = a
+
+        def run(c):
+            p, m, loss, _ = _step(c[0], c[1], mask, frozen, flat, x, y, hp, t0 + i, total, k)
+            return (p, m), loss
+
+        return jax.lax.cond(i < valid, run, lambda c: (c, jnp.zeros((), jnp.float32)), carry)
+
+    (p, m), loss = jax.lax.scan(body, (p, m), (xs, ys, jnp.arange(xs.shape[0], dtype=jnp.int32)))
+    return p, m, loss
+
+
+def _hits(p: Array, frozen: Components, x: Array, y: Int[Array, " b"], k: Int[Array, ""], flat: Flat,
+          res: int) -> Int[Array, ""]:
+    """Number of correct predictions in an evaluation batch; padding rows (label −1) never count."""
+    pred = jnp.argmax(logits(eqx.combine(flat.unravel(p), frozen), augment.eval_preprocess(x, res), k), axis=-1)
     return jnp.sum((pred == y) & (y >= 0))
+
+
+def _per_child(f: Callable, n: int, axes: tuple[int | None, ...]) -> Callable:
+    """`f` over a leading axis of n children (arguments with axis None are shared): vectorised (vmap) for n > 1;
+    for n = 1 the unbatched program, so a child trained alone computes exactly what it always did."""
+    batched = jax.vmap(f, in_axes=axes)
+
+    def g(*args):
+        if n > 1:
+            return batched(*args)
+        args = [jax.tree.map(lambda v: v[0], a) if ax == 0 else a for a, ax in zip(args, axes)]
+        return jax.tree.map(lambda v: v[None], f(*args))
+    g.__name__ = getattr(f, "__name__", None) or f.func.__name__  # compiles are counted by name (bench/)
+    return g
+
+
+# Compiled programs by (kind, shapes, device): built ahead of time (lower().compile()) in worker threads, so a
+# generation's new architectures compile while its other children train (mu2net._train_all). A program is a
+# Future; `wait_s` adds up the seconds training waited for one (bench/compile.py).
+_programs: dict[tuple, concurrent.futures.Future] = {}
+_lock = threading.Lock()
+_pool: list[concurrent.futures.ThreadPoolExecutor] = []
+wait_s = [0.0]
+
+
+def _program(key: tuple, fn: Callable, specs: Sequence[Any]) -> concurrent.futures.Future:
+    with _lock:
+        f = _programs.get(key)
+        if f is None or (f.done() and f.exception() is not None):
+            if not _pool:
+                _pool.append(concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2),
+                                                                   thread_name_prefix="mu2net-compile"))
+            f = _programs[key] = _pool[0].submit(lambda: jax.jit(fn).lower(*specs).compile())
+        return f
+
+
+def _layout(tree: Any) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(a), np.dtype(a.dtype)) for a in leaves)
+
+
+def _hits_program(flat: Flat, frozen: Components, n: int, batch: int, size: int, res: int,
+                  device: jax.Device) -> concurrent.futures.Future:
+    s = jax.sharding.SingleDeviceSharding(device)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=s)  # noqa: E731
+    fz = jax.tree.map(lambda a: spec((n,) + np.shape(a), a.dtype), frozen)
+    return _program(("hits", flat, _layout(frozen), n, batch, size, res, device),
+                    _per_child(functools.partial(_hits, flat=flat, res=res), n, (0, 0, None, None, None)),
+                    (spec((n, flat.size), jnp.float32), fz, spec((batch, size, size, 3), jnp.uint8),
+                     spec((batch,), jnp.int32), spec((), jnp.int32)))
 
 
 class TaskData(Protocol):
@@ -170,17 +328,41 @@ class TaskData(Protocol):
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
 
+def _evaluate(program: Callable, p: Array, frozen: Components, batches: Sequence[tuple[Array, Array]],
+              k: Array) -> list[Array]:
+    return [program(p, frozen, x, y, k) for x, y in batches]  # no sync: the caller reads the hits later
+
+
 def accuracy(components: Sequence[eqx.Module], task: TaskData, split: str, res: int, batch: int,
              device: jax.Device | None = None) -> float:
-    """Top-1 accuracy on a split (validation: the fixed subset; test: the whole split)."""
+    """Top-1 accuracy on a split (validation: the fixed subset; test: the whole split), with the program that
+    validates a child trained alone under the "mask" split (no compile of its own)."""
+    device = device or jax.local_devices()[0]
     *body, head = components
-    comps = jax.device_put((*body, pad_head(head, padded_classes(task.num_classes))), device)
-    k = jax.device_put(jnp.asarray(task.num_classes, jnp.int32), device)
-    n, hits = 0, jnp.zeros((), jnp.int32)
-    for x, y in task.eval_batches(split, batch):
-        hits = hits + correct(comps, jax.device_put(x, device), jax.device_put(y, device), k, res)  # no sync
-        n += int((y >= 0).sum())
-    return int(hits) / max(n, 1)
+    comps = (*body, pad_head(head, padded_classes(task.num_classes)))
+    diff, frozen, _, _ = partition_trainable(comps, comps, (True,) * len(comps), "mask")
+    flat = Flat.of(diff)
+    program = _wait(_hits_program(flat, frozen, 1, batch, task.image_size, res, device))
+    p, k = jax.device_put((flat.ravel(diff, np.float32)[None], np.int32(task.num_classes)), device)
+    host = list(task.eval_batches(split, batch))
+    hits = _evaluate(program, p, jax.tree.map(lambda a: a[None], frozen), jax.device_put(host, device), k)
+    return int(sum(np.asarray(h)[0] for h in hits)) / max(sum(int((y >= 0).sum()) for _, y in host), 1)
+
+
+def _wait(f: concurrent.futures.Future) -> Any:
+    t = time.perf_counter()
+    out = f.result()
+    with _lock:
+        wait_s[0] += time.perf_counter() - t
+    return out
+
+
+def wait_first(fs: Sequence[concurrent.futures.Future]) -> None:
+    """Blocks until one of the compiles `fs` is done (counted in `wait_s`)."""
+    t = time.perf_counter()
+    concurrent.futures.wait(fs, return_when=concurrent.futures.FIRST_COMPLETED)
+    with _lock:
+        wait_s[0] += time.perf_counter() - t
 
 
 def partition_trainable(components: Components, momentum: Components, trainable: tuple[bool, ...], how: str):
@@ -204,48 +386,162 @@ class Snapshot:
     score: float
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One child to train: the arguments of `train_child` (score: eq. 1 of a validation accuracy; threshold:
+    Algorithm 1 line 29's running threshold at the start)."""
+
+    components: Sequence[eqx.Module]
+    momentum: Sequence[eqx.Module]
+    trainable: tuple[bool, ...]
+    hp: Mapping[str, Any]
+    key: jax.Array
+    score: Callable[[float], float]
+    threshold: float
+    name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A job made ready on the host (`prepare`): the trainable half as one float32 vector `p` with its bfloat16
+    momentum `m` (layout `flat`), the frozen half, the gradient mask, hyperparameters, the augmentation key's data
+    and the data order's seed. Jobs with equal `shape` train together as one vectorised program."""
+
+    job: Job
+    flat: Flat
+    frozen: Components
+    p: np.ndarray
+    m: np.ndarray
+    mask: np.ndarray
+    hp: HParams
+    kd: np.ndarray
+    seed: int
+    res: int
+
+    @property
+    def shape(self) -> tuple:
+        return self.flat, _layout(self.frozen), self.res
+
+
+def prepare(job: Job, task: TaskData, budget: Budget) -> Plan:
+    kpad = padded_classes(task.num_classes)
+    comps = tuple(job.components[:-1]) + (pad_head(job.components[-1], kpad),)
+    mom = tuple(job.momentum[:-1]) + (pad_head(job.momentum[-1], kpad),)
+    diff, frozen, mom, mask = partition_trainable(comps, mom, job.trainable, budget.trainable_split)
+    flat = Flat.of(diff)
+    k_data, k_aug = jax.random.split(job.key)  # the data order's seed; the augmentation keys' base
+    return Plan(job, flat, frozen, flat.ravel(diff, np.float32), flat.ravel(mom, jnp.bfloat16), np.asarray(mask),
+                jax.tree.map(np.asarray, HParams.of(job.hp)), np.asarray(jax.random.key_data(k_aug)),
+                int(seed_of(k_data).integers(2**31 - 1)), int(job.hp["resolution"]))
+
+
+def steps_per_cycle(task: TaskData, budget: Budget) -> int:
+    """A cycle is min(1 epoch, samples cap) (method-notes "Training one child")."""
+    return max(1, min(task.num_train, budget.samples_cap) // budget.batch_size)
+
+
+def compile_ahead(plans: Sequence[Plan], task: TaskData, budget: Budget,
+                  device: jax.Device | None = None) -> list[concurrent.futures.Future]:
+    """Starts compiling, in a worker thread, the three programs that train `plans` (one shape) as one group on
+    `device`: the chunk's preprocessing, its steps and validation. Returns their futures (done when cached)."""
+    device = device or jax.local_devices()[0]
+    q, n = plans[0], len(plans)
+    B, S, res = budget.batch_size, task.image_size, q.res
+    c = chunk_length(n, B, S, res)
+    s = jax.sharding.SingleDeviceSharding(device)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=s)  # noqa: E731
+    i32 = spec((), jnp.int32)
+    hp = jax.tree.map(lambda a: spec((n,) + np.shape(a), a.dtype), q.hp)
+    fz = jax.tree.map(lambda a: spec((n,) + np.shape(a), a.dtype), q.frozen)
+    pre = _program(("augment", n, c, B, S, res, device), functools.partial(_augment_chunk, res=res),
+                   (spec((n,) + q.kd.shape, q.kd.dtype), spec((n, c, B, S, S, 3), jnp.uint8), hp.aug, i32, i32))
+    run = _program(("chunk", q.flat, _layout(q.frozen), n, c, B, res, device),
+                   _per_child(functools.partial(_chunk, flat=q.flat), n, (0,) * 7 + (None,) * 4),
+                   (spec((n, q.flat.size), jnp.float32), spec((n, q.flat.size), jnp.bfloat16),
+                    spec((n,) + q.mask.shape, jnp.float32), fz, hp, spec((n, c, B, res, res, 3), jnp.float32),
+                    spec((n, c, B), jnp.int32), i32, i32, i32, i32))
+    return [pre, run, _hits_program(q.flat, q.frozen, n, budget.eval_batch, S, res, device)]
+
+
+def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: jax.Device | None = None,
+                log: Callable[[dict], None] | None = None) -> list[Snapshot | None]:
+    """Algorithm 1 lines 26–32 for children of one shape, trained together as one program (vectorised over
+    children when there are several, `_per_child`), each on its own data stream and augmentation keys, with its
+    own hyperparameters, gradient mask, score and threshold. For each child: #cycles cycles of min(1 epoch,
+    samples cap), validation after each, the best snapshot whose score reaches the running threshold (line 29);
+    None when no cycle reached it."""
+    device = device or jax.local_devices()[0]
+    n, B, S = len(plans), budget.batch_size, task.image_size
+    augment_chunk, run_chunk, hits = (_wait(f) for f in compile_ahead(plans, task, budget, device))
+    stack = lambda *a: np.stack(a)  # noqa: E731
+    p, m, mask, frozen, hp, kd = jax.device_put(
+        (np.stack([q.p for q in plans]), np.stack([q.m for q in plans]), np.stack([q.mask for q in plans]),
+         jax.tree.map(stack, *[q.frozen for q in plans]), jax.tree.map(stack, *[q.hp for q in plans]),
+         np.stack([q.kd for q in plans])), device)
+    steps = steps_per_cycle(task, budget)
+    c = chunk_length(n, B, S, plans[0].res)
+    total, k = jax.device_put((np.int32(budget.cycles * steps), np.int32(task.num_classes)), device)
+    host_val = list(task.eval_batches("validation", budget.eval_batch))
+    val, nval = jax.device_put(host_val, device), max(sum(int((y >= 0).sum()) for _, y in host_val), 1)
+    best: list[tuple | None] = [None] * n
+    threshold = [q.job.threshold for q in plans]
+
+    def decide(cycle, p, m, hit, losses, last):  # reads a cycle's results once the next cycle is under way
+        qs = sum(np.asarray(h) for h in hit) / nval
+        loss = np.asarray(losses)[:, last]
+        for i, q in enumerate(plans):
+            s = q.job.score(float(qs[i]))
+            if log:
+                log(dict(event="cycle", child=q.job.name, cycle=cycle, loss=float(loss[i]), quality=float(qs[i]),
+                         score=s))
+            if s >= threshold[i]:  # Alg. 1 line 29: the threshold rises with every kept snapshot
+                threshold[i] = s
+                best[i] = (p, m, float(qs[i]), s)
+
+    t, pending = 0, None
+    for cycle in range(budget.cycles):
+        for a in range(0, steps, c):
+            valid = min(c, steps - a)
+            xs, ys = np.zeros((n, c, B, S, S, 3), np.uint8), np.zeros((n, c, B), np.int32)
+            for j, q in enumerate(plans):
+                for i in range(valid):
+                    xs[j, i], ys[j, i] = task.train_batch(q.seed, t + i, B)
+            xs, ys, t0, v = jax.device_put((xs, ys, np.int32(t), np.int32(valid)), device)  # one transfer
+            p, m, losses = run_chunk(p, m, mask, frozen, hp, augment_chunk(kd, xs, hp.aug, t0, v), ys, t0, v,
+                                     total, k)
+            t += valid
+        if pending:
+            decide(*pending)
+        pending = (cycle, p, m, _evaluate(hits, p, frozen, val, k), losses, valid - 1)
+    decide(*pending)
+
+    host: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    out: list[Snapshot | None] = []
+    for i, (q, b) in enumerate(zip(plans, best)):
+        if b is None:
+            out.append(None)
+            continue
+        bp, bm, quality, s = b
+        if id(bp) not in host:
+            host[id(bp)] = (np.asarray(bp), np.asarray(bm))
+        params, mom = (q.flat.unravel(v[i]) for v in host[id(bp)])
+        params = params[:-1] + (unpad_head(params[-1], task.num_classes),)
+        mom = mom[:-1] + (unpad_head(mom[-1], task.num_classes),)
+        keep = lambda t: tuple(a if tr else None for a, tr in zip(t, q.job.trainable))  # noqa: E731
+        params, mom = jax.device_put((keep(params), keep(mom)), jax.devices("cpu")[0])
+        out.append(Snapshot(params, mom, quality, s))
+    return out
+
+
 def train_child(components: Sequence[eqx.Module], momentum: Sequence[eqx.Module], trainable: tuple[bool, ...],
                 hp: Mapping[str, Any], task: TaskData, budget: Budget, key: jax.Array,
                 score: Callable[[float], float], threshold: float, device: jax.Device | None = None,
                 log: Callable[[dict], None] | None = None, name: str = "") -> Snapshot | None:
-    """Algorithm 1 lines 26–32: #cycles cycles of min(1 epoch, samples cap), validate after each, keep the best
-    snapshot whose score(quality) is at least the running threshold (line 29). None when no cycle reached it."""
-    kpad = padded_classes(task.num_classes)
-    comps = tuple(components[:-1]) + (pad_head(components[-1], kpad),)
-    mom = tuple(momentum[:-1]) + (pad_head(momentum[-1], kpad),)
-    diff, frozen, mom, mask = partition_trainable(comps, mom, trainable, budget.trainable_split)
-    diff, frozen, mom, mask = jax.device_put((diff, frozen, mom, mask), device)
-    hps = jax.device_put(HParams.of(hp), device)
-    res = int(hp["resolution"])
-    steps = max(1, min(task.num_train, budget.samples_cap) // budget.batch_size)
-    total, ncls = jax.device_put((jnp.asarray(budget.cycles * steps, jnp.int32),
-                                  jnp.asarray(task.num_classes, jnp.int32)), device)
-    k_data, key = jax.device_put(jax.random.split(key), device)  # data order's seed; augmentation keys' base
-    seed = int(seed_of(k_data).integers(2**31 - 1))
-    best, t = None, 0
-    for cycle in range(budget.cycles):
-        for _ in range(steps):
-            x, y = task.train_batch(seed, t, budget.batch_size)
-            x, y, step = jax.device_put((x, y, np.int32(t)), device)
-            x = preprocess(key, step, x, hps.aug, res)
-            diff, mom, loss, _ = train_step(diff, frozen, mom, mask, x, y, hps, step, total, ncls)
-            t += 1
-        trained = eqx.combine(diff, frozen)
-        trained = trained[:-1] + (unpad_head(trained[-1], task.num_classes),)
-        q = accuracy(trained, task, "validation", res, budget.eval_batch, device)
-        s = score(q)
-        if log:
-            log(dict(event="cycle", child=name, cycle=cycle, loss=float(loss), quality=q, score=s))
-        if s >= threshold:  # Alg. 1 line 29: the threshold rises with every kept snapshot
-            threshold = s
-            m = mom[:-1] + (unpad_head(mom[-1], task.num_classes),)
-            best = ([p if tr else None for p, tr in zip(trained, trainable)],
-                    [mi if tr else None for mi, tr in zip(m, trainable)], q, s)
-    if best is None:
-        return None
-    p, m, q, s = best
-    p, m = jax.device_put((p, m), jax.devices("cpu")[0])
-    return Snapshot(tuple(p), tuple(m), q, s)
+    """Algorithm 1 lines 26–32 for one child (`train_group` of one): #cycles cycles of min(1 epoch, samples cap),
+    validate after each, keep the best snapshot whose score(quality) is at least the running threshold (line 29).
+    None when no cycle reached it."""
+    job = Job(components, momentum, trainable, hp, key, score, threshold, name)
+    return train_group([prepare(job, task, budget)], task, budget, device, log)[0]
 
 
 def seed_of(key: jax.Array) -> np.random.Generator:
