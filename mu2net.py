@@ -520,38 +520,67 @@ def make_child(pool: Pool, parent: Model, task: str, num_classes: int, config: C
 # --- training a child (Algorithm 1 lines 26–32) ---------------------------------------------------------------
 
 
+def full_depth(system: System, params: Mapping[str, eqx.Module], ids: Sequence[str]
+               ) -> tuple[list[str | None], list[eqx.Module], tuple[bool, ...]]:
+    """A path laid out at the root's depth, for training and evaluation: a block it lacks (layer removal), with
+    its adapter, becomes a zero placeholder whose on flag is 0, so that it is skipped (vit.forward) and paths of
+    every depth share one compiled program (train.py). Returns the slots' ids (None: a placeholder), their
+    components and their on flags; a path of full depth is its own layout."""
+    by = {kind(c): c for c in ids}
+    root = [kind(c) for c in system.root.components]
+    adapter = next((c for c in ids if vit.is_adapter(kind(c))), None)
+    slots: list[tuple[str | None, str]] = [(by[n], by[n]) for n in ("embedding", "cls", "posembed_input")]
+    for i in range(sum(map(vit.is_block, root))):
+        if adapter:
+            slots.append((by.get(vit.adapter(i)), adapter))
+        slots.append((by.get(vit.block(i)), system.root.components[root.index(vit.block(i))]))
+    slots += [(by["encoder_norm"], by["encoder_norm"]), (by["head"], by["head"])]
+    comps = [params[c] if c else jax.tree.map(np.zeros_like, params[like]) for c, like in slots]
+    return [c for c, _ in slots], comps, tuple(c is not None for c, _ in slots)
+
+
+def accuracy(system: System, model: Model, task: TaskData, split: str, batch: int = 256,
+             device: jax.Device | None = None, params: Mapping[str, eqx.Module] | None = None) -> float:
+    """Top-1 accuracy of `model` on a split, laid out as it was validated (`full_depth`)."""
+    _, comps, on = full_depth(system, params or system.params, model.components)
+    return train.accuracy(comps, task, split, int(model.hp["resolution"]), batch, device, on)
+
+
 def _job(pool: Pool, child: Child, task: TaskData, config: Config, key: jax.Array, threshold: float
-         ) -> tuple[train.Job, float, int]:
-    """What train.py needs to train `child`, scored by eq. 1 in the system as it stands; and its size and FLOPs."""
-    model, ids = child.model, child.model.components
+         ) -> tuple[train.Job, list[str | None], float, int]:
+    """What train.py needs to train `child` (`full_depth`), scored by eq. 1 in the system as it stands; the
+    slots' ids, its size and FLOPs."""
+    model = child.model
     params = {**pool.params, **{c: p for c, (p, _) in child.new.items()}}
-    comps = [params[c] for c in ids]
-    mom = [child.new[c][1] if c in child.new else zeros_like_bf16(p) for c, p in zip(ids, comps)]
+    slots, comps, on = full_depth(pool.system, params, model.components)
+    mom = [child.new[c][1] if c in child.new else zeros_like_bf16(p) for c, p in zip(slots, comps)]
+    trains = dict(zip(model.components, child.trainable))
     size = model_size(params, model, sharers(pool.system, task.name))
     flops = model_flops(pool.system.cfg, params, model)
     score = lambda q: sc.score(q, size, flops, config.s, config.P, config.F)  # noqa: E731
-    return train.Job(comps, mom, child.trainable, model.hp, key, score, threshold, model.id), size, flops
+    job = train.Job(comps, mom, tuple(c is not None and trains[c] for c in slots), model.hp, key, score,
+                    threshold, model.id, on)
+    return job, slots, size, flops
 
 
-def _trained(child: Child, snap: train.Snapshot | None, size: float, flops: int) -> Trained | None:
+def _trained(child: Child, slots: Sequence[str | None], snap: train.Snapshot | None, size: float,
+             flops: int) -> Trained | None:
     if snap is None:
         return None
-    ids = child.model.components
     metrics = dict(quality=snap.quality, score=snap.score, params=size, flops=flops)
     return Trained(dataclasses.replace(child.model, metrics=metrics),
-                   {c: p for c, p in zip(ids, snap.params) if p is not None},
-                   {c: m for c, m in zip(ids, snap.momentum) if m is not None}, snap.score)
+                   {c: p for c, p in zip(slots, snap.params) if p is not None},
+                   {c: m for c, m in zip(slots, snap.momentum) if m is not None}, snap.score)
 
 
 def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: jax.Array,
                 threshold: float = -math.inf, device: jax.Device | None = None,
                 log: Callable[[dict], None] | None = None) -> Trained | None:
-    """Trains `child` (train.train_child) scored by eq. 1 in the system as it stands; None if no cycle reached
-    `threshold` (line 29)."""
-    job, size, flops = _job(pool, child, task, config, key, threshold)
-    snap = train.train_child(job.components, job.momentum, job.trainable, job.hp, task, config, key, job.score,
-                             threshold, device, log, job.name)
-    return _trained(child, snap, size, flops)
+    """Trains `child` (train.train_group of one) scored by eq. 1 in the system as it stands; None if no cycle
+    reached `threshold` (line 29)."""
+    job, slots, size, flops = _job(pool, child, task, config, key, threshold)
+    snap = train.train_group([train.prepare(job, task, config)], task, config, device, log)[0]
+    return _trained(child, slots, snap, size, flops)
 
 
 def groups(shapes: Sequence[Any], most: int) -> list[list[int]]:
@@ -570,6 +599,20 @@ def groups(shapes: Sequence[Any], most: int) -> list[list[int]]:
     return sorted(out)
 
 
+def _elsewhere(job: train.Job, cfg: vit.Config, config: Config) -> Iterator[train.Job]:
+    """`job` at the search space's other resolutions (its position embedding resampled): with `full_depth`,
+    the programs of these cover every child a later generation can make from this layout. Only under the "mask"
+    split, whose programs do not depend on the cloning pattern, and when the resolution can move."""
+    if config.trainable_split != "mask" or not config.method.hp_moves:
+        return
+    for r in config.space.values.get("resolution", ()):
+        if r != job.hp["resolution"]:
+            comps = [vit.resample_posembed(c, r, cfg.patch) if isinstance(c, vit.PosEmbed) else c
+                     for c in job.components]
+            yield dataclasses.replace(job, components=comps, momentum=[zeros_like_bf16(c) for c in comps],
+                                      hp={**job.hp, "resolution": r})
+
+
 def _train_all(pool: Pool, children: Sequence[tuple[Child, float, jax.Array]], task: TaskData, config: Config,
                devices: Sequence[jax.Device], log) -> list[Trained | None]:
     """Trains a generation's children (lines 26–32): children of one architecture in groups (`groups`), group g
@@ -577,10 +620,12 @@ def _train_all(pool: Pool, children: Sequence[tuple[Child, float, jax.Array]], t
     programs start compiling at once, in worker threads (train.compile_ahead), and each device trains its groups
     whose programs are ready first, so a new architecture compiles while other children train."""
     jobs = [_job(pool, c, task, config, k, thr) for c, thr, k in children]
-    plans = [train.prepare(j, task, config) for j, _, _ in jobs]
-    units = groups([q.shape for q in plans], config.vectorise)
+    plans = [train.prepare(j[0], task, config) for j in jobs]
+    units = groups([q.group for q in plans], config.vectorise)
     n = len(devices)
     ahead = [train.compile_ahead([plans[i] for i in u], task, config, devices[g % n]) for g, u in enumerate(units)]
+    for job in _elsewhere(jobs[0][0], pool.system.cfg, config):  # what later generations may need, after ours
+        train.compile_ahead([train.prepare(job, task, config)], task, config, devices[0])
     snaps: dict[int, train.Snapshot | None] = {}
 
     def worker(d: int) -> None:
@@ -600,7 +645,8 @@ def _train_all(pool: Pool, children: Sequence[tuple[Child, float, jax.Array]], t
     else:
         with concurrent.futures.ThreadPoolExecutor(n) as ex:
             list(ex.map(worker, range(n)))
-    return [_trained(c, snaps[i], size, flops) for i, ((c, _, _), (_, size, flops)) in enumerate(zip(children, jobs))]
+    return [_trained(c, slots, snaps[i], size, flops)
+            for i, ((c, _, _), (_, slots, size, flops)) in enumerate(zip(children, jobs))]
 
 
 # --- one task iteration (Algorithm 1) ------------------------------------------------------------------------
@@ -641,7 +687,7 @@ def task_iteration(system: System, task: TaskData, config: Config, key: jax.Arra
     if not pool.models:
         return dataclasses.replace(system, counter=counter)
     best = max(pool.models, key=lambda m: pool.scores[m.id])  # line 39: the task's argmax score
-    test = train.accuracy([pool.params[c] for c in best.components], task, "test", int(best.hp["resolution"]),
-                          config.eval_batch, devices[0])  # placed like validation's inputs: the same compiled function
+    # Placed and laid out like validation's inputs: the same compiled program.
+    test = accuracy(system, best, task, "test", config.eval_batch, devices[0], pool.params)
     best = dataclasses.replace(best, metrics={**best.metrics, "score": pool.scores[best.id], "test": test})
     return collect(dataclasses.replace(system, models={**system.models, t: best}, counter=counter), pool)

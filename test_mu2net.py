@@ -79,8 +79,9 @@ def test_learns_and_keeps_one_model_per_task(s1, s2, tasks):
     head = s2.params[m.components[-1]]
     assert head.kernel.shape == (CFG.width, 2)
     # A retained model is assembled by id lookup and reproduces its recorded test accuracy.
+    assert mu2net.accuracy(s2, m, tasks[1], "test") == m.metrics["test"]
     acc = train.accuracy(mu2net.assemble(s2, m), tasks[1], "test", m.hp["resolution"], 256)
-    assert acc == m.metrics["test"]
+    assert abs(acc - m.metrics["test"]) <= 1 / 270  # without the full-depth layout: one near-tie may flip
     # Garbage collection: only what the root or a retained model uses survives.
     assert set(s2.params) == s2.component_ids() == set(s2.momentum)
 
@@ -114,6 +115,7 @@ def test_two_learning_rates_do_not_recompile(s1, tasks):
     parent = s1.models["digits"]
     child, _ = mu2net.make_child(pool, parent, "digits", 10, c, jax.random.key(5), s1.counter)
     mu2net.train_child(pool, child, tasks[0], c, jax.random.key(6))
+    train.settle()  # programs compiled ahead for later generations, in the background
     for lr in (0.002, 0.05):
         hp = dict(child.model.hp, lr=lr, momentum=0.95, nesterov=True, brightness=0.1)
         other = dataclasses.replace(child, model=dataclasses.replace(child.model, hp=hp))

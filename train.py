@@ -110,11 +110,11 @@ def unpad_head(head: vit.Head, k: int) -> vit.Head:
     return vit.Head(np.asarray(head.kernel)[:, :k], np.asarray(head.bias)[:k])
 
 
-def logits(components: Sequence[eqx.Module], images: Float[Array, "b h w 3"],
-           num_classes: Int[Array, ""]) -> Float[Array, "b k"]:
-    """Forward pass; the padded head columns (index ≥ num_classes) get −1e30, so their softmax weight and
-    gradients are exactly zero and the padding never changes what is learned."""
-    z = vit.forward(components, images)
+def logits(components: Sequence[eqx.Module], images: Float[Array, "b h w 3"], num_classes: Int[Array, ""],
+           on: Float[Array, " n"] | None = None) -> Float[Array, "b k"]:
+    """Forward pass (`on`: vit.forward's flags); the padded head columns (index ≥ num_classes) get −1e30, so
+    their softmax weight and gradients are exactly zero and the padding never changes what is learned."""
+    z = vit.forward(components, images, on)
     return jnp.where(jnp.arange(z.shape[-1])[None, :] < num_classes, z, -1e30)
 
 
@@ -151,6 +151,11 @@ class Flat:
     def size(self) -> int:
         return sum(int(np.prod(s)) for s in self.shapes)
 
+    @property
+    def count(self) -> int:
+        """Number of components (a None one included)."""
+        return len(self.treedef.children())
+
     def ravel(self, tree: Components, dtype: Any, xp: Any = np) -> Array:
         """The leaves in order as one `dtype` vector; xp = np on the host, jnp inside a traced function."""
         return xp.concatenate([xp.ravel(xp.asarray(a, dtype)) for a in jax.tree.leaves(tree)])
@@ -169,15 +174,17 @@ class Flat:
         return jnp.concatenate([jnp.broadcast_to(mask[o], (int(np.prod(s)),)) for o, s in zip(self.owner, self.shapes)])
 
 
-def _step(p: Float[Array, " p"], m: Array, mask: Float[Array, " n"], frozen: Components, flat: Flat,
-          x: Float[Array, "b r r 3"], y: Int[Array, " b"], hp: HParams, step: Int[Array, ""], total: Int[Array, ""],
-          k: Int[Array, ""]) -> tuple[Array, Array, Float[Array, ""], Float[Array, ""]]:
+def _step(p: Float[Array, " p"], m: Array, mask: Float[Array, " n"], on: Float[Array, " n"] | None,
+          frozen: Components, flat: Flat, x: Float[Array, "b r r 3"], y: Int[Array, " b"], hp: HParams,
+          step: Int[Array, ""], total: Int[Array, ""], k: Int[Array, ""]
+          ) -> tuple[Array, Array, Float[Array, ""], Float[Array, ""]]:
     """One SGD step on the flat trainable half `p` (layout `flat`) and its bfloat16 momentum `m`: clip by global
-    norm 1.0, momentum (Nesterov traced), the gradients of frozen components (mask 0) zeroed. Returns the new `p`,
-    `m`, the loss and the gradient norm before clipping."""
+    norm 1.0, momentum (Nesterov traced), the gradients of frozen components (mask 0) zeroed; components whose
+    `on` flag is 0 are skipped (vit.forward). Returns the new `p`, `m`, the loss and the gradient norm before
+    clipping."""
 
     def loss_fn(p):
-        z = logits(eqx.combine(flat.unravel(p), frozen), x, k)
+        z = logits(eqx.combine(flat.unravel(p), frozen), x, k, on)
         return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
 
     loss, g = jax.value_and_grad(loss_fn)(p)
@@ -198,8 +205,8 @@ def train_step(diff: Components, frozen: Components, mom: Components, mask: Floa
     chunk of steps runs. Returns the new trainable half and momentum, the loss and the gradient norm before
     clipping."""
     flat = Flat.of(diff)
-    p, m, loss, norm = _step(flat.ravel(diff, jnp.float32, jnp), flat.ravel(mom, jnp.bfloat16, jnp), mask, frozen,
-                             flat, x, y, hp, step, total, k)
+    p, m, loss, norm = _step(flat.ravel(diff, jnp.float32, jnp), flat.ravel(mom, jnp.bfloat16, jnp), mask, None,
+                             frozen, flat, x, y, hp, step, total, k)
     return flat.unravel(p), flat.unravel(m), loss, norm
 
 
@@ -240,7 +247,7 @@ def _augment_chunk(kd: Array, xs: Array, aug: augment.Aug, t0: Int[Array, ""], v
     return out.reshape((n, c) + out.shape[1:])
 
 
-def _chunk(p: Array, m: Array, mask: Array, frozen: Components, hp: HParams, xs: Array, ys: Array,
+def _chunk(p: Array, m: Array, mask: Array, on: Array, frozen: Components, hp: HParams, xs: Array, ys: Array,
            t0: Int[Array, ""], valid: Int[Array, ""], total: Int[Array, ""], k: Int[Array, ""], flat: Flat
            ) -> tuple[Array, Array, Float[Array, " c"]]:
     """One child's steps t0 .. t0 + valid - 1 of `_step` as one scan over a chunk; returns p, m and the losses."""
@@ -249,7 +256,7 @@ def _chunk(p: Array, m: Array, mask: Array, frozen: Components, hp: HParams, xs:
         x, y, i = a
 
         def run(c):
-            p, m, loss, _ = _step(c[0], c[1], mask, frozen, flat, x, y, hp, t0 + i, total, k)
+            p, m, loss, _ = _step(c[0], c[1], mask, on, frozen, flat, x, y, hp, t0 + i, total, k)
             return (p, m), loss
 
         return jax.lax.cond(i < valid, run, lambda c: (c, jnp.zeros((), jnp.float32)), carry)
@@ -258,10 +265,11 @@ def _chunk(p: Array, m: Array, mask: Array, frozen: Components, hp: HParams, xs:
     return p, m, loss
 
 
-def _hits(p: Array, frozen: Components, x: Array, y: Int[Array, " b"], k: Int[Array, ""], flat: Flat,
+def _hits(p: Array, on: Array, frozen: Components, x: Array, y: Int[Array, " b"], k: Int[Array, ""], flat: Flat,
           res: int) -> Int[Array, ""]:
     """Number of correct predictions in an evaluation batch; padding rows (label −1) never count."""
-    pred = jnp.argmax(logits(eqx.combine(flat.unravel(p), frozen), augment.eval_preprocess(x, res), k), axis=-1)
+    z = logits(eqx.combine(flat.unravel(p), frozen), augment.eval_preprocess(x, res), k, on)
+    pred = jnp.argmax(z, axis=-1)
     return jnp.sum((pred == y) & (y >= 0))
 
 
@@ -293,7 +301,8 @@ def _program(key: tuple, fn: Callable, specs: Sequence[Any]) -> concurrent.futur
         f = _programs.get(key)
         if f is None or (f.done() and f.exception() is not None):
             if not _pool:
-                _pool.append(concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2),
+                # XLA compiles a program on one thread: one worker per core (a generation's programs first).
+                _pool.append(concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 2),
                                                                    thread_name_prefix="mu2net-compile"))
             f = _programs[key] = _pool[0].submit(lambda: jax.jit(fn).lower(*specs).compile())
         return f
@@ -310,8 +319,9 @@ def _hits_program(flat: Flat, frozen: Components, n: int, batch: int, size: int,
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=s)  # noqa: E731
     fz = jax.tree.map(lambda a: spec((n,) + np.shape(a), a.dtype), frozen)
     return _program(("hits", flat, _layout(frozen), n, batch, size, res, device),
-                    _per_child(functools.partial(_hits, flat=flat, res=res), n, (0, 0, None, None, None)),
-                    (spec((n, flat.size), jnp.float32), fz, spec((batch, size, size, 3), jnp.uint8),
+                    _per_child(functools.partial(_hits, flat=flat, res=res), n, (0, 0, 0, None, None, None)),
+                    (spec((n, flat.size), jnp.float32), spec((n, flat.count), jnp.float32), fz,
+                     spec((batch, size, size, 3), jnp.uint8),
                      spec((batch,), jnp.int32), spec((), jnp.int32)))
 
 
@@ -328,24 +338,25 @@ class TaskData(Protocol):
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
 
-def _evaluate(program: Callable, p: Array, frozen: Components, batches: Sequence[tuple[Array, Array]],
+def _evaluate(program: Callable, p: Array, on: Array, frozen: Components, batches: Sequence[tuple[Array, Array]],
               k: Array) -> list[Array]:
-    return [program(p, frozen, x, y, k) for x, y in batches]  # no sync: the caller reads the hits later
+    return [program(p, on, frozen, x, y, k) for x, y in batches]  # no sync: the caller reads the hits later
 
 
 def accuracy(components: Sequence[eqx.Module], task: TaskData, split: str, res: int, batch: int,
-             device: jax.Device | None = None) -> float:
+             device: jax.Device | None = None, on: Sequence[bool] | None = None) -> float:
     """Top-1 accuracy on a split (validation: the fixed subset; test: the whole split), with the program that
-    validates a child trained alone under the "mask" split (no compile of its own)."""
+    validates a child trained alone under the "mask" split (`on`: vit.forward's flags, default all on)."""
     device = device or jax.local_devices()[0]
     *body, head = components
     comps = (*body, pad_head(head, padded_classes(task.num_classes)))
     diff, frozen, _, _ = partition_trainable(comps, comps, (True,) * len(comps), "mask")
     flat = Flat.of(diff)
     program = _wait(_hits_program(flat, frozen, 1, batch, task.image_size, res, device))
-    p, k = jax.device_put((flat.ravel(diff, np.float32)[None], np.int32(task.num_classes)), device)
+    on = np.asarray([True] * len(comps) if on is None else on, np.float32)[None]
+    p, on, k = jax.device_put((flat.ravel(diff, np.float32)[None], on, np.int32(task.num_classes)), device)
     host = list(task.eval_batches(split, batch))
-    hits = _evaluate(program, p, jax.tree.map(lambda a: a[None], frozen), jax.device_put(host, device), k)
+    hits = _evaluate(program, p, on, jax.tree.map(lambda a: a[None], frozen), jax.device_put(host, device), k)
     return int(sum(np.asarray(h)[0] for h in hits)) / max(sum(int((y >= 0).sum()) for _, y in host), 1)
 
 
@@ -355,6 +366,13 @@ def _wait(f: concurrent.futures.Future) -> Any:
     with _lock:
         wait_s[0] += time.perf_counter() - t
     return out
+
+
+def settle() -> None:
+    """Waits for every compile under way (a test then counts only the compiles of what it runs)."""
+    with _lock:
+        fs = list(_programs.values())
+    concurrent.futures.wait(fs)
 
 
 def wait_first(fs: Sequence[concurrent.futures.Future]) -> None:
@@ -399,13 +417,15 @@ class Job:
     score: Callable[[float], float]
     threshold: float
     name: str = ""
+    on: tuple[bool, ...] | None = None  # vit.forward's flags: a layer the path lacks is an off placeholder
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """A job made ready on the host (`prepare`): the trainable half as one float32 vector `p` with its bfloat16
-    momentum `m` (layout `flat`), the frozen half, the gradient mask, hyperparameters, the augmentation key's data
-    and the data order's seed. Jobs with equal `shape` train together as one vectorised program."""
+    momentum `m` (layout `flat`), the frozen half, the gradient mask, the layers' on flags, hyperparameters, the
+    augmentation key's data and the data order's seed. Jobs with equal `group` train together as one vectorised
+    program (equal shapes, and the same layers on: a vectorised layer that is off for some is computed for all)."""
 
     job: Job
     flat: Flat
@@ -413,14 +433,15 @@ class Plan:
     p: np.ndarray
     m: np.ndarray
     mask: np.ndarray
+    on: np.ndarray
     hp: HParams
     kd: np.ndarray
     seed: int
     res: int
 
     @property
-    def shape(self) -> tuple:
-        return self.flat, _layout(self.frozen), self.res
+    def group(self) -> tuple:
+        return self.flat, _layout(self.frozen), self.res, self.on.tobytes()
 
 
 def prepare(job: Job, task: TaskData, budget: Budget) -> Plan:
@@ -430,7 +451,8 @@ def prepare(job: Job, task: TaskData, budget: Budget) -> Plan:
     diff, frozen, mom, mask = partition_trainable(comps, mom, job.trainable, budget.trainable_split)
     flat = Flat.of(diff)
     k_data, k_aug = jax.random.split(job.key)  # the data order's seed; the augmentation keys' base
-    return Plan(job, flat, frozen, flat.ravel(diff, np.float32), flat.ravel(mom, jnp.bfloat16), np.asarray(mask),
+    on = np.asarray(job.on or (True,) * len(comps), np.float32)
+    return Plan(job, flat, frozen, flat.ravel(diff, np.float32), flat.ravel(mom, jnp.bfloat16), np.asarray(mask), on,
                 jax.tree.map(np.asarray, HParams.of(job.hp)), np.asarray(jax.random.key_data(k_aug)),
                 int(seed_of(k_data).integers(2**31 - 1)), int(job.hp["resolution"]))
 
@@ -456,9 +478,9 @@ def compile_ahead(plans: Sequence[Plan], task: TaskData, budget: Budget,
     pre = _program(("augment", n, c, B, S, res, device), functools.partial(_augment_chunk, res=res),
                    (spec((n,) + q.kd.shape, q.kd.dtype), spec((n, c, B, S, S, 3), jnp.uint8), hp.aug, i32, i32))
     run = _program(("chunk", q.flat, _layout(q.frozen), n, c, B, res, device),
-                   _per_child(functools.partial(_chunk, flat=q.flat), n, (0,) * 7 + (None,) * 4),
+                   _per_child(functools.partial(_chunk, flat=q.flat), n, (0,) * 8 + (None,) * 4),
                    (spec((n, q.flat.size), jnp.float32), spec((n, q.flat.size), jnp.bfloat16),
-                    spec((n,) + q.mask.shape, jnp.float32), fz, hp, spec((n, c, B, res, res, 3), jnp.float32),
+                    spec((n,) + q.mask.shape, jnp.float32), spec((n,) + q.on.shape, jnp.float32), fz, hp, spec((n, c, B, res, res, 3), jnp.float32),
                     spec((n, c, B), jnp.int32), i32, i32, i32, i32))
     return [pre, run, _hits_program(q.flat, q.frozen, n, budget.eval_batch, S, res, device)]
 
@@ -474,10 +496,10 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
     n, B, S = len(plans), budget.batch_size, task.image_size
     augment_chunk, run_chunk, hits = (_wait(f) for f in compile_ahead(plans, task, budget, device))
     stack = lambda *a: np.stack(a)  # noqa: E731
-    p, m, mask, frozen, hp, kd = jax.device_put(
+    p, m, mask, on, frozen, hp, kd = jax.device_put(
         (np.stack([q.p for q in plans]), np.stack([q.m for q in plans]), np.stack([q.mask for q in plans]),
-         jax.tree.map(stack, *[q.frozen for q in plans]), jax.tree.map(stack, *[q.hp for q in plans]),
-         np.stack([q.kd for q in plans])), device)
+         np.stack([q.on for q in plans]), jax.tree.map(stack, *[q.frozen for q in plans]),
+         jax.tree.map(stack, *[q.hp for q in plans]), np.stack([q.kd for q in plans])), device)
     steps = steps_per_cycle(task, budget)
     c = chunk_length(n, B, S, plans[0].res)
     total, k = jax.device_put((np.int32(budget.cycles * steps), np.int32(task.num_classes)), device)
@@ -507,12 +529,12 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
                 for i in range(valid):
                     xs[j, i], ys[j, i] = task.train_batch(q.seed, t + i, B)
             xs, ys, t0, v = jax.device_put((xs, ys, np.int32(t), np.int32(valid)), device)  # one transfer
-            p, m, losses = run_chunk(p, m, mask, frozen, hp, augment_chunk(kd, xs, hp.aug, t0, v), ys, t0, v,
-                                     total, k)
+            p, m, losses = run_chunk(p, m, mask, on, frozen, hp, augment_chunk(kd, xs, hp.aug, t0, v), ys, t0,
+                                     v, total, k)
             t += valid
         if pending:
             decide(*pending)
-        pending = (cycle, p, m, _evaluate(hits, p, frozen, val, k), losses, valid - 1)
+        pending = (cycle, p, m, _evaluate(hits, p, on, frozen, val, k), losses, valid - 1)
     decide(*pending)
 
     host: dict[int, tuple[np.ndarray, np.ndarray]] = {}

@@ -50,7 +50,7 @@ def run_one(split: str, args) -> dict:
                 waits.append(round(100 * (train.wait_s[0] - w1) / dt))
     total = time.perf_counter() - t0
     acc = {t: float(np.round(m.metrics["test"], 3)) for t, m in system.models.items()}
-    steps = sum("chunk" in n for n in c.names)
+    steps = sum(n == "jit(_chunk)" for n in c.names)
     return dict(split=split, compiles=c.count, steps=steps, compile_s=c.seconds, wait_s=train.wait_s[0],
                 total_s=total, test=acc, shares=shares, waits=waits, load=os.getloadavg()[0])
 
@@ -68,7 +68,7 @@ def quickstart() -> None:
     with Compiles() as c, tempfile.TemporaryDirectory() as out:
         evolve.main(["--out", out, "--compile-cache", ""])
     total = time.perf_counter() - t0
-    steps = sum("chunk" in n or "train_step" in n for n in c.names)
+    steps = sum(n == "jit(_chunk)" or "train_step" in n for n in c.names)
     waited = getattr(train, "wait_s", [0.0])[0]
     print(f"quickstart: {c.count} compiles ({steps} of the training step or chunk), {c.seconds:.1f} s compiling of "
           f"{total:.1f} s = {100 * c.seconds / total:.1f}%; training waited {waited:.1f} s for compiles = "
