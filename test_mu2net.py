@@ -71,6 +71,18 @@ def test_device_count_does_not_change_the_result(s0, s1, tasks):
     assert mu2net.identical(one, s1)
 
 
+def test_vectorised_children_are_a_function_of_the_key_alone(s0, tasks):
+    """Same-architecture children trained as one vectorised program (Budget.vectorise): the same key gives a
+    bit-identical system, on one device or spread over two (groups never depend on the device count)."""
+    c = conf(generations=1, children=3, cycles=1, samples_cap=128, vectorise=2)  # alike: a group of 2, then 1
+    one = mu2net.task_iteration(s0, tasks[0], c, jax.random.key(4), devices=jax.local_devices()[:1])
+    assert mu2net.identical(one, mu2net.task_iteration(s0, tasks[0], c, jax.random.key(4),
+                                                        devices=jax.local_devices()[:1]))
+    two = mu2net.task_iteration(s0, tasks[0], c, jax.random.key(4), devices=jax.local_devices()[:2])
+    assert mu2net.identical(one, two)
+    assert mu2net.groups(["a", "b", "a", "a", "a", "a", "a", "a"], 4) == [[0, 2, 3, 4], [1], [5, 6], [7]]
+
+
 def test_learns_and_keeps_one_model_per_task(s1, s2, tasks):
     assert set(s2.models) == {"digits", "digits/parity"}
     m = s2.models["digits/parity"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import operator
 import os
 import threading
 import time
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -129,71 +131,28 @@ def preprocess(key: jax.Array, step: Int[Array, ""], x: Array, aug: augment.Aug,
 Components = tuple[eqx.Module | None, ...]  # one entry per component of the path; None where partitioned away
 
 
-@dataclasses.dataclass(frozen=True)
-class Flat:
-    """Where each array of a tuple of components sits in one flat vector: a static, hashable layout.
-
-    The optimizer updates one vector, which compiles to a few loops where a tree of leaves compiles to several per
-    leaf (a third of a tiny ViT step's compile time), and the host unflattens a result with numpy slices, where
-    eager device slicing would compile once per leaf shape. `owner` is the component index of each leaf."""
-
-    treedef: Any
-    shapes: tuple[tuple[int, ...], ...]
-    owner: tuple[int, ...]
-
-    @staticmethod
-    def of(components: Components) -> Flat:
-        leaves, treedef = jax.tree.flatten(components)
-        owner = tuple(i for i, c in enumerate(components) for _ in jax.tree.leaves(c))
-        return Flat(treedef, tuple(tuple(np.shape(a)) for a in leaves), owner)
-
-    @property
-    def size(self) -> int:
-        return sum(int(np.prod(s)) for s in self.shapes)
-
-    @property
-    def count(self) -> int:
-        """Number of components (a None one included)."""
-        return len(self.treedef.children())
-
-    def ravel(self, tree: Components, dtype: Any, xp: Any = np) -> Array:
-        """The leaves in order as one `dtype` vector; xp = np on the host, jnp inside a traced function."""
-        return xp.concatenate([xp.ravel(xp.asarray(a, dtype)) for a in jax.tree.leaves(tree)])
-
-    def unravel(self, v: Array) -> Components:
-        """The inverse of `ravel`, over the last axis (leading axes, e.g. one per child, are kept)."""
-        out, a = [], 0
-        for s in self.shapes:
-            b = a + int(np.prod(s))
-            out.append(v[..., a:b].reshape(v.shape[:-1] + s))
-            a = b
-        return jax.tree.unflatten(self.treedef, out)
-
-    def expand(self, mask: Float[Array, " n"]) -> Float[Array, " p"]:
-        """A per-component value repeated over that component's entries of the vector."""
-        return jnp.concatenate([jnp.broadcast_to(mask[o], (int(np.prod(s)),)) for o, s in zip(self.owner, self.shapes)])
-
-
-def _step(p: Float[Array, " p"], m: Array, mask: Float[Array, " n"], on: Float[Array, " n"] | None,
-          frozen: Components, flat: Flat, x: Float[Array, "b r r 3"], y: Int[Array, " b"], hp: HParams,
+def _step(diff: Components, frozen: Components, mom: Components, mask: Float[Array, " n"],
+          on: Float[Array, " n"] | None, x: Float[Array, "b r r 3"], y: Int[Array, " b"], hp: HParams,
           step: Int[Array, ""], total: Int[Array, ""], k: Int[Array, ""]
-          ) -> tuple[Array, Array, Float[Array, ""], Float[Array, ""]]:
-    """One SGD step on the flat trainable half `p` (layout `flat`) and its bfloat16 momentum `m`: clip by global
-    norm 1.0, momentum (Nesterov traced), the gradients of frozen components (mask 0) zeroed; components whose
-    `on` flag is 0 are skipped (vit.forward). Returns the new `p`, `m`, the loss and the gradient norm before
-    clipping."""
+          ) -> tuple[Components, Components, Float[Array, ""], Float[Array, ""]]:
+    """One SGD step on the trainable half: clip by global norm 1.0, momentum kept in bfloat16 (Nesterov traced),
+    the gradients of frozen components (mask 0) zeroed; components whose `on` flag is 0 are skipped
+    (vit.forward). Returns the new trainable half and momentum, the loss and the gradient norm before clipping."""
 
-    def loss_fn(p):
-        z = logits(eqx.combine(flat.unravel(p), frozen), x, k, on)
+    def loss_fn(d):
+        z = logits(eqx.combine(d, frozen), x, k, on)
         return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
 
-    loss, g = jax.value_and_grad(loss_fn)(p)
-    g = g * flat.expand(mask)
-    norm = jnp.linalg.norm(g)
-    g = g * jnp.minimum(1.0, 1.0 / (norm + 1e-12))
-    m = hp.momentum * m.astype(jnp.float32) + g
-    u = jnp.where(hp.nesterov > 0, hp.momentum * m + g, m)
-    return p - learning_rate(step, total, hp) * u, m.astype(jnp.bfloat16), loss, norm
+    loss, g = eqx.filter_value_and_grad(loss_fn)(diff)
+    g = tuple(jax.tree.map(lambda a: a * mask[i], gi) for i, gi in enumerate(g))
+    flat, unravel = jax.flatten_util.ravel_pytree(g)  # one flat norm compiles faster than a per-leaf tree of sums
+    norm = jnp.linalg.norm(flat)
+    g = unravel(flat * jnp.minimum(1.0, 1.0 / (norm + 1e-12)))
+    m = jax.tree.map(lambda mi, gi: (hp.momentum * mi.astype(jnp.float32) + gi), mom, g)
+    u = jax.tree.map(lambda mi, gi: jnp.where(hp.nesterov > 0, hp.momentum * mi + gi, mi), m, g)
+    lr = learning_rate(step, total, hp)
+    diff = jax.tree.map(lambda p, ui: p - lr * ui, diff, u)
+    return diff, jax.tree.map(lambda a: a.astype(jnp.bfloat16), m), loss, norm
 
 
 @eqx.filter_jit
@@ -201,13 +160,9 @@ def train_step(diff: Components, frozen: Components, mom: Components, mask: Floa
                x: Float[Array, "b r r 3"], y: Int[Array, " b"], hp: HParams, step: Int[Array, ""],
                total: Int[Array, ""], k: Int[Array, ""]
                ) -> tuple[Components, Components, Float[Array, ""], Float[Array, ""]]:
-    """`_step` on component trees: the single-step reference (test_train.py's golden metrics) of what a fused
-    chunk of steps runs. Returns the new trainable half and momentum, the loss and the gradient norm before
-    clipping."""
-    flat = Flat.of(diff)
-    p, m, loss, norm = _step(flat.ravel(diff, jnp.float32, jnp), flat.ravel(mom, jnp.bfloat16, jnp), mask, None,
-                             frozen, flat, x, y, hp, step, total, k)
-    return flat.unravel(p), flat.unravel(m), loss, norm
+    """`_step` with every component on, compiled on its own: the single-step reference (test_train.py's golden
+    metrics) of what a chunk of fused steps runs."""
+    return _step(diff, frozen, mom, mask, None, x, y, hp, step, total, k)
 
 
 # --- one compiled program per chunk of steps -------------------------------------------------------------------
@@ -247,28 +202,29 @@ def _augment_chunk(kd: Array, xs: Array, aug: augment.Aug, t0: Int[Array, ""], v
     return out.reshape((n, c) + out.shape[1:])
 
 
-def _chunk(p: Array, m: Array, mask: Array, on: Array, frozen: Components, hp: HParams, xs: Array, ys: Array,
-           t0: Int[Array, ""], valid: Int[Array, ""], total: Int[Array, ""], k: Int[Array, ""], flat: Flat
-           ) -> tuple[Array, Array, Float[Array, " c"]]:
-    """One child's steps t0 .. t0 + valid - 1 of `_step` as one scan over a chunk; returns p, m and the losses."""
+def _chunk(diff: Components, mom: Components, mask: Array, on: Array, frozen: Components, hp: HParams, xs: Array,
+           ys: Array, t0: Int[Array, ""], valid: Int[Array, ""], total: Int[Array, ""], k: Int[Array, ""]
+           ) -> tuple[Components, Components, Float[Array, " c"]]:
+    """One child's steps t0 .. t0 + valid - 1 of `_step` as one scan over a chunk; returns the trainable half,
+    its momentum and the losses."""
 
     def body(carry, a):
         x, y, i = a
 
         def run(c):
-            p, m, loss, _ = _step(c[0], c[1], mask, on, frozen, flat, x, y, hp, t0 + i, total, k)
-            return (p, m), loss
+            d, m, loss, _ = _step(c[0], frozen, c[1], mask, on, x, y, hp, t0 + i, total, k)
+            return (d, m), loss
 
         return jax.lax.cond(i < valid, run, lambda c: (c, jnp.zeros((), jnp.float32)), carry)
 
-    (p, m), loss = jax.lax.scan(body, (p, m), (xs, ys, jnp.arange(xs.shape[0], dtype=jnp.int32)))
-    return p, m, loss
+    (diff, mom), loss = jax.lax.scan(body, (diff, mom), (xs, ys, jnp.arange(xs.shape[0], dtype=jnp.int32)))
+    return diff, mom, loss
 
 
-def _hits(p: Array, on: Array, frozen: Components, x: Array, y: Int[Array, " b"], k: Int[Array, ""], flat: Flat,
+def _hits(diff: Components, on: Array, frozen: Components, x: Array, y: Int[Array, " b"], k: Int[Array, ""],
           res: int) -> Int[Array, ""]:
     """Number of correct predictions in an evaluation batch; padding rows (label −1) never count."""
-    z = logits(eqx.combine(flat.unravel(p), frozen), augment.eval_preprocess(x, res), k, on)
+    z = logits(eqx.combine(diff, frozen), augment.eval_preprocess(x, res), k, on)
     pred = jnp.argmax(z, axis=-1)
     return jnp.sum((pred == y) & (y >= 0))
 
@@ -287,9 +243,11 @@ def _per_child(f: Callable, n: int, axes: tuple[int | None, ...]) -> Callable:
     return g
 
 
-# Compiled programs by (kind, shapes, device): built ahead of time (lower().compile()) in worker threads, so a
-# generation's new architectures compile while its other children train (mu2net._train_all). A program is a
-# Future; `wait_s` adds up the seconds training waited for one (bench/compile.py).
+# --- compiling ahead ---------------------------------------------------------------------------------------------
+# Compiled programs by (kind, shapes, device), built ahead of time (lower().compile()) in worker threads so that the
+# programs a generation needs compile while its other children train (mu2net._train_all). Each is a Future;
+# `wait_s` adds up the seconds training waited for one (bench/compile.py).
+
 _programs: dict[tuple, concurrent.futures.Future] = {}
 _lock = threading.Lock()
 _pool: list[concurrent.futures.ThreadPoolExecutor] = []
@@ -308,21 +266,51 @@ def _program(key: tuple, fn: Callable, specs: Sequence[Any]) -> concurrent.futur
         return f
 
 
+def _wait(f: concurrent.futures.Future) -> Any:
+    t = time.perf_counter()
+    out = f.result()
+    with _lock:
+        wait_s[0] += time.perf_counter() - t
+    return out
+
+
+def wait_first(fs: Sequence[concurrent.futures.Future]) -> None:
+    """Blocks until one of the compiles `fs` is done (counted in `wait_s`)."""
+    t = time.perf_counter()
+    concurrent.futures.wait(fs, return_when=concurrent.futures.FIRST_COMPLETED)
+    with _lock:
+        wait_s[0] += time.perf_counter() - t
+
+
+def settle() -> None:
+    """Waits for every compile under way (a test then counts only the compiles of what it runs)."""
+    with _lock:
+        fs = list(_programs.values())
+    concurrent.futures.wait(fs)
+
+
 def _layout(tree: Any) -> tuple:
     leaves, treedef = jax.tree.flatten(tree)
     return treedef, tuple((np.shape(a), np.dtype(a.dtype)) for a in leaves)
 
 
-def _hits_program(flat: Flat, frozen: Components, n: int, batch: int, size: int, res: int,
-                  device: jax.Device) -> concurrent.futures.Future:
+def _specs(tree: Any, n: int | None, device: jax.Device) -> Any:
+    """Abstract arguments on `device` for `tree`'s arrays, with a leading axis of n children unless n is None."""
     s = jax.sharding.SingleDeviceSharding(device)
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=s)  # noqa: E731
-    fz = jax.tree.map(lambda a: spec((n,) + np.shape(a), a.dtype), frozen)
-    return _program(("hits", flat, _layout(frozen), n, batch, size, res, device),
-                    _per_child(functools.partial(_hits, flat=flat, res=res), n, (0, 0, 0, None, None, None)),
-                    (spec((n, flat.size), jnp.float32), spec((n, flat.count), jnp.float32), fz,
-                     spec((batch, size, size, 3), jnp.uint8),
-                     spec((batch,), jnp.int32), spec((), jnp.int32)))
+    lead = () if n is None else (n,)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(lead + np.shape(a), np.dtype(a.dtype), sharding=s), tree)
+
+
+def _hits_program(diff: Components, frozen: Components, n: int, batch: int, size: int, res: int,
+                  device: jax.Device) -> concurrent.futures.Future:
+    x, y, k = np.zeros((batch, size, size, 3), np.uint8), np.zeros(batch, np.int32), np.int32(0)
+    on = np.zeros(len(diff), np.float32)
+    return _program(("hits", _layout(diff), _layout(frozen), n, batch, size, res, device),
+                    _per_child(functools.partial(_hits, res=res), n, (0, 0, 0, None, None, None)),
+                    (*_specs((diff, on, frozen), n, device), *_specs((x, y, k), None, device)))
+
+
+# --- training children -------------------------------------------------------------------------------------------
 
 
 class TaskData(Protocol):
@@ -338,9 +326,9 @@ class TaskData(Protocol):
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
 
-def _evaluate(program: Callable, p: Array, on: Array, frozen: Components, batches: Sequence[tuple[Array, Array]],
-              k: Array) -> list[Array]:
-    return [program(p, on, frozen, x, y, k) for x, y in batches]  # no sync: the caller reads the hits later
+def _evaluate(program: Callable, diff: Components, on: Array, frozen: Components,
+              batches: Sequence[tuple[Array, Array]], k: Array) -> list[Array]:
+    return [program(diff, on, frozen, x, y, k) for x, y in batches]  # no sync: the caller reads the hits later
 
 
 def accuracy(components: Sequence[eqx.Module], task: TaskData, split: str, res: int, batch: int,
@@ -351,36 +339,13 @@ def accuracy(components: Sequence[eqx.Module], task: TaskData, split: str, res: 
     *body, head = components
     comps = (*body, pad_head(head, padded_classes(task.num_classes)))
     diff, frozen, _, _ = partition_trainable(comps, comps, (True,) * len(comps), "mask")
-    flat = Flat.of(diff)
-    program = _wait(_hits_program(flat, frozen, 1, batch, task.image_size, res, device))
-    on = np.asarray([True] * len(comps) if on is None else on, np.float32)[None]
-    p, on, k = jax.device_put((flat.ravel(diff, np.float32)[None], on, np.int32(task.num_classes)), device)
+    program = _wait(_hits_program(diff, frozen, 1, batch, task.image_size, res, device))
+    on = np.asarray([True] * len(comps) if on is None else on, np.float32)
+    one = jax.tree.map(lambda a: np.asarray(a)[None], (diff, on, frozen))
+    (diff, on, frozen), k = jax.device_put((one, np.int32(task.num_classes)), device)
     host = list(task.eval_batches(split, batch))
-    hits = _evaluate(program, p, on, jax.tree.map(lambda a: a[None], frozen), jax.device_put(host, device), k)
+    hits = _evaluate(program, diff, on, frozen, jax.device_put(host, device), k)
     return int(sum(np.asarray(h)[0] for h in hits)) / max(sum(int((y >= 0).sum()) for _, y in host), 1)
-
-
-def _wait(f: concurrent.futures.Future) -> Any:
-    t = time.perf_counter()
-    out = f.result()
-    with _lock:
-        wait_s[0] += time.perf_counter() - t
-    return out
-
-
-def settle() -> None:
-    """Waits for every compile under way (a test then counts only the compiles of what it runs)."""
-    with _lock:
-        fs = list(_programs.values())
-    concurrent.futures.wait(fs)
-
-
-def wait_first(fs: Sequence[concurrent.futures.Future]) -> None:
-    """Blocks until one of the compiles `fs` is done (counted in `wait_s`)."""
-    t = time.perf_counter()
-    concurrent.futures.wait(fs, return_when=concurrent.futures.FIRST_COMPLETED)
-    with _lock:
-        wait_s[0] += time.perf_counter() - t
 
 
 def partition_trainable(components: Components, momentum: Components, trainable: tuple[bool, ...], how: str):
@@ -407,7 +372,7 @@ class Snapshot:
 @dataclasses.dataclass(frozen=True)
 class Job:
     """One child to train: the arguments of `train_child` (score: eq. 1 of a validation accuracy; threshold:
-    Algorithm 1 line 29's running threshold at the start)."""
+    Algorithm 1 line 29's running threshold at the start), and vit.forward's flags (`on`, default all on)."""
 
     components: Sequence[eqx.Module]
     momentum: Sequence[eqx.Module]
@@ -417,21 +382,18 @@ class Job:
     score: Callable[[float], float]
     threshold: float
     name: str = ""
-    on: tuple[bool, ...] | None = None  # vit.forward's flags: a layer the path lacks is an off placeholder
+    on: tuple[bool, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A job made ready on the host (`prepare`): the trainable half as one float32 vector `p` with its bfloat16
-    momentum `m` (layout `flat`), the frozen half, the gradient mask, the layers' on flags, hyperparameters, the
-    augmentation key's data and the data order's seed. Jobs with equal `group` train together as one vectorised
-    program (equal shapes, and the same layers on: a vectorised layer that is off for some is computed for all)."""
+    """A job made ready on the host (`prepare`): its trainable and frozen halves and momentum (head padded), the
+    gradient mask and on flags, hyperparameters, the augmentation key's data and the data order's seed."""
 
     job: Job
-    flat: Flat
+    diff: Components
     frozen: Components
-    p: np.ndarray
-    m: np.ndarray
+    mom: Components
     mask: np.ndarray
     on: np.ndarray
     hp: HParams
@@ -441,7 +403,9 @@ class Plan:
 
     @property
     def group(self) -> tuple:
-        return self.flat, _layout(self.frozen), self.res, self.on.tobytes()
+        """Jobs with equal groups may train as one vectorised program: equal shapes, and the same layers on (a
+        layer that is on for some children of a vectorised group is computed for all)."""
+        return _layout(self.diff), _layout(self.frozen), self.res, self.on.tobytes()
 
 
 def prepare(job: Job, task: TaskData, budget: Budget) -> Plan:
@@ -449,12 +413,12 @@ def prepare(job: Job, task: TaskData, budget: Budget) -> Plan:
     comps = tuple(job.components[:-1]) + (pad_head(job.components[-1], kpad),)
     mom = tuple(job.momentum[:-1]) + (pad_head(job.momentum[-1], kpad),)
     diff, frozen, mom, mask = partition_trainable(comps, mom, job.trainable, budget.trainable_split)
-    flat = Flat.of(diff)
     k_data, k_aug = jax.random.split(job.key)  # the data order's seed; the augmentation keys' base
-    on = np.asarray(job.on or (True,) * len(comps), np.float32)
-    return Plan(job, flat, frozen, flat.ravel(diff, np.float32), flat.ravel(mom, jnp.bfloat16), np.asarray(mask), on,
-                jax.tree.map(np.asarray, HParams.of(job.hp)), np.asarray(jax.random.key_data(k_aug)),
-                int(seed_of(k_data).integers(2**31 - 1)), int(job.hp["resolution"]))
+    host = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
+    return Plan(job, host(diff), host(frozen), host(mom), np.asarray(mask),
+                np.asarray(job.on or (True,) * len(comps), np.float32), host(HParams.of(job.hp)),
+                np.asarray(jax.random.key_data(k_aug)), int(seed_of(k_data).integers(2**31 - 1)),
+                int(job.hp["resolution"]))
 
 
 def steps_per_cycle(task: TaskData, budget: Budget) -> int:
@@ -464,42 +428,37 @@ def steps_per_cycle(task: TaskData, budget: Budget) -> int:
 
 def compile_ahead(plans: Sequence[Plan], task: TaskData, budget: Budget,
                   device: jax.Device | None = None) -> list[concurrent.futures.Future]:
-    """Starts compiling, in a worker thread, the three programs that train `plans` (one shape) as one group on
-    `device`: the chunk's preprocessing, its steps and validation. Returns their futures (done when cached)."""
+    """Starts compiling, in a worker thread, the three programs that train `plans` (one group) on `device`: a
+    chunk's preprocessing, its steps and validation. Returns their futures (done once compiled; a program
+    compiles once per process)."""
     device = device or jax.local_devices()[0]
     q, n = plans[0], len(plans)
     B, S, res = budget.batch_size, task.image_size, q.res
     c = chunk_length(n, B, S, res)
-    s = jax.sharding.SingleDeviceSharding(device)
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=s)  # noqa: E731
-    i32 = spec((), jnp.int32)
-    hp = jax.tree.map(lambda a: spec((n,) + np.shape(a), a.dtype), q.hp)
-    fz = jax.tree.map(lambda a: spec((n,) + np.shape(a), a.dtype), q.frozen)
+    x8, x = np.zeros((c, B, S, S, 3), np.uint8), np.zeros((c, B, res, res, 3), np.float32)
+    y = np.zeros((c, B), np.int32)
+    i32 = _specs(np.int32(0), None, device)
     pre = _program(("augment", n, c, B, S, res, device), functools.partial(_augment_chunk, res=res),
-                   (spec((n,) + q.kd.shape, q.kd.dtype), spec((n, c, B, S, S, 3), jnp.uint8), hp.aug, i32, i32))
-    run = _program(("chunk", q.flat, _layout(q.frozen), n, c, B, res, device),
-                   _per_child(functools.partial(_chunk, flat=q.flat), n, (0,) * 8 + (None,) * 4),
-                   (spec((n, q.flat.size), jnp.float32), spec((n, q.flat.size), jnp.bfloat16),
-                    spec((n,) + q.mask.shape, jnp.float32), spec((n,) + q.on.shape, jnp.float32), fz, hp, spec((n, c, B, res, res, 3), jnp.float32),
-                    spec((n, c, B), jnp.int32), i32, i32, i32, i32))
-    return [pre, run, _hits_program(q.flat, q.frozen, n, budget.eval_batch, S, res, device)]
+                   (*_specs((q.kd, x8, q.hp.aug), n, device), i32, i32))
+    run = _program(("chunk", _layout(q.diff), _layout(q.frozen), n, c, B, res, device),
+                   _per_child(_chunk, n, (0,) * 8 + (None,) * 4),
+                   (*_specs((q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, x, y), n, device), i32, i32, i32, i32))
+    return [pre, run, _hits_program(q.diff, q.frozen, n, budget.eval_batch, S, res, device)]
 
 
 def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: jax.Device | None = None,
                 log: Callable[[dict], None] | None = None) -> list[Snapshot | None]:
-    """Algorithm 1 lines 26–32 for children of one shape, trained together as one program (vectorised over
-    children when there are several, `_per_child`), each on its own data stream and augmentation keys, with its
-    own hyperparameters, gradient mask, score and threshold. For each child: #cycles cycles of min(1 epoch,
-    samples cap), validation after each, the best snapshot whose score reaches the running threshold (line 29);
-    None when no cycle reached it."""
+    """Algorithm 1 lines 26–32 for the children of one group, trained together as one program (vectorised over
+    children when there are several, `_per_child`), each with its own data stream and augmentation keys,
+    hyperparameters, gradient mask, score and threshold. For each child: #cycles cycles of min(1 epoch, samples
+    cap), validation after each, the best snapshot whose score reaches the running threshold (line 29); None when
+    no cycle reached it."""
     device = device or jax.local_devices()[0]
     n, B, S = len(plans), budget.batch_size, task.image_size
     augment_chunk, run_chunk, hits = (_wait(f) for f in compile_ahead(plans, task, budget, device))
     stack = lambda *a: np.stack(a)  # noqa: E731
-    p, m, mask, on, frozen, hp, kd = jax.device_put(
-        (np.stack([q.p for q in plans]), np.stack([q.m for q in plans]), np.stack([q.mask for q in plans]),
-         np.stack([q.on for q in plans]), jax.tree.map(stack, *[q.frozen for q in plans]),
-         jax.tree.map(stack, *[q.hp for q in plans]), np.stack([q.kd for q in plans])), device)
+    diff, mom, mask, on, frozen, hp, kd = jax.device_put(
+        jax.tree.map(stack, *[(q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, q.kd) for q in plans]), device)
     steps = steps_per_cycle(task, budget)
     c = chunk_length(n, B, S, plans[0].res)
     total, k = jax.device_put((np.int32(budget.cycles * steps), np.int32(task.num_classes)), device)
@@ -508,7 +467,7 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
     best: list[tuple | None] = [None] * n
     threshold = [q.job.threshold for q in plans]
 
-    def decide(cycle, p, m, hit, losses, last):  # reads a cycle's results once the next cycle is under way
+    def decide(cycle, diff, mom, hit, losses, last):  # reads a cycle's results once the next one is under way
         qs = sum(np.asarray(h) for h in hit) / nval
         loss = np.asarray(losses)[:, last]
         for i, q in enumerate(plans):
@@ -518,7 +477,7 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
                          score=s))
             if s >= threshold[i]:  # Alg. 1 line 29: the threshold rises with every kept snapshot
                 threshold[i] = s
-                best[i] = (p, m, float(qs[i]), s)
+                best[i] = (diff, mom, float(qs[i]), s)
 
     t, pending = 0, None
     for cycle in range(budget.cycles):
@@ -529,30 +488,34 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
                 for i in range(valid):
                     xs[j, i], ys[j, i] = task.train_batch(q.seed, t + i, B)
             xs, ys, t0, v = jax.device_put((xs, ys, np.int32(t), np.int32(valid)), device)  # one transfer
-            p, m, losses = run_chunk(p, m, mask, on, frozen, hp, augment_chunk(kd, xs, hp.aug, t0, v), ys, t0,
-                                     v, total, k)
+            diff, mom, losses = run_chunk(diff, mom, mask, on, frozen, hp, augment_chunk(kd, xs, hp.aug, t0, v), ys,
+                                          t0, v, total, k)
             t += valid
         if pending:
             decide(*pending)
-        pending = (cycle, p, m, _evaluate(hits, p, on, frozen, val, k), losses, valid - 1)
+        pending = (cycle, diff, mom, _evaluate(hits, diff, on, frozen, val, k), losses, valid - 1)
     decide(*pending)
 
-    host: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    host: dict[int, tuple] = {}
     out: list[Snapshot | None] = []
     for i, (q, b) in enumerate(zip(plans, best)):
         if b is None:
             out.append(None)
             continue
-        bp, bm, quality, s = b
-        if id(bp) not in host:
-            host[id(bp)] = (np.asarray(bp), np.asarray(bm))
-        params, mom = (q.flat.unravel(v[i]) for v in host[id(bp)])
-        params = params[:-1] + (unpad_head(params[-1], task.num_classes),)
-        mom = mom[:-1] + (unpad_head(mom[-1], task.num_classes),)
-        keep = lambda t: tuple(a if tr else None for a, tr in zip(t, q.job.trainable))  # noqa: E731
-        params, mom = jax.device_put((keep(params), keep(mom)), jax.devices("cpu")[0])
-        out.append(Snapshot(params, mom, quality, s))
+        d, m, quality, s = b
+        if id(d) not in host:  # children whose best cycle is the same share one transfer
+            host[id(d)] = jax.tree.map(np.asarray, (d, m))
+        row = jax.tree.map(operator.itemgetter(i), host[id(d)])
+        d, m = (_trained_only(t, q.job.trainable, task.num_classes) for t in row)
+        d, m = jax.device_put((d, m), jax.devices("cpu")[0])
+        out.append(Snapshot(d, m, quality, s))
     return out
+
+
+def _trained_only(t: Components, trainable: tuple[bool, ...], k: int) -> Components:
+    """The trainable entries of a child's components (None elsewhere), the head cut back to k classes."""
+    t = t[:-1] + (unpad_head(t[-1], k),)
+    return tuple(a if tr else None for a, tr in zip(t, trainable))
 
 
 def train_child(components: Sequence[eqx.Module], momentum: Sequence[eqx.Module], trainable: tuple[bool, ...],

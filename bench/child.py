@@ -1,8 +1,10 @@
 """A child's training throughput against a hand-written lax.scan loop, and a generation's vectorised children.
 
-    python bench/child.py [--task mnist5k --configs tiny,tiny4 --batches 32,128 --repeats 3]
+    python bench/child.py [--task mnist5k --configs tiny,tiny4 --batches 32,128 --repeats 5]
+    python bench/child.py --configs S/16 --res 224 --skip-generation       # on an accelerator
 
-In one run, on the same device, model, batch and data (MNIST-5k at 16 px, 3 cycles of min(1 epoch, 2048 samples)):
+In one run, on the same device, model, batch and data (MNIST-5k at 16 px unless --res, 3 cycles of min(1 epoch,
+2048 samples)):
   * child: train.train_child, every component trainable, with its validation after each cycle;
   * scan: the same steps by hand: a cycle's batches moved to the device in one transfer, one jitted lax.scan whose
     body preprocesses and takes an SGD step (the same maths, written on component trees), then the same
@@ -21,7 +23,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -33,9 +34,8 @@ import mu2net  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 
-# Crop and flip on, so that preprocessing costs what it costs in a μ2Net run.
+# Crop and flip on, so that preprocessing costs what it costs in a μ2Net run (main() sets the resolution).
 HP = dict(mu2net.PLUS_DEFAULTS, lr=0.05, crop_area_min=0.5, flip=True, resolution=16)
-RES = HP["resolution"]
 
 
 def timed(fn) -> tuple[float, float]:
@@ -46,7 +46,7 @@ def timed(fn) -> tuple[float, float]:
 
 def setup(config: str, task: data.Task):
     cfg = vit.CONFIGS[config]
-    comps = list(vit.init(cfg, jax.random.key(0), task.num_classes, RES).values())
+    comps = list(vit.init(cfg, jax.random.key(0), task.num_classes, HP["resolution"]).values())
     return comps, [train.zeros_like_bf16(c) for c in comps]
 
 
@@ -57,9 +57,9 @@ def child_fn(comps, mom, task, budget):
                                      -1.0).params[0].kernel
 
 
-def scan_fn(comps, task, budget, validate: bool):
+def scan_fns(comps, task, budget):
     """The same training written by hand: trees, one scan per cycle, preprocessing in the scan body."""
-    k = task.num_classes
+    k, res = task.num_classes, HP["resolution"]
     kpad = train.padded_classes(k)
     params = tuple(comps[:-1]) + (train.pad_head(comps[-1], kpad),)
     params = jax.tree.map(jnp.asarray, params)
@@ -77,7 +77,7 @@ def scan_fn(comps, task, budget, validate: bool):
         def body(carry, a):
             p, m = carry
             x, y, i = a
-            x = augment.train_preprocess(jax.random.fold_in(key, t0 + i), x, hp.aug, RES)
+            x = augment.train_preprocess(jax.random.fold_in(key, t0 + i), x, hp.aug, res)
 
             def loss_fn(p):
                 z = vit.forward(p, x)
@@ -96,29 +96,29 @@ def scan_fn(comps, task, budget, validate: bool):
 
     @jax.jit
     def hits(p, x, y):
-        pred = jnp.argmax(vit.forward(p, augment.eval_preprocess(x, RES))[:, :k], axis=-1)
+        pred = jnp.argmax(vit.forward(p, augment.eval_preprocess(x, res))[:, :k], axis=-1)
         return jnp.sum((pred == y) & (y >= 0))
 
     val = jax.device_put(list(task.eval_batches("validation", budget.eval_batch)))
 
-    def run():
+    def run(validate: bool):
         p, m = params, jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.bfloat16), params)
         out = []
         for c in range(budget.cycles):
             batches = [task.train_batch(7, c * steps + i, B) for i in range(steps)]
             xs, ys = jax.device_put((np.stack([b[0] for b in batches]), np.stack([b[1] for b in batches])))
-            p, m, loss = cycle(p, m, xs, ys, jnp.asarray(c * steps, jnp.int32))
+            p, m, _ = cycle(p, m, xs, ys, jnp.asarray(c * steps, jnp.int32))
             if validate:
                 out.append(sum(hits(p, x, y) for x, y in val))
         return p[0].kernel, out
-    return run
+    return (lambda: run(True)), (lambda: run(False))
 
 
 def child_vs_scan(config: str, batch: int, task: data.Task, repeats: int) -> None:
     budget = train.Budget(cycles=3, samples_cap=2048, batch_size=batch)
     comps, mom = setup(config, task)
-    fns = dict(child=child_fn(comps, mom, task, budget), scan=scan_fn(comps, task, budget, True),
-               scan_train=scan_fn(comps, task, budget, False))
+    scan, scan_train = scan_fns(comps, task, budget)
+    fns = dict(child=child_fn(comps, mom, task, budget), scan=scan, scan_train=scan_train)
     for f in fns.values():
         f()  # compiles
     images = budget.cycles * train.steps_per_cycle(task, budget) * batch
@@ -154,7 +154,7 @@ def generation(task: data.Task, n: int, batch: int, repeats: int) -> None:
     t = {name: [] for name in fns}
     for _ in range(repeats):
         for name, f in fns.items():
-            t[name].append(timed(lambda: [s.params[-1].kernel for s in f()]))
+            t[name].append(timed(lambda f=f: [s.params[-1].kernel for s in f()]))
     rate = {k: images / min(w for w, _ in v) for k, v in t.items()}
     cpu = {k: images / min(c for _, c in v) for k, v in t.items()}
     ratio = rate["vectorised"] / rate["sequential"]
@@ -170,10 +170,12 @@ def main() -> None:
     ap.add_argument("--batches", default="32,128")
     ap.add_argument("--children", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--res", type=int, default=16)
     ap.add_argument("--skip-generation", action="store_true")
     a = ap.parse_args()
-    task = data.make_task_data(data.load_catalog()[a.task], RES)
-    print(f"task {a.task} at {RES} px, device {jax.devices()[0]}, load {os.getloadavg()}", flush=True)
+    HP["resolution"] = a.res
+    task = data.make_task_data(data.load_catalog()[a.task], a.res)
+    print(f"task {a.task} at {a.res} px, device {jax.devices()[0]}, load {os.getloadavg()}", flush=True)
     for config in a.configs.split(","):
         for batch in map(int, a.batches.split(",")):
             child_vs_scan(config, batch, task, a.repeats)

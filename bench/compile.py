@@ -55,21 +55,22 @@ def run_one(split: str, args) -> dict:
                 total_s=total, test=acc, shares=shares, waits=waits, load=os.getloadavg()[0])
 
 
-def quickstart() -> None:
-    """Compile share of `python evolve.py` (the quickstart) from a cold cache, in this process."""
+def quickstart(keep: str | None = None) -> None:
+    """Compile share of `python evolve.py` (the quickstart) from a cold cache, in this process (its run directory
+    in `keep`, else a temporary one)."""
     import tempfile
 
     sys.path.insert(0, ROOT)
     import evolve
+    import train
     from bench.compiles import Compiles
 
-    import train
     t0 = time.perf_counter()
     with Compiles() as c, tempfile.TemporaryDirectory() as out:
-        evolve.main(["--out", out, "--compile-cache", ""])
+        evolve.main(["--out", keep or out, "--compile-cache", ""])
     total = time.perf_counter() - t0
     steps = sum(n == "jit(_chunk)" or "train_step" in n for n in c.names)
-    waited = getattr(train, "wait_s", [0.0])[0]
+    waited = train.wait_s[0]
     print(f"quickstart: {c.count} compiles ({steps} of the training step or chunk), {c.seconds:.1f} s compiling of "
           f"{total:.1f} s = {100 * c.seconds / total:.1f}%; training waited {waited:.1f} s for compiles = "
           f"{100 * waited / total:.1f}%; load {os.getloadavg()[0]:.1f}")
@@ -85,10 +86,11 @@ def main():
     p.add_argument("--vit", default="tiny")
     p.add_argument("--splits", default="mask,hybrid,partition")
     p.add_argument("--quickstart", action="store_true")
+    p.add_argument("--out", default=None, help="with --quickstart: keep the run directory here")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quickstart:
-        quickstart()
+        quickstart(args.out)
         return
     if args.one:
         print(json.dumps(run_one(args.one, args)))
@@ -104,9 +106,11 @@ def main():
           f"{'compile %':>9} {'waited %':>9} {'vs ' + rows[0]['split']:>9}")
     for r in rows:
         print(f"{r['split']:10} {r['compiles']:8d} {r['steps']:8d} {r['compile_s']:10.1f} {r['wait_s']:9.1f} "
-              f"{r['total_s']:8.1f} {100 * r['compile_s'] / r['total_s']:8.1f}% {100 * r['wait_s'] / r['total_s']:8.1f}% "
+              f"{r['total_s']:8.1f} {100 * r['compile_s'] / r['total_s']:8.1f}% "
+              f"{100 * r['wait_s'] / r['total_s']:8.1f}% "
               f"{r['total_s'] / base:9.2f}x  per iteration: compile % {r['shares']}, waited % {r['waits']}, "
               f"load {r['load']:.1f}")
+
 
 if __name__ == "__main__":
     main()
