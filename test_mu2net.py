@@ -74,7 +74,7 @@ def test_device_count_does_not_change_the_result(s0, s1, tasks):
 def test_vectorised_children_are_a_function_of_the_key_alone(s0, tasks):
     """Same-architecture children trained as one vectorised program (Budget.vectorise): the same key gives a
     bit-identical system, on one device or spread over two (groups never depend on the device count)."""
-    c = conf(generations=1, children=3, cycles=1, samples_cap=128, vectorise=2)  # alike: a group of 2, then 1
+    c = conf(generations=1, children=3, cycles=1, vectorise=2)  # key 4: a group of two alike, then one
     one = mu2net.task_iteration(s0, tasks[0], c, jax.random.key(4), devices=jax.local_devices()[:1])
     assert mu2net.identical(one, mu2net.task_iteration(s0, tasks[0], c, jax.random.key(4),
                                                         devices=jax.local_devices()[:1]))
@@ -123,7 +123,7 @@ def test_accounted_params_sum_to_distinct_params(s2):
 
 def test_two_learning_rates_do_not_recompile(s1, tasks):
     pool = mu2net.Pool(s1, s1.params, s1.momentum, s1.lineage)
-    c = conf(cycles=1, samples_cap=64)
+    c = conf(cycles=1)  # the chunk length of the other tests: their compiled programs
     parent = s1.models["digits"]
     child, _ = mu2net.make_child(pool, parent, "digits", 10, c, jax.random.key(5), s1.counter)
     mu2net.train_child(pool, child, tasks[0], c, jax.random.key(6))

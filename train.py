@@ -166,20 +166,22 @@ def train_step(diff: Components, frozen: Components, mom: Components, mask: Floa
 
 
 # --- one compiled program per chunk of steps -------------------------------------------------------------------
-# A child's cycle runs as chunks of CHUNK steps: the host assembles a chunk's batches of every child of a group and
-# moves them in one transfer, one call preprocesses them, one call runs the steps as a lax.scan. Step i of a chunk
-# runs only when i < valid (a cycle's last chunk is padded), so one compile per (architecture, group size) serves
-# every cycle and every task. All inputs carry a leading axis of n children (see `_per_child`).
+# A child's cycle runs as chunks of steps: the host assembles a chunk's batches of every child of a group and moves
+# them in one transfer, one call preprocesses them, one call runs the steps as a lax.scan. Step i of a chunk runs
+# only when i < valid (a cycle's last chunk is padded), so one compile per (architecture, group size) serves every
+# cycle and every task of a budget. All inputs carry a leading axis of n children (see `_per_child`).
 
 CHUNK = 64  # steps per compiled call at most: the per-step host dispatch of a small child costs as much as the step
 CHUNK_BYTES = 1 << 28  # ... and at most this much input per call, so a chunk of large images fits a device
 
 
-def chunk_length(n: int, batch: int, size: int, res: int) -> int:
-    """Steps per chunk: CHUNK, or the largest power of two whose uint8 input and float32 preprocessed batches of
-    n children fit CHUNK_BYTES. It depends on no task's step count, so tasks share the compiled chunk."""
-    per_step = n * batch * 3 * (size * size + 4 * res * res)
-    c = max(1, min(CHUNK, CHUNK_BYTES // per_step))
+def chunk_length(n: int, budget: Budget, size: int, res: int) -> int:
+    """Steps per chunk: the power of two that holds the budget's longest cycle (samples cap / batch), at most CHUNK
+    and at most what fits CHUNK_BYTES (uint8 input and float32 preprocessed batches of n children). It depends on
+    no task, so the tasks of a budget share the compiled chunk; a task with fewer steps pads its last chunk."""
+    per_step = n * budget.batch_size * 3 * (size * size + 4 * res * res)
+    longest = max(1, budget.samples_cap // budget.batch_size)
+    c = max(1, min(CHUNK, CHUNK_BYTES // per_step, 1 << (longest - 1).bit_length()))
     return 1 << (c.bit_length() - 1)
 
 
@@ -254,7 +256,9 @@ _pool: list[concurrent.futures.ThreadPoolExecutor] = []
 wait_s = [0.0]
 
 
-def _program(key: tuple, fn: Callable, specs: Sequence[Any]) -> concurrent.futures.Future:
+def _program(key: tuple, build: Callable[[], tuple[Callable, Sequence[Any]]]) -> concurrent.futures.Future:
+    """The program `key` names, compiling it in the background the first time (`build` gives the function and its
+    abstract arguments)."""
     with _lock:
         f = _programs.get(key)
         if f is None or (f.done() and f.exception() is not None):
@@ -262,7 +266,11 @@ def _program(key: tuple, fn: Callable, specs: Sequence[Any]) -> concurrent.futur
                 # XLA compiles a program on one thread: one worker per core (a generation's programs first).
                 _pool.append(concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 2),
                                                                    thread_name_prefix="mu2net-compile"))
-            f = _programs[key] = _pool[0].submit(lambda: jax.jit(fn).lower(*specs).compile())
+
+            def compile_():
+                fn, specs = build()
+                return jax.jit(fn).lower(*specs).compile()
+            f = _programs[key] = _pool[0].submit(compile_)
         return f
 
 
@@ -303,11 +311,12 @@ def _specs(tree: Any, n: int | None, device: jax.Device) -> Any:
 
 def _hits_program(diff: Components, frozen: Components, n: int, batch: int, size: int, res: int,
                   device: jax.Device) -> concurrent.futures.Future:
-    x, y, k = np.zeros((batch, size, size, 3), np.uint8), np.zeros(batch, np.int32), np.int32(0)
-    on = np.zeros(len(diff), np.float32)
-    return _program(("hits", _layout(diff), _layout(frozen), n, batch, size, res, device),
-                    _per_child(functools.partial(_hits, res=res), n, (0, 0, 0, None, None, None)),
-                    (*_specs((diff, on, frozen), n, device), *_specs((x, y, k), None, device)))
+    def build():
+        x, y, k = np.zeros((batch, size, size, 3), np.uint8), np.zeros(batch, np.int32), np.int32(0)
+        on = np.zeros(len(diff), np.float32)
+        return (_per_child(functools.partial(_hits, res=res), n, (0, 0, 0, None, None, None)),
+                (*_specs((diff, on, frozen), n, device), *_specs((x, y, k), None, device)))
+    return _program(("hits", _layout(diff), _layout(frozen), n, batch, size, res, device), build)
 
 
 # --- training children -------------------------------------------------------------------------------------------
@@ -434,15 +443,14 @@ def compile_ahead(plans: Sequence[Plan], task: TaskData, budget: Budget,
     device = device or jax.local_devices()[0]
     q, n = plans[0], len(plans)
     B, S, res = budget.batch_size, task.image_size, q.res
-    c = chunk_length(n, B, S, res)
+    c = chunk_length(n, budget, S, res)
     x8, x = np.zeros((c, B, S, S, 3), np.uint8), np.zeros((c, B, res, res, 3), np.float32)
-    y = np.zeros((c, B), np.int32)
-    i32 = _specs(np.int32(0), None, device)
-    pre = _program(("augment", n, c, B, S, res, device), functools.partial(_augment_chunk, res=res),
-                   (*_specs((q.kd, x8, q.hp.aug), n, device), i32, i32))
-    run = _program(("chunk", _layout(q.diff), _layout(q.frozen), n, c, B, res, device),
-                   _per_child(_chunk, n, (0,) * 8 + (None,) * 4),
-                   (*_specs((q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, x, y), n, device), i32, i32, i32, i32))
+    y, i32 = np.zeros((c, B), np.int32), _specs(np.int32(0), None, device)
+    pre = _program(("augment", n, c, B, S, res, device), lambda: (
+        functools.partial(_augment_chunk, res=res), (*_specs((q.kd, x8, q.hp.aug), n, device), i32, i32)))
+    run = _program(("chunk", _layout(q.diff), _layout(q.frozen), n, c, B, res, device), lambda: (
+        _per_child(_chunk, n, (0,) * 8 + (None,) * 4),
+        (*_specs((q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, x, y), n, device), i32, i32, i32, i32)))
     return [pre, run, _hits_program(q.diff, q.frozen, n, budget.eval_batch, S, res, device)]
 
 
@@ -460,10 +468,9 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
     diff, mom, mask, on, frozen, hp, kd = jax.device_put(
         jax.tree.map(stack, *[(q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, q.kd) for q in plans]), device)
     steps = steps_per_cycle(task, budget)
-    c = chunk_length(n, B, S, plans[0].res)
+    c = chunk_length(n, budget, S, plans[0].res)
     total, k = jax.device_put((np.int32(budget.cycles * steps), np.int32(task.num_classes)), device)
-    host_val = list(task.eval_batches("validation", budget.eval_batch))
-    val, nval = jax.device_put(host_val, device), max(sum(int((y >= 0).sum()) for _, y in host_val), 1)
+    val, nval = None, 1  # the validation set goes to the device once the first chunk is under way
     best: list[tuple | None] = [None] * n
     threshold = [q.job.threshold for q in plans]
 
@@ -491,6 +498,9 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
             diff, mom, losses = run_chunk(diff, mom, mask, on, frozen, hp, augment_chunk(kd, xs, hp.aug, t0, v), ys,
                                           t0, v, total, k)
             t += valid
+        if val is None:
+            host = list(task.eval_batches("validation", budget.eval_batch))
+            val, nval = jax.device_put(host, device), max(sum(int((y >= 0).sum()) for _, y in host), 1)
         if pending:
             decide(*pending)
         pending = (cycle, diff, mom, _evaluate(hits, diff, on, frozen, val, k), losses, valid - 1)
