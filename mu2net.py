@@ -601,7 +601,7 @@ def groups(shapes: Sequence[Any], most: int) -> list[list[int]]:
 
 def _elsewhere(job: train.Job, cfg: vit.Config, config: Config) -> Iterator[train.Job]:
     """`job` at the search space's other resolutions (its position embedding resampled): with `full_depth`,
-    the programs of these cover every child a later generation can make from this layout. Only under the "mask"
+    the programs of these cover every child the next generation can make from this layout. Only under the "mask"
     split, whose programs do not depend on the cloning pattern, and when the resolution can move."""
     if config.trainable_split != "mask" or not config.method.hp_moves:
         return
@@ -614,17 +614,18 @@ def _elsewhere(job: train.Job, cfg: vit.Config, config: Config) -> Iterator[trai
 
 
 def _train_all(pool: Pool, children: Sequence[tuple[Child, float, jax.Array]], task: TaskData, config: Config,
-               devices: Sequence[jax.Device], log) -> list[Trained | None]:
+               devices: Sequence[jax.Device], log, more: bool = False) -> list[Trained | None]:
     """Trains a generation's children (lines 26–32): children of one architecture in groups (`groups`), group g
     on local device g mod n (the paper's one child per TPU core when groups are single children). Every group's
     programs start compiling at once, in worker threads (train.compile_ahead), and each device trains its groups
-    whose programs are ready first, so a new architecture compiles while other children train."""
+    whose programs are ready first, so a new architecture compiles while other children train. With `more` (a
+    generation follows), the programs it may need at the other resolutions (`_elsewhere`) compile after ours."""
     jobs = [_job(pool, c, task, config, k, thr) for c, thr, k in children]
     plans = [train.prepare(j[0], task, config) for j in jobs]
     units = groups([q.group for q in plans], config.vectorise)
     n = len(devices)
     ahead = [train.compile_ahead([plans[i] for i in u], task, config, devices[g % n]) for g, u in enumerate(units)]
-    for job in _elsewhere(jobs[0][0], pool.system.cfg, config):  # what later generations may need, after ours
+    for job in _elsewhere(jobs[0][0], pool.system.cfg, config) if more else ():  # the next generation's, after ours
         train.compile_ahead([train.prepare(job, task, config)], task, config, devices[0])
     snaps: dict[int, train.Snapshot | None] = {}
 
@@ -677,7 +678,8 @@ def task_iteration(system: System, task: TaskData, config: Config, key: jax.Arra
             if log:
                 log(dict(event="child", task=t, generation=gen, child=child.model.id, parent=parent.id,
                          trainable=sum(child.trainable), hp=dict(child.model.hp)))
-        results = _train_all(pool, children, task, config, devices, log)  # lines 26–32, one child per device
+        more = gen + 1 < config.generations
+        results = _train_all(pool, children, task, config, devices, log, more)  # lines 26–32, by groups
         for r in results:
             if r is not None:  # lines 33–35
                 pool = pool.add(r)

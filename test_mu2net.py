@@ -73,13 +73,11 @@ def test_device_count_does_not_change_the_result(s0, s1, tasks):
 
 def test_vectorised_children_are_a_function_of_the_key_alone(s0, tasks):
     """Same-architecture children trained as one vectorised program (Budget.vectorise): the same key gives a
-    bit-identical system, on one device or spread over two (groups never depend on the device count)."""
+    bit-identical system, with both groups on one device or spread over two (groups never depend on devices)."""
     c = conf(generations=1, children=3, cycles=1, vectorise=2)  # key 4: a group of two alike, then one
     one = mu2net.task_iteration(s0, tasks[0], c, jax.random.key(4), devices=jax.local_devices()[:1])
-    assert mu2net.identical(one, mu2net.task_iteration(s0, tasks[0], c, jax.random.key(4),
-                                                        devices=jax.local_devices()[:1]))
     two = mu2net.task_iteration(s0, tasks[0], c, jax.random.key(4), devices=jax.local_devices()[:2])
-    assert mu2net.identical(one, two)
+    assert mu2net.identical(one, two) and "digits" in one.models
     assert mu2net.groups(["a", "b", "a", "a", "a", "a", "a", "a"], 4) == [[0, 2, 3, 4], [1], [5, 6], [7]]
 
 

@@ -251,14 +251,15 @@ def _per_child(f: Callable, n: int, axes: tuple[int | None, ...]) -> Callable:
 # `wait_s` adds up the seconds training waited for one (bench/compile.py).
 
 _programs: dict[tuple, concurrent.futures.Future] = {}
+_jitted: dict[tuple, Callable] = {}  # by key without the device: one trace serves every device
 _lock = threading.Lock()
 _pool: list[concurrent.futures.ThreadPoolExecutor] = []
 wait_s = [0.0]
 
 
 def _program(key: tuple, build: Callable[[], tuple[Callable, Sequence[Any]]]) -> concurrent.futures.Future:
-    """The program `key` names, compiling it in the background the first time (`build` gives the function and its
-    abstract arguments)."""
+    """The program `key` names (its last entry the device), compiling it in the background the first time
+    (`build` gives the function and its abstract arguments)."""
     with _lock:
         f = _programs.get(key)
         if f is None or (f.done() and f.exception() is not None):
@@ -269,7 +270,9 @@ def _program(key: tuple, build: Callable[[], tuple[Callable, Sequence[Any]]]) ->
 
             def compile_():
                 fn, specs = build()
-                return jax.jit(fn).lower(*specs).compile()
+                with _lock:
+                    jitted = _jitted.setdefault(key[:-1], jax.jit(fn))
+                return jitted.lower(*specs).compile()
             f = _programs[key] = _pool[0].submit(compile_)
         return f
 
