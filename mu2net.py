@@ -128,7 +128,8 @@ METHODS: dict[str, Method] = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Budget(train.Budget):
-    """Algorithm 1's meta-parameters (#generations, #child-models) and eq. 1's s, P, F, over one child's budget."""
+    """Algorithm 1's meta-parameters (#generations, #child-models) and eq. 1's s, P, F, over one child's budget;
+    and how many alike children of a generation train as one vectorised program."""
 
     generations: int = train.at_least_one(4)
     children: int = train.at_least_one(8)
@@ -583,13 +584,14 @@ def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: j
     return _trained(child, slots, snap, size, flops)
 
 
-def groups(shapes: Sequence[Any], most: int) -> list[list[int]]:
-    """Children (indices, in order) that train together: those of one shape, in groups of powers of two up to
-    `most` (7 alike at most 8 -> 4, 2, 1), so an architecture compiles for a few group sizes only. A function of
-    the children alone, never of the devices, so the result does not depend on how many there are."""
+def groups(alike: Sequence[Any], most: int) -> list[list[int]]:
+    """Children (indices, in order) that train together: those with equal `alike` keys (train.Plan.group), in
+    groups of powers of two up to `most` (7 alike at most 8 -> 4, 2, 1), so an architecture compiles for a few
+    group sizes only. A function of the children alone, never of the devices, so the result does not depend on
+    how many there are."""
     by: dict[Any, list[int]] = {}
-    for i, s in enumerate(shapes):
-        by.setdefault(s, []).append(i)
+    for i, a in enumerate(alike):
+        by.setdefault(a, []).append(i)
     out = []
     for idx in by.values():
         while idx:
