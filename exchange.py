@@ -115,7 +115,7 @@ class Hosts:
             return slots[i % len(slots)].process_index
 
         def run(pool: mu2net.Pool, todo: Sequence[mu2net.Planned], task: mu2net.TaskData, config: mu2net.Config,
-                log: Any) -> dict[int, mu2net.Trained | None]:
+                log: Any, more: bool = False) -> dict[int, mu2net.Trained | None]:
             records: dict[str, list[dict]] = collections.defaultdict(list)
 
             def here(rec: dict) -> None:
@@ -125,7 +125,7 @@ class Hosts:
                     records[rec.get("child")].append(rec)
 
             mine = [c for c in todo if owner(c[0]) == self.index]
-            got = local(pool, mine, task, config, here)
+            got = local(pool, mine, task, config, here, more)
             out = {}
             for i, child, _, _ in todo:
                 src = owner(i)

@@ -206,13 +206,20 @@ METHODS: dict[str, Method] = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Budget(train.Budget):
-    """Algorithm 1's meta-parameters (#generations, #child-models) and eq. 1's s, P, F, over one child's budget."""
+    """Algorithm 1's meta-parameters (#generations, #child-models) and eq. 1's s, P, F, over one child's budget;
+    and how many alike children of a generation train as one vectorised program."""
 
     generations: int = train.at_least_one(4)
     children: int = train.at_least_one(8)
     s: float = train._check(lambda v: 0 < v <= 1, "a number in (0, 1]", 0.99)
     P: float = train._check(lambda v: v > 0, "a number > 0 (inf = no penalty)", math.inf)
     F: float = train._check(lambda v: v > 0, "a number > 0 (inf = no penalty)", math.inf)
+    # Children of a generation that share an architecture train as one vectorised program, at most this many
+    # together (a power of two; 1: one by one). Not bit-identical to one by one, but a pure function of the key
+    # for any device count. bench/child.py measures whether it pays on a device: on a CPU it does not (README).
+    vectorise: int = train._check(lambda v: v >= 1 and v & (v - 1) == 0, "a power of two ≥ 1", 1)
+
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -634,52 +641,144 @@ def make_child(pool: Pool, parent: Model, task: str, num_classes: int, config: C
 # --- training a child (Algorithm 1 lines 26–32) ---------------------------------------------------------------
 
 
-def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: jax.Array,
-                threshold: float = -math.inf, device: jax.Device | None = None,
-                log: Callable[[dict], None] | None = None) -> Trained | None:
-    """Trains `child` (train.train_child) scored by eq. 1 in the system as it stands; None if no cycle reached
-    `threshold` (line 29)."""
-    model, ids = child.model, child.model.components
+def full_depth(system: System, params: Mapping[str, eqx.Module], ids: Sequence[str]
+               ) -> tuple[list[str | None], list[eqx.Module], tuple[bool, ...]]:
+    """A path laid out at the root's depth, for training and evaluation: a block it lacks (layer removal), with
+    its adapter, becomes a zero placeholder whose on flag is 0, so that it is skipped (vit.forward) and paths of
+    every depth share one compiled program (train.py). Returns the slots' ids (None: a placeholder), their
+    components and their on flags; a path of full depth is its own layout."""
+    by = {kind(c): c for c in ids}
+    root = [kind(c) for c in system.root.components]
+    adapter = next((c for c in ids if vit.is_adapter(kind(c))), None)
+    slots: list[tuple[str | None, str]] = [(by[n], by[n]) for n in ("embedding", "cls", "posembed_input")]
+    for i in range(sum(map(vit.is_block, root))):
+        if adapter:
+            slots.append((by.get(vit.adapter(i)), adapter))
+        slots.append((by.get(vit.block(i)), system.root.components[root.index(vit.block(i))]))
+    slots += [(by["encoder_norm"], by["encoder_norm"]), (by["head"], by["head"])]
+    comps = [params[c] if c else jax.tree.map(np.zeros_like, params[like]) for c, like in slots]
+    return [c for c, _ in slots], comps, tuple(c is not None for c, _ in slots)
+
+
+def accuracy(system: System, model: Model, task: TaskData, split: str, batch: int = 256,
+             device: jax.Device | None = None, params: Mapping[str, eqx.Module] | None = None) -> float:
+    """Top-1 accuracy of `model` on a split, laid out as it was validated (`full_depth`)."""
+    _, comps, on = full_depth(system, params or system.params, model.components)
+    return train.accuracy(comps, task, split, int(model.hp["resolution"]), batch, device, on)
+
+
+def _job(pool: Pool, child: Child, task: TaskData, config: Config, key: jax.Array, threshold: float
+         ) -> tuple[train.Job, list[str | None], float, int]:
+    """What train.py needs to train `child` (`full_depth`), scored by eq. 1 in the system as it stands; the
+    slots' ids, its size and FLOPs."""
+    model = child.model
     params = {**pool.params, **{c: p for c, (p, _) in child.new.items()}}
-    comps = [params[c] for c in ids]
-    mom = [child.new[c][1] if c in child.new else zeros_like_bf16(p) for c, p in zip(ids, comps)]
+    slots, comps, on = full_depth(pool.system, params, model.components)
+    mom = [child.new[c][1] if c in child.new else zeros_like_bf16(p) for c, p in zip(slots, comps)]
+    trains = dict(zip(model.components, child.trainable))
     size = model_size(params, model, sharers(pool.system, task.name))
     flops = model_flops(pool.system.cfg, params, model)
-    snap = train.train_child(comps, mom, child.trainable, model.hp, task, config, key,
-                             lambda q: config.score(q, size, flops), threshold, device, log, model.id)
+    score = lambda q: config.score(q, size, flops)  # noqa: E731
+    job = train.Job(comps, mom, tuple(c is not None and trains[c] for c in slots), model.hp, key, score,
+                    threshold, model.id, on)
+    return job, slots, size, flops
+
+
+def _trained(child: Child, slots: Sequence[str | None], snap: train.Snapshot | None, size: float,
+             flops: int) -> Trained | None:
     if snap is None:
         return None
     metrics = dict(quality=snap.quality, score=snap.score, params=size, flops=flops)
-    return Trained(dataclasses.replace(model, metrics=metrics),
-                   {c: p for c, p in zip(ids, snap.params) if p is not None},
-                   {c: m for c, m in zip(ids, snap.momentum) if m is not None}, snap.score)
+    return Trained(dataclasses.replace(child.model, metrics=metrics),
+                   {c: p for c, p in zip(slots, snap.params) if p is not None},
+                   {c: m for c, m in zip(slots, snap.momentum) if m is not None}, snap.score)
+
+
+def train_child(pool: Pool, child: Child, task: TaskData, config: Config, key: jax.Array,
+                threshold: float = -math.inf, device: jax.Device | None = None,
+                log: Callable[[dict], None] | None = None) -> Trained | None:
+    """Trains `child` (train.train_group of one) scored by eq. 1 in the system as it stands; None if no cycle
+    reached `threshold` (line 29)."""
+    job, slots, size, flops = _job(pool, child, task, config, key, threshold)
+    snap = train.train_group([train.prepare(job, task, config)], task, config, device, log)[0]
+    return _trained(child, slots, snap, size, flops)
+
+
+def groups(alike: Sequence[Any], most: int) -> list[list[int]]:
+    """Children (indices, in order) that train together: those with equal `alike` keys (train.Plan.group), in
+    groups of powers of two up to `most` (7 alike at most 8 -> 4, 2, 1), so an architecture compiles for a few
+    group sizes only. A function of the children alone, never of the devices, so the result does not depend on
+    how many there are."""
+    by: dict[Any, list[int]] = {}
+    for i, a in enumerate(alike):
+        by.setdefault(a, []).append(i)
+    out = []
+    for idx in by.values():
+        while idx:
+            k = 1 << (min(most, len(idx)).bit_length() - 1)
+            out.append(idx[:k])
+            idx = idx[k:]
+    return sorted(out)
+
+
+def _elsewhere(job: train.Job, cfg: vit.Config, config: Config) -> Iterator[train.Job]:
+    """`job` at the search space's other resolutions (its position embedding resampled): with `full_depth`,
+    the programs of these cover every child the next generation can make from this layout. Only under the "mask"
+    split, whose programs do not depend on the cloning pattern, and when the resolution can move."""
+    if config.trainable_split != "mask" or not config.method.hp_moves:
+        return
+    for r in config.space.values.get("resolution", ()):
+        if r != job.hp["resolution"]:
+            comps = [vit.resample_posembed(c, r, cfg.patch) if isinstance(c, vit.PosEmbed) else c
+                     for c in job.components]
+            yield dataclasses.replace(job, components=comps, momentum=[zeros_like_bf16(c) for c in comps],
+                                      hp={**job.hp, "resolution": r})
 
 
 Planned = tuple[int, Child, float, jax.Array]  # a child's index in its generation, the child, line 29's threshold, key
-Train = Callable[[Pool, Sequence[Planned], TaskData, Config, Callable[[dict], None] | None],
-                 Mapping[int, "Trained | None"]]
+Train = Callable[..., Mapping[int, "Trained | None"]]  # (pool, todo, task, config, log, more) -> trained by index
 
 
 def train_local(devices: Sequence[jax.Device], stop: Callable[[], bool] = lambda: False) -> Train:
-    """Trains a generation's children, one per device at a time (the paper's one child per TPU core): one thread per
-    device trains children d, d + n, d + 2n, ... in turn, so no device ever holds two children. A child not yet
-    started when `stop()` turns true is left out of the result (a stopped generation resumes from the others)."""
+    """Trains a generation's children (lines 26–32): children of one architecture in groups (`groups`, of one
+    unless `Budget.vectorise`), group g on local device g mod n (the paper's one child per TPU core), so no device
+    ever holds two groups. Every group's programs start compiling at once, in worker threads
+    (train.compile_ahead), and each device trains first its groups whose programs are ready, so a new architecture
+    compiles while other children train. With `more` (a generation follows), the programs it may need at the
+    other resolutions (`_elsewhere`) compile after ours. A group not yet started when `stop()` turns true is left
+    out of the result (a stopped generation resumes from the others)."""
     devices = list(devices)
     n = len(devices)
 
-    def run(pool: Pool, todo: Sequence[Planned], task: TaskData, config: Config, log) -> dict[int, Trained | None]:
-        def worker(d: int) -> dict[int, Trained | None]:
-            out = {}
-            for i, c, thr, k in todo[d::n]:
-                if stop():
-                    break
-                out[i] = train_child(pool, c, task, config, k, thr, devices[d], log)
-            return out
+    def run(pool: Pool, todo: Sequence[Planned], task: TaskData, config: Config, log,
+            more: bool = False) -> dict[int, Trained | None]:
+        jobs = [_job(pool, c, task, config, k, thr) for _, c, thr, k in todo]
+        plans = [train.prepare(j[0], task, config) for j in jobs]
+        units = groups([q.group for q in plans], config.vectorise)
+        ahead = [train.compile_ahead([plans[i] for i in u], task, config, devices[g % n])
+                 for g, u in enumerate(units)]
+        for job in _elsewhere(jobs[0][0], pool.system.cfg, config) if more and jobs else ():
+            train.compile_ahead([train.prepare(job, task, config)], task, config, devices[0])
+        snaps: dict[int, train.Snapshot | None] = {}
+
+        def worker(d: int) -> None:
+            mine = list(range(d, len(units), n))
+            while mine and not stop():
+                ready = [g for g in mine if all(f.done() for f in ahead[g])]
+                if not ready:
+                    train.wait_first([f for g in mine for f in ahead[g] if not f.done()])
+                    continue
+                mine.remove(g := ready[0])
+                snaps.update(zip(units[g], train.train_group([plans[i] for i in units[g]], task, config,
+                                                             devices[d], log)))
 
         if n == 1:
-            return worker(0)
-        with concurrent.futures.ThreadPoolExecutor(n) as ex:
-            return {i: r for done in ex.map(worker, range(n)) for i, r in done.items()}
+            worker(0)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(n) as ex:
+                list(ex.map(worker, range(n)))
+        return {todo[i][0]: _trained(todo[i][1], slots, snaps[i], size, flops)
+                for i, (_, slots, size, flops) in enumerate(jobs) if i in snaps}
 
     return run
 
@@ -782,7 +881,8 @@ def generation(state: Iteration, task: TaskData, config: Config, key: jax.Array,
             log(dict(event="child", task=t, generation=gen, child=child.model.id, parent=parent.id,
                      seed=seed, trainable=sum(child.trainable), hp=dict(child.model.hp)))
     todo = [c for c in children if c[0] not in done]
-    results = {**done, **train(pool, todo, task, config, log)}  # lines 26–32, one child per device
+    more = gen + 1 < config.generations
+    results = {**done, **train(pool, todo, task, config, log, more)}  # lines 26–32, one group per device
     if len(results) < len(children):
         return dataclasses.replace(state, done=results)
     for i in range(len(children)):
@@ -801,8 +901,8 @@ def finish(state: Iteration, task: TaskData, config: Config, device: jax.Device 
     best = best_model(pool, config.method.strict)  # line 39: the task's argmax score
     if best is None:
         return system
-    test = train.accuracy([pool.params[c] for c in best.components], task, "test", int(best.hp["resolution"]),
-                          config.eval_batch, device)  # placed like validation's inputs: the same compiled function
+    # Placed and laid out like validation's inputs: the same compiled program.
+    test = accuracy(system, best, task, "test", config.eval_batch, device, pool.params)
     metrics = {**best.metrics, "score": pool.scores[best.id], "test": test}
     if config.method.parents == "active":
         metrics["offspring"] = state.selections.get(best.id, 0)

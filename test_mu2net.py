@@ -71,6 +71,16 @@ def test_device_count_does_not_change_the_result(s0, s1, tasks):
     assert mu2net.identical(one, s1)
 
 
+def test_vectorised_children_are_a_function_of_the_key_alone(s0, tasks):
+    """Same-architecture children trained as one vectorised program (Budget.vectorise): the same key gives a
+    bit-identical system, with both groups on one device or spread over two (groups never depend on devices)."""
+    c = conf(generations=1, children=3, cycles=1, vectorise=2)  # key 4: a group of two alike, then one
+    one = mu2net.task_iteration(s0, tasks[0], c, jax.random.key(4), devices=jax.local_devices()[:1])
+    two = mu2net.task_iteration(s0, tasks[0], c, jax.random.key(4), devices=jax.local_devices()[:2])
+    assert mu2net.identical(one, two) and "digits" in one.models
+    assert mu2net.groups(["a", "b", "a", "a", "a", "a", "a", "a"], 4) == [[0, 2, 3, 4], [1], [5, 6], [7]]
+
+
 def test_learns_and_keeps_one_model_per_task(s1, s2, tasks):
     assert set(s2.models) == {"digits", "digits/parity"}
     m = s2.models["digits/parity"]
@@ -79,8 +89,9 @@ def test_learns_and_keeps_one_model_per_task(s1, s2, tasks):
     head = s2.params[m.components[-1]]
     assert head.kernel.shape == (CFG.width, 2)
     # A retained model is assembled by id lookup and reproduces its recorded test accuracy.
+    assert mu2net.accuracy(s2, m, tasks[1], "test") == m.metrics["test"]
     acc = train.accuracy(mu2net.assemble(s2, m), tasks[1], "test", m.hp["resolution"], 256)
-    assert acc == m.metrics["test"]
+    assert abs(acc - m.metrics["test"]) <= 1 / 270  # without the full-depth layout: one near-tie may flip
     # Garbage collection: only what the root or a retained model uses survives.
     assert set(s2.params) == s2.component_ids() == set(s2.momentum)
 
@@ -110,10 +121,11 @@ def test_accounted_params_sum_to_distinct_params(s2):
 
 def test_two_learning_rates_do_not_recompile(s1, tasks):
     pool = mu2net.Pool(s1, s1.params, s1.momentum, s1.lineage)
-    c = conf(cycles=1, samples_cap=64)
+    c = conf(cycles=1)  # the chunk length of the other tests: their compiled programs
     parent = s1.models["digits"]
     child, _ = mu2net.make_child(pool, parent, "digits", 10, c, jax.random.key(5), s1.counter)
     mu2net.train_child(pool, child, tasks[0], c, jax.random.key(6))
+    train.settle()  # programs compiled ahead for later generations, in the background
     for lr in (0.002, 0.05):
         hp = dict(child.model.hp, lr=lr, momentum=0.95, nesterov=True, brightness=0.1)
         other = dataclasses.replace(child, model=dataclasses.replace(child.model, hp=hp))
@@ -289,7 +301,8 @@ def test_method_search_spaces():
 
 
 class Poisoned:
-    """A task whose training batches are NaN for the first child that asks (its data seed): that child diverges."""
+    """A task whose training labels are out of range for the first child that asks (its data seed): its
+    cross-entropy reads outside the logits (NaN), so that child diverges. Images stay uint8, as data.py gives them."""
 
     def __init__(self, task):
         self.task, self.seed = task, None
@@ -300,7 +313,7 @@ class Poisoned:
     def train_batch(self, seed, step, batch_size):
         x, y = self.task.train_batch(seed, step, batch_size)
         self.seed = seed if self.seed is None else self.seed
-        return (np.full(x.shape, np.nan, np.float32) if seed == self.seed else x), y
+        return x, (np.full(y.shape, 10**6, np.int32) if seed == self.seed else y)
 
 
 def test_a_diverged_child_is_discarded_and_the_iteration_goes_on(s0, tasks):

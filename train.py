@@ -10,8 +10,13 @@ nothing of the system or of sharing: the caller gives the score of a validation 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import operator
+import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -146,16 +151,17 @@ def unpad_head(head: vit.Head, k: int) -> vit.Head:
     return vit.Head(np.asarray(head.kernel)[:, :k], np.asarray(head.bias)[:k])
 
 
-def logits(components: Sequence[eqx.Module], images: Float[Array, "b h w 3"],
-           num_classes: Int[Array, ""]) -> Float[Array, "b k"]:
-    """Forward pass; the padded head columns (index ≥ num_classes) get −1e30, so their softmax weight and
-    gradients are exactly zero and the padding never changes what is learned."""
-    z = vit.forward(components, images)
+def logits(components: Sequence[eqx.Module], images: Float[Array, "b h w 3"], num_classes: Int[Array, ""],
+           on: Float[Array, " n"] | None = None) -> Float[Array, "b k"]:
+    """Forward pass (`on`: vit.forward's flags); the padded head columns (index ≥ num_classes) get −1e30, so
+    their softmax weight and gradients are exactly zero and the padding never changes what is learned."""
+    z = vit.forward(components, images, on)
     return jnp.where(jnp.arange(z.shape[-1])[None, :] < num_classes, z, -1e30)
 
 
-# Compiled on its own (once per batch shape and resolution) rather than inside `train_step`: it costs as much to
-# compile as a tiny ViT's forward and backward, and every architecture would otherwise pay for it again.
+# Compiled on its own (once per batch shape and resolution) rather than inside a training step: it costs as much to
+# compile as a tiny ViT's forward and backward, and every architecture would otherwise pay for it again. A run
+# preprocesses a whole chunk of steps at once (`_augment_chunk`); this one-batch form is its reference (bench/input.py).
 @functools.partial(jax.jit, static_argnums=4)
 def preprocess(key: jax.Array, step: Int[Array, ""], x: Array, aug: augment.Aug, res: int) -> Float[Array, "b r r 3"]:
     return augment.train_preprocess(jax.random.fold_in(key, step), x, aug, res)
@@ -164,16 +170,16 @@ def preprocess(key: jax.Array, step: Int[Array, ""], x: Array, aug: augment.Aug,
 Components = tuple[eqx.Module | None, ...]  # one entry per component of the path; None where partitioned away
 
 
-@eqx.filter_jit
-def train_step(diff: Components, frozen: Components, mom: Components, mask: Float[Array, " n"],
-               x: Float[Array, "b r r 3"], y: Int[Array, " b"], hp: HParams, step: Int[Array, ""],
-               total: Int[Array, ""], k: Int[Array, ""]
-               ) -> tuple[Components, Components, Float[Array, ""], Float[Array, ""]]:
-    """One SGD step on the trainable half: clip by global norm 1.0, momentum kept in bfloat16 (Nesterov traced).
-    Returns the new trainable half and momentum, the loss and the gradient norm before clipping."""
+def _step(diff: Components, frozen: Components, mom: Components, mask: Float[Array, " n"],
+          on: Float[Array, " n"] | None, x: Float[Array, "b r r 3"], y: Int[Array, " b"], hp: HParams,
+          step: Int[Array, ""], total: Int[Array, ""], k: Int[Array, ""]
+          ) -> tuple[Components, Components, Float[Array, ""], Float[Array, ""]]:
+    """One SGD step on the trainable half: clip by global norm 1.0, momentum kept in bfloat16 (Nesterov traced),
+    the gradients of frozen components (mask 0) zeroed; components whose `on` flag is 0 are skipped
+    (vit.forward). Returns the new trainable half and momentum, the loss and the gradient norm before clipping."""
 
     def loss_fn(d):
-        z = logits(eqx.combine(d, frozen), x, k)
+        z = logits(eqx.combine(d, frozen), x, k, on)
         return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
 
     loss, g = eqx.filter_value_and_grad(loss_fn)(diff)
@@ -189,11 +195,173 @@ def train_step(diff: Components, frozen: Components, mom: Components, mask: Floa
 
 
 @eqx.filter_jit
-def correct(components: Sequence[eqx.Module], x: Array, y: Int[Array, " b"], k: Int[Array, ""],
-            res: int) -> Int[Array, ""]:
-    """Number of correct predictions in a batch; padding rows (label −1) never count."""
-    pred = jnp.argmax(logits(components, augment.eval_preprocess(x, res), k), axis=-1)
+def train_step(diff: Components, frozen: Components, mom: Components, mask: Float[Array, " n"],
+               x: Float[Array, "b r r 3"], y: Int[Array, " b"], hp: HParams, step: Int[Array, ""],
+               total: Int[Array, ""], k: Int[Array, ""]
+               ) -> tuple[Components, Components, Float[Array, ""], Float[Array, ""]]:
+    """`_step` with every component on, compiled on its own: the single-step reference (test_train.py's golden
+    metrics) of what a chunk of fused steps runs."""
+    return _step(diff, frozen, mom, mask, None, x, y, hp, step, total, k)
+
+
+# --- one compiled program per chunk of steps -------------------------------------------------------------------
+# A child's cycle runs as chunks of steps: the host assembles a chunk's batches of every child of a group and moves
+# them in one transfer, one call preprocesses them, one call runs the steps as a lax.scan. Step i of a chunk runs
+# only when i < valid (a cycle's last chunk is padded), so one compile per (architecture, group size) serves every
+# cycle and every task of a budget. All inputs carry a leading axis of n children (see `_per_child`).
+
+CHUNK = 64  # steps per compiled call at most: the per-step host dispatch of a small child costs as much as the step
+CHUNK_BYTES = 1 << 28  # ... and at most this much input per call, so a chunk of large images fits a device
+
+
+def chunk_length(n: int, budget: Budget, size: int, res: int) -> int:
+    """Steps per chunk: the power of two that holds the budget's longest cycle (samples cap / batch), at most CHUNK
+    and at most what fits CHUNK_BYTES (uint8 input and float32 preprocessed batches of n children). It depends on
+    no task, so the tasks of a budget share the compiled chunk; a task with fewer steps pads its last chunk."""
+    per_step = n * budget.batch_size * 3 * (size * size + 4 * res * res)
+    longest = -(-budget.samples_cap // budget.batch_size)
+    c = max(1, min(CHUNK, CHUNK_BYTES // per_step, 1 << (longest - 1).bit_length()))
+    return 1 << (c.bit_length() - 1)
+
+
+def _augment_chunk(kd: Array, xs: Array, aug: augment.Aug, t0: Int[Array, ""], valid: Int[Array, ""],
+                   res: int) -> Float[Array, "n c b r r 3"]:
+    """uint8 [n, C, B, S, S, 3] -> float32 [n, C, B, res, res, 3]: child j's step t0 + i is preprocessed with
+    fold_in(its augmentation key kd[j], t0 + i), as `preprocess` does. One batch at a time (lax.map) with that
+    child's unbatched hyperparameters, so the lax.cond in `augment` still skips what is off."""
+    n, c = xs.shape[:2]
+    ii = jnp.tile(jnp.arange(c, dtype=jnp.int32), n)
+    jj = jnp.repeat(jnp.arange(n, dtype=jnp.int32), c)
+
+    def one(a):
+        x, i, j = a
+        key = jax.random.fold_in(jax.random.wrap_key_data(kd[j]), t0 + i)
+        out = lambda: augment.train_preprocess(key, x, jax.tree.map(lambda v: v[j], aug), res)  # noqa: E731
+        return jax.lax.cond(i < valid, out, lambda: jnp.zeros((x.shape[0], res, res, 3), jnp.float32))
+
+    out = jax.lax.map(one, (xs.reshape((n * c,) + xs.shape[2:]), ii, jj))
+    return out.reshape((n, c) + out.shape[1:])
+
+
+def _chunk(diff: Components, mom: Components, mask: Array, on: Array, frozen: Components, hp: HParams, xs: Array,
+           ys: Array, t0: Int[Array, ""], valid: Int[Array, ""], total: Int[Array, ""], k: Int[Array, ""]
+           ) -> tuple[Components, Components, Float[Array, " c"]]:
+    """One child's steps t0 .. t0 + valid - 1 of `_step` as one scan over a chunk; returns the trainable half,
+    its momentum and the losses."""
+
+    def body(carry, a):
+        x, y, i = a
+
+        def run(c):
+            d, m, loss, _ = _step(c[0], frozen, c[1], mask, on, x, y, hp, t0 + i, total, k)
+            return (d, m), loss
+
+        return jax.lax.cond(i < valid, run, lambda c: (c, jnp.zeros((), jnp.float32)), carry)
+
+    (diff, mom), loss = jax.lax.scan(body, (diff, mom), (xs, ys, jnp.arange(xs.shape[0], dtype=jnp.int32)))
+    return diff, mom, loss
+
+
+def _hits(diff: Components, on: Array, frozen: Components, x: Array, y: Int[Array, " b"], k: Int[Array, ""],
+          res: int) -> Int[Array, ""]:
+    """Number of correct predictions in an evaluation batch; padding rows (label −1) never count."""
+    z = logits(eqx.combine(diff, frozen), augment.eval_preprocess(x, res), k, on)
+    pred = jnp.argmax(z, axis=-1)
     return jnp.sum((pred == y) & (y >= 0))
+
+
+def _per_child(f: Callable, n: int, axes: tuple[int | None, ...]) -> Callable:
+    """`f` over a leading axis of n children (arguments with axis None are shared): vectorised (vmap) for n > 1;
+    for n = 1 the unbatched program, so a child trained alone computes exactly what it always did."""
+    batched = jax.vmap(f, in_axes=axes)
+
+    def g(*args):
+        if n > 1:
+            return batched(*args)
+        args = [jax.tree.map(lambda v: v[0], a) if ax == 0 else a for a, ax in zip(args, axes)]
+        return jax.tree.map(lambda v: v[None], f(*args))
+    g.__name__ = getattr(f, "__name__", None) or f.func.__name__  # compiles are counted by name (bench/)
+    return g
+
+
+# --- compiling ahead ---------------------------------------------------------------------------------------------
+# Compiled programs by (kind, shapes, device), built ahead of time (lower().compile()) in worker threads so that the
+# programs a generation needs compile while its other children train (mu2net.train_local). Each is a Future;
+# `wait_s` adds up the seconds training waited for one (bench/compile.py).
+
+_programs: dict[tuple, concurrent.futures.Future] = {}
+_jitted: dict[tuple, Callable] = {}  # by key without the device: one trace serves every device
+_lock = threading.Lock()
+_pool: list[concurrent.futures.ThreadPoolExecutor] = []
+wait_s = [0.0]
+
+
+def _program(key: tuple, build: Callable[[], tuple[Callable, Sequence[Any]]]) -> concurrent.futures.Future:
+    """The program `key` names (its last entry the device), compiling it in the background the first time
+    (`build` gives the function and its abstract arguments)."""
+    with _lock:
+        f = _programs.get(key)
+        if f is None or (f.done() and f.exception() is not None):
+            if not _pool:
+                # XLA compiles a program on one thread: one worker per core (a generation's programs first).
+                _pool.append(concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 2),
+                                                                   thread_name_prefix="mu2net-compile"))
+
+            def compile_():
+                fn, specs = build()
+                with _lock:
+                    jitted = _jitted.setdefault(key[:-1], jax.jit(fn))
+                return jitted.lower(*specs).compile()
+            f = _programs[key] = _pool[0].submit(compile_)
+        return f
+
+
+def _wait(f: concurrent.futures.Future) -> Any:
+    t = time.perf_counter()
+    out = f.result()
+    with _lock:
+        wait_s[0] += time.perf_counter() - t
+    return out
+
+
+def wait_first(fs: Sequence[concurrent.futures.Future]) -> None:
+    """Blocks until one of the compiles `fs` is done (counted in `wait_s`)."""
+    t = time.perf_counter()
+    concurrent.futures.wait(fs, return_when=concurrent.futures.FIRST_COMPLETED)
+    with _lock:
+        wait_s[0] += time.perf_counter() - t
+
+
+def settle() -> None:
+    """Waits for every compile under way (a test then counts only the compiles of what it runs)."""
+    with _lock:
+        fs = list(_programs.values())
+    concurrent.futures.wait(fs)
+
+
+def _layout(tree: Any) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(a), np.dtype(a.dtype)) for a in leaves)
+
+
+def _specs(tree: Any, n: int | None, device: jax.Device) -> Any:
+    """Abstract arguments on `device` for `tree`'s arrays, with a leading axis of n children unless n is None."""
+    s = jax.sharding.SingleDeviceSharding(device)
+    lead = () if n is None else (n,)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(lead + np.shape(a), np.dtype(a.dtype), sharding=s), tree)
+
+
+def _hits_program(diff: Components, frozen: Components, n: int, batch: int, size: int, res: int,
+                  device: jax.Device) -> concurrent.futures.Future:
+    def build():
+        x, y, k = np.zeros((batch, size, size, 3), np.uint8), np.zeros(batch, np.int32), np.int32(0)
+        on = np.zeros(len(diff), np.float32)
+        return (_per_child(functools.partial(_hits, res=res), n, (0, 0, 0, None, None, None)),
+                (*_specs((diff, on, frozen), n, device), *_specs((x, y, k), None, device)))
+    return _program(("hits", _layout(diff), _layout(frozen), n, batch, size, res, device), build)
+
+
+# --- training children -------------------------------------------------------------------------------------------
 
 
 class TaskData(Protocol):
@@ -210,18 +378,28 @@ class TaskData(Protocol):
                      limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
 
+def _evaluate(program: Callable, diff: Components, on: Array, frozen: Components,
+              batches: Sequence[tuple[Array, Array]], k: Array) -> list[Array]:
+    return [program(diff, on, frozen, x, y, k) for x, y in batches]  # no sync: the caller reads the hits later
+
+
 def accuracy(components: Sequence[eqx.Module], task: TaskData, split: str, res: int, batch: int,
-             device: jax.Device | None = None, limit: int | None = None) -> float:
+             device: jax.Device | None = None, limit: int | None = None,
+             on: Sequence[bool] | None = None) -> float:
     """Top-1 accuracy on a split (validation: the fixed subset of the first `limit` examples; test: the whole
-    split)."""
+    split), with the program that validates a child trained alone under the "mask" split (`on`: vit.forward's
+    flags, default all on)."""
+    device = device or jax.local_devices()[0]
     *body, head = components
-    comps = jax.device_put((*body, pad_head(head, padded_classes(task.num_classes))), device)
-    k = jax.device_put(jnp.asarray(task.num_classes, jnp.int32), device)
-    n, hits = 0, jnp.zeros((), jnp.int32)
-    for x, y in task.eval_batches(split, batch, limit):
-        hits = hits + correct(comps, jax.device_put(x, device), jax.device_put(y, device), k, res)  # no sync
-        n += int((y >= 0).sum())
-    return int(hits) / max(n, 1)
+    comps = (*body, pad_head(head, padded_classes(task.num_classes)))
+    diff, frozen, _, _ = partition_trainable(comps, comps, (True,) * len(comps), "mask")
+    program = _wait(_hits_program(diff, frozen, 1, batch, task.image_size, res, device))
+    on = np.asarray([True] * len(comps) if on is None else on, np.float32)
+    one = jax.tree.map(lambda a: np.asarray(a)[None], (diff, on, frozen))
+    (diff, on, frozen), k = jax.device_put((one, np.int32(task.num_classes)), device)
+    host = list(task.eval_batches(split, batch, limit))
+    hits = _evaluate(program, diff, on, frozen, jax.device_put(host, device), k)
+    return int(sum(np.asarray(h)[0] for h in hits)) / max(sum(int((y >= 0).sum()) for _, y in host), 1)
 
 
 def partition_trainable(components: Components, momentum: Components, trainable: tuple[bool, ...], how: str):
@@ -245,64 +423,195 @@ class Snapshot:
     score: float
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One child to train: the arguments of `train_child` (score: eq. 1 of a validation accuracy; threshold:
+    Algorithm 1 line 29's running threshold at the start), and vit.forward's flags (`on`, default all on)."""
+
+    components: Sequence[eqx.Module]
+    momentum: Sequence[eqx.Module]
+    trainable: tuple[bool, ...]
+    hp: Mapping[str, Any]
+    key: jax.Array
+    score: Callable[[float], float]
+    threshold: float
+    name: str = ""
+    on: tuple[bool, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A job made ready on the host (`prepare`): its trainable and frozen halves and momentum (head padded), the
+    gradient mask and on flags, hyperparameters, the augmentation key's data and the data order's seed."""
+
+    job: Job
+    diff: Components
+    frozen: Components
+    mom: Components
+    mask: np.ndarray
+    on: np.ndarray
+    hp: HParams
+    kd: np.ndarray
+    seed: int
+    res: int
+
+    @property
+    def group(self) -> tuple:
+        """Jobs with equal groups may train as one vectorised program: equal shapes, and the same layers on (a
+        layer that is on for some children of a vectorised group is computed for all)."""
+        return _layout(self.diff), _layout(self.frozen), self.res, self.on.tobytes()
+
+
+def prepare(job: Job, task: TaskData, budget: Budget) -> Plan:
+    kpad = padded_classes(task.num_classes)
+    comps = tuple(job.components[:-1]) + (pad_head(job.components[-1], kpad),)
+    mom = tuple(job.momentum[:-1]) + (pad_head(job.momentum[-1], kpad),)
+    diff, frozen, mom, mask = partition_trainable(comps, mom, job.trainable, budget.trainable_split)
+    k_data, k_aug = jax.random.split(job.key)  # the data order's seed; the augmentation keys' base
+    host = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
+    return Plan(job, host(diff), host(frozen), host(mom), np.asarray(mask),
+                np.asarray(job.on or (True,) * len(comps), np.float32),
+                host(HParams.of(job.hp, budget.warmup_floor, budget.cycles)),
+                np.asarray(jax.random.key_data(k_aug)), int(seed_of(k_data).integers(2**31 - 1)),
+                int(job.hp["resolution"]))
+
+
+def steps_per_cycle(task: TaskData, budget: Budget) -> int:
+    """⌈min(#train, samples cap) / batch⌉: an epoch, capped, as the notebooks count it (a part batch is a step,
+    section4.md §4)."""
+    return -(-min(task.num_train, budget.samples_cap) // budget.batch_size)
+
+
+def compile_ahead(plans: Sequence[Plan], task: TaskData, budget: Budget,
+                  device: jax.Device | None = None) -> list[concurrent.futures.Future]:
+    """Starts compiling, in a worker thread, the three programs that train `plans` (one group) on `device`: a
+    chunk's preprocessing, its steps and validation. Returns their futures (done once compiled; a program
+    compiles once per process)."""
+    device = device or jax.local_devices()[0]
+    q, n = plans[0], len(plans)
+    B, S, res = budget.batch_size, task.image_size, q.res
+    c = chunk_length(n, budget, S, res)
+    x8, x = np.zeros((c, B, S, S, 3), np.uint8), np.zeros((c, B, res, res, 3), np.float32)
+    y, i32 = np.zeros((c, B), np.int32), _specs(np.int32(0), None, device)
+    pre = _program(("augment", n, c, B, S, res, device), lambda: (
+        functools.partial(_augment_chunk, res=res), (*_specs((q.kd, x8, q.hp.aug), n, device), i32, i32)))
+    run = _program(("chunk", _layout(q.diff), _layout(q.frozen), n, c, B, res, device), lambda: (
+        _per_child(_chunk, n, (0,) * 8 + (None,) * 4),
+        (*_specs((q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, x, y), n, device), i32, i32, i32, i32)))
+    return [pre, run, _hits_program(q.diff, q.frozen, n, budget.eval_batch, S, res, device)]
+
+
+class _Loss:
+    """A step record's loss, read from the device (a sync) only when a receiver reports it."""
+
+    def __init__(self, losses: Array, child: int, step: int):
+        self.losses, self.child, self.step = losses, child, step
+
+    def __float__(self) -> float:
+        return float(np.asarray(self.losses)[self.child, self.step])
+
+
+def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: jax.Device | None = None,
+                log: Callable[[dict], None] | None = None) -> list[Snapshot | None]:
+    """Algorithm 1 lines 26–32 for the children of one group, trained together as one program (vectorised over
+    children when there are several, `_per_child`), each with its own data stream and augmentation keys,
+    hyperparameters, gradient mask, score and threshold. For each child: #cycles cycles of `steps_per_cycle`,
+    validation after each, the best snapshot whose score reaches the running threshold (line 29; strictly beats
+    it under `budget.strict`); None when no cycle reached it, or when the child diverged (a non-finite loss after
+    a cycle, or non-finite parameters in the kept snapshot: discarded and logged)."""
+    device = device or jax.local_devices()[0]
+    n, B, S = len(plans), budget.batch_size, task.image_size
+    augment_chunk, run_chunk, hits = (_wait(f) for f in compile_ahead(plans, task, budget, device))
+    stack = lambda *a: np.stack(a)  # noqa: E731
+    diff, mom, mask, on, frozen, hp, kd = jax.device_put(
+        jax.tree.map(stack, *[(q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, q.kd) for q in plans]), device)
+    steps = steps_per_cycle(task, budget)
+    c = chunk_length(n, budget, S, plans[0].res)
+    total, k = jax.device_put((np.int32(budget.cycles * steps), np.int32(task.num_classes)), device)
+    val, nval = None, 1  # the validation set goes to the device once the first chunk is under way
+    best: list[tuple | None] = [None] * n
+    dead: list[str | None] = [None] * n  # why a child was discarded
+    threshold = [q.job.threshold for q in plans]
+
+    def decide(cycle, diff, mom, hit, losses, last, t):  # reads a cycle's results once the next one is under way
+        qs = sum(np.asarray(h) for h in hit) / nval
+        loss = np.asarray(losses)[:, last]
+        for i, q in enumerate(plans):
+            if dead[i]:
+                continue
+            if not np.isfinite(loss[i]):
+                dead[i] = f"loss {float(loss[i])} after step {t}"
+                if log:
+                    log(dict(event="discarded", child=q.job.name, reason=dead[i]))
+                continue
+            s = q.job.score(float(qs[i]))
+            if log:
+                log(dict(event="cycle", child=q.job.name, cycle=cycle, loss=float(loss[i]), quality=float(qs[i]),
+                         score=s))
+            if s > threshold[i] or (s == threshold[i] and not budget.strict):  # Alg. 1 line 29: it rises
+                threshold[i] = s
+                best[i] = (diff, mom, float(qs[i]), s)
+
+    t, pending = 0, None
+    for q in plans if log else ():  # a progress receiver's clock starts here: rates then span whole chunks
+        log(dict(event="step", child=q.job.name, step=0, steps=budget.cycles * steps, batch=B, loss=None))
+    for cycle in range(budget.cycles):
+        for a in range(0, steps, c):
+            valid = min(c, steps - a)
+            xs, ys = np.zeros((n, c, B, S, S, 3), np.uint8), np.zeros((n, c, B), np.int32)
+            for j, q in enumerate(plans):
+                for i in range(valid):
+                    xs[j, i], ys[j, i] = task.train_batch(q.seed, t + i, B)
+            xs, ys, t0, v = jax.device_put((xs, ys, np.int32(t), np.int32(valid)), device)  # one transfer
+            diff, mom, losses = run_chunk(diff, mom, mask, on, frozen, hp, augment_chunk(kd, xs, hp.aug, t0, v), ys,
+                                          t0, v, total, k)
+            t += valid
+            for j, q in enumerate(plans) if log else ():
+                log(dict(event="step", child=q.job.name, step=t, steps=budget.cycles * steps, batch=B,
+                         loss=_Loss(losses, j, valid - 1)))
+        if val is None:
+            host = list(task.eval_batches("validation", budget.eval_batch, budget.validation_max))
+            val, nval = jax.device_put(host, device), max(sum(int((y >= 0).sum()) for _, y in host), 1)
+        if pending:
+            decide(*pending)
+        pending = (cycle, diff, mom, _evaluate(hits, diff, on, frozen, val, k), losses, valid - 1, t)
+    decide(*pending)
+
+    host: dict[int, tuple] = {}
+    out: list[Snapshot | None] = []
+    for i, (q, b) in enumerate(zip(plans, best)):
+        if b is None or dead[i]:
+            out.append(None)
+            continue
+        d, m, quality, s = b
+        if id(d) not in host:  # children whose best cycle is the same share one transfer
+            host[id(d)] = jax.device_get((d, m))  # components live in host memory; devices hold children in flight
+        row = jax.tree.map(operator.itemgetter(i), host[id(d)])
+        d, m = (_trained_only(t, q.job.trainable, task.num_classes) for t in row)
+        finite = lambda c: c is None or all(np.isfinite(a).all() for a in jax.tree.leaves(c))  # noqa: E731
+        if bad := [j for j, c in enumerate(d) if not finite(c)]:
+            reason = f"non-finite parameters in component {bad[0]} of the kept snapshot"
+            if log:
+                log(dict(event="discarded", child=q.job.name, reason=reason))
+            out.append(None)
+            continue
+        out.append(Snapshot(d, m, quality, s))
+    return out
+
+
+def _trained_only(t: Components, trainable: tuple[bool, ...], k: int) -> Components:
+    """The trainable entries of a child's components (None elsewhere), the head cut back to k classes."""
+    t = t[:-1] + (unpad_head(t[-1], k),)
+    return tuple(a if tr else None for a, tr in zip(t, trainable))
+
+
 def train_child(components: Sequence[eqx.Module], momentum: Sequence[eqx.Module], trainable: tuple[bool, ...],
                 hp: Mapping[str, Any], task: TaskData, budget: Budget, key: jax.Array,
                 score: Callable[[float], float], threshold: float, device: jax.Device | None = None,
                 log: Callable[[dict], None] | None = None, name: str = "") -> Snapshot | None:
-    """Algorithm 1 lines 26–32: #cycles cycles of ⌈min(#train, samples cap) / batch⌉ steps (an epoch, capped, as
-    the notebooks count it: section4.md §4), validate after each, keep the best snapshot whose score(quality)
-    reaches the running threshold (line 29; strictly beats it under `budget.strict`). None when no cycle did."""
-    kpad = padded_classes(task.num_classes)
-    comps = tuple(components[:-1]) + (pad_head(components[-1], kpad),)
-    mom = tuple(momentum[:-1]) + (pad_head(momentum[-1], kpad),)
-    diff, frozen, mom, mask = partition_trainable(comps, mom, trainable, budget.trainable_split)
-    diff, frozen, mom, mask = jax.device_put((diff, frozen, mom, mask), device)
-    hps = jax.device_put(HParams.of(hp, budget.warmup_floor, budget.cycles), device)
-    res = int(hp["resolution"])
-    steps = -(-min(task.num_train, budget.samples_cap) // budget.batch_size)  # ceil: a part batch is a step
-    total, ncls = jax.device_put((jnp.asarray(budget.cycles * steps, jnp.int32),
-                                  jnp.asarray(task.num_classes, jnp.int32)), device)
-    k_data, key = jax.device_put(jax.random.split(key), device)  # data order's seed; augmentation keys' base
-    seed = int(seed_of(k_data).integers(2**31 - 1))
-    best, t = None, 0
-    for cycle in range(budget.cycles):
-        for _ in range(steps):
-            x, y = task.train_batch(seed, t, budget.batch_size)
-            x, y, step = jax.device_put((x, y, np.int32(t)), device)
-            x = preprocess(key, step, x, hps.aug, res)
-            diff, mom, loss, _ = train_step(diff, frozen, mom, mask, x, y, hps, step, total, ncls)
-            t += 1
-            if log:  # the loss stays on device: the receiver reads it (a sync) only when it reports
-                log(dict(event="step", child=name, step=t, steps=budget.cycles * steps, batch=budget.batch_size,
-                         loss=loss))
-        if not np.isfinite(float(loss)):
-            return _discard(log, name, f"loss {float(loss)} after step {t}")
-        trained = eqx.combine(diff, frozen)
-        trained = trained[:-1] + (unpad_head(trained[-1], task.num_classes),)
-        q = accuracy(trained, task, "validation", res, budget.eval_batch, device, budget.validation_max)
-        s = score(q)
-        if log:
-            log(dict(event="cycle", child=name, cycle=cycle, loss=float(loss), quality=q, score=s))
-        if s > threshold or (s == threshold and not budget.strict):  # Alg. 1 line 29: the threshold rises
-            threshold = s
-            m = mom[:-1] + (unpad_head(mom[-1], task.num_classes),)
-            best = ([p if tr else None for p, tr in zip(trained, trainable)],
-                    [mi if tr else None for mi, tr in zip(m, trainable)], q, s)
-    if best is None:
-        return None
-    p, m, q, s = best
-    p, m = jax.device_get((p, m))  # components live in host memory; the device holds only children in flight
-    finite = lambda c: c is None or all(np.isfinite(a).all() for a in jax.tree.leaves(c))  # noqa: E731
-    if bad := [i for i, c in enumerate(p) if not finite(c)]:
-        return _discard(log, name, f"non-finite parameters in component {bad[0]} of the kept snapshot")
-    return Snapshot(tuple(p), tuple(m), q, s)
-
-
-def _discard(log: Callable[[dict], None] | None, name: str, reason: str) -> None:
-    """A child whose training diverged (NaN or Inf) is not retained (issue 13): logged with its reason."""
-    if log:
-        log(dict(event="discarded", child=name, reason=reason))
-    return None
+    """Algorithm 1 lines 26–32 for one child: `train_group` of one."""
+    job = Job(components, momentum, trainable, hp, key, score, threshold, name)
+    return train_group([prepare(job, task, budget)], task, budget, device, log)[0]
 
 
 def seed_of(key: jax.Array) -> np.random.Generator:

@@ -171,12 +171,20 @@ class ResidualAdapter(eqx.Module):
 Component = Embedding | Cls | PosEmbed | EncoderBlock | LayerNorm | Head | ResidualAdapter
 
 
-def forward(components: Sequence[eqx.Module], images: Float[Array, "b h w 3"]) -> Float[Array, "b k"]:
-    """Runs an ordered list of components (any depth 0..N, with or without adapters) on images in [-1, 1]."""
+def forward(components: Sequence[eqx.Module], images: Float[Array, "b h w 3"],
+            on: Float[Array, " n"] | None = None) -> Float[Array, "b k"]:
+    """Runs an ordered list of components (any depth 0..N, with or without adapters) on images in [-1, 1].
+
+    `on` (traced, one flag per component): a block or adapter whose flag is 0 is skipped, as if absent. A path of
+    any depth then runs as the root's full-depth list with its missing layers off (train.py), and every depth
+    shares one compiled program."""
     check_size(components, images.shape)
     x = images
-    for c in components:
-        x = c(x)
+    for i, c in enumerate(components):
+        if on is not None and isinstance(c, (EncoderBlock, ResidualAdapter)):
+            x = jax.lax.cond(on[i] > 0, lambda z, c=c: c(z), lambda z: z, x)  # a closure: modules are unhashable
+        else:
+            x = c(x)
     return x
 
 

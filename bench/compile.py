@@ -27,6 +27,7 @@ def run_one(split: str, args) -> dict:
 
     import data
     import mu2net
+    import train
     import vit
     from bench.compiles import Compiles
 
@@ -38,35 +39,41 @@ def run_one(split: str, args) -> dict:
     conf = mu2net.Config(space, generations=args.generations, children=args.children, cycles=args.cycles,
                          samples_cap=args.samples_cap, batch_size=32, P=2e4, F=2e6, trainable_split=split)
     t0 = time.perf_counter()
-    shares = []  # compile share of each task iteration: the first pays for most compiles
+    shares, waits = [], []  # compile share and waiting share of each task iteration: the first pays for most
     with Compiles() as c:
         for i in range(args.iterations):
             for j, task in enumerate(tasks):
-                t1, c1 = time.perf_counter(), c.seconds
+                t1, c1, w1 = time.perf_counter(), c.seconds, train.wait_s[0]
                 system = mu2net.task_iteration(system, task, conf, jax.random.key(100 * i + j))
-                shares.append(round(100 * (c.seconds - c1) / (time.perf_counter() - t1)))
+                dt = time.perf_counter() - t1
+                shares.append(round(100 * (c.seconds - c1) / dt))
+                waits.append(round(100 * (train.wait_s[0] - w1) / dt))
     total = time.perf_counter() - t0
     acc = {t: float(np.round(m.metrics["test"], 3)) for t, m in system.models.items()}
-    steps = sum("train_step" in n for n in c.names)
-    return dict(split=split, compiles=c.count, steps=steps, compile_s=c.seconds, total_s=total, test=acc,
-                shares=shares)
+    steps = sum(n == "jit(_chunk)" for n in c.names)
+    return dict(split=split, compiles=c.count, steps=steps, compile_s=c.seconds, wait_s=train.wait_s[0],
+                total_s=total, test=acc, shares=shares, waits=waits, load=os.getloadavg()[0])
 
 
-def quickstart() -> None:
-    """Compile share of `python evolve.py` (the quickstart) from a cold cache, in this process."""
+def quickstart(keep: str | None = None) -> None:
+    """Compile share of `python evolve.py` (the quickstart) from a cold cache, in this process (its run directory
+    in `keep`, else a temporary one)."""
     import tempfile
 
     sys.path.insert(0, ROOT)
     import evolve
+    import train
     from bench.compiles import Compiles
 
     t0 = time.perf_counter()
     with Compiles() as c, tempfile.TemporaryDirectory() as out:
-        evolve.main(["--out", out, "--compile-cache", ""])
+        evolve.main(["--out", keep or out, "--compile-cache", ""])
     total = time.perf_counter() - t0
-    steps = sum("train_step" in n for n in c.names)
-    print(f"quickstart: {c.count} compiles ({steps} of train_step), {c.seconds:.1f} s compiling of {total:.1f} s "
-          f"= {100 * c.seconds / total:.1f}%")
+    steps = sum(n == "jit(_chunk)" or "train_step" in n for n in c.names)
+    waited = train.wait_s[0]
+    print(f"quickstart: {c.count} compiles ({steps} of the training step or chunk), {c.seconds:.1f} s compiling of "
+          f"{total:.1f} s = {100 * c.seconds / total:.1f}%; training waited {waited:.1f} s for compiles = "
+          f"{100 * waited / total:.1f}%; load {os.getloadavg()[0]:.1f}")
 
 
 def main():
@@ -79,10 +86,11 @@ def main():
     p.add_argument("--vit", default="tiny")
     p.add_argument("--splits", default="mask,hybrid,partition")
     p.add_argument("--quickstart", action="store_true")
+    p.add_argument("--out", default=None, help="with --quickstart: keep the run directory here")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quickstart:
-        quickstart()
+        quickstart(args.out)
         return
     if args.one:
         print(json.dumps(run_one(args.one, args)))
@@ -94,10 +102,14 @@ def main():
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[0]["total_s"]
-    print(f"{'split':10} {'compiles':>8} {'of steps':>8} {'compile s':>10} {'total s':>8} {'compile %':>9} {'vs ' + rows[0]['split']:>9}")
+    print(f"{'split':10} {'compiles':>8} {'of steps':>8} {'compile s':>10} {'waited s':>9} {'total s':>8} "
+          f"{'compile %':>9} {'waited %':>9} {'vs ' + rows[0]['split']:>9}")
     for r in rows:
-        print(f"{r['split']:10} {r['compiles']:8d} {r['steps']:8d} {r['compile_s']:10.1f} {r['total_s']:8.1f} "
-              f"{100 * r['compile_s'] / r['total_s']:8.1f}% {r['total_s'] / base:9.2f}x  per iteration % {r['shares']}")
+        print(f"{r['split']:10} {r['compiles']:8d} {r['steps']:8d} {r['compile_s']:10.1f} {r['wait_s']:9.1f} "
+              f"{r['total_s']:8.1f} {100 * r['compile_s'] / r['total_s']:8.1f}% "
+              f"{100 * r['wait_s'] / r['total_s']:8.1f}% "
+              f"{r['total_s'] / base:9.2f}x  per iteration: compile % {r['shares']}, waited % {r['waits']}, "
+              f"load {r['load']:.1f}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def main() -> None:
     task = data.make_task_data(spec, a.res)
     aug = augment.Aug.from_hparams(AUG_ON)
     key = jax.random.key(0)
-    pre = train.preprocess  # the compiled augmentation a run uses
+    pre = train.preprocess  # one batch of what a run's chunk preprocessing (train._augment_chunk) does
     task.train_batch(0, 0, a.batch)  # decode the split once (cached), as a run does on its first batch
 
     def pipeline(s):
