@@ -527,7 +527,8 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
         jax.tree.map(stack, *[(q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, q.kd) for q in plans]), device)
     steps = steps_per_cycle(task, budget)
     c = chunk_length(n, budget, S, plans[0].res)
-    total, k = jax.device_put((np.int32(budget.cycles * steps), np.int32(task.num_classes)), device)
+    T = budget.cycles * steps
+    total, k = jax.device_put((np.int32(T), np.int32(task.num_classes)), device)
     val, nval = None, 1  # the validation set goes to the device once the first chunk is under way
     best: list[tuple | None] = [None] * n
     dead: list[str | None] = [None] * n  # why a child was discarded
@@ -540,9 +541,7 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
             if dead[i]:
                 continue
             if not np.isfinite(loss[i]):
-                dead[i] = f"loss {float(loss[i])} after step {t}"
-                if log:
-                    log(dict(event="discarded", child=q.job.name, reason=dead[i]))
+                dead[i] = _discard(log, q.job.name, f"loss {float(loss[i])} after step {t}")
                 continue
             s = q.job.score(float(qs[i]))
             if log:
@@ -554,7 +553,7 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
 
     t, pending = 0, None
     for q in plans if log else ():  # a progress receiver's clock starts here: rates then span whole chunks
-        log(dict(event="step", child=q.job.name, step=0, steps=budget.cycles * steps, batch=B, loss=None))
+        log(dict(event="step", child=q.job.name, step=0, steps=T, batch=B, loss=None))
     for cycle in range(budget.cycles):
         for a in range(0, steps, c):
             valid = min(c, steps - a)
@@ -567,8 +566,7 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
                                           t0, v, total, k)
             t += valid
             for j, q in enumerate(plans) if log else ():
-                log(dict(event="step", child=q.job.name, step=t, steps=budget.cycles * steps, batch=B,
-                         loss=_Loss(losses, j, valid - 1)))
+                log(dict(event="step", child=q.job.name, step=t, steps=T, batch=B, loss=_Loss(losses, j, valid - 1)))
         if val is None:
             host = list(task.eval_batches("validation", budget.eval_batch, budget.validation_max))
             val, nval = jax.device_put(host, device), max(sum(int((y >= 0).sum()) for _, y in host), 1)
@@ -577,26 +575,34 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
         pending = (cycle, diff, mom, _evaluate(hits, diff, on, frozen, val, k), losses, valid - 1, t)
     decide(*pending)
 
-    host: dict[int, tuple] = {}
+    fetched: dict[int, tuple] = {}
     out: list[Snapshot | None] = []
     for i, (q, b) in enumerate(zip(plans, best)):
         if b is None or dead[i]:
             out.append(None)
             continue
         d, m, quality, s = b
-        if id(d) not in host:  # children whose best cycle is the same share one transfer
-            host[id(d)] = jax.device_get((d, m))  # components live in host memory; devices hold children in flight
-        row = jax.tree.map(operator.itemgetter(i), host[id(d)])
-        d, m = (_trained_only(t, q.job.trainable, task.num_classes) for t in row)
-        finite = lambda c: c is None or all(np.isfinite(a).all() for a in jax.tree.leaves(c))  # noqa: E731
-        if bad := [j for j, c in enumerate(d) if not finite(c)]:
-            reason = f"non-finite parameters in component {bad[0]} of the kept snapshot"
-            if log:
-                log(dict(event="discarded", child=q.job.name, reason=reason))
+        if id(d) not in fetched:  # children whose best cycle is the same share one transfer
+            fetched[id(d)] = jax.device_get((d, m))  # components live in host memory; devices hold children in flight
+        row = jax.tree.map(operator.itemgetter(i), fetched[id(d)])
+        d, m = (_trained_only(r, q.job.trainable, task.num_classes) for r in row)
+        if bad := [j for j, c in enumerate(d) if c is not None and not _finite(c)]:
+            _discard(log, q.job.name, f"non-finite parameters in component {bad[0]} of the kept snapshot")
             out.append(None)
             continue
         out.append(Snapshot(d, m, quality, s))
     return out
+
+
+def _finite(tree: Any) -> bool:
+    return all(np.isfinite(a).all() for a in jax.tree.leaves(tree))
+
+
+def _discard(log: Callable[[dict], None] | None, name: str, reason: str) -> str:
+    """A child whose training diverged (NaN or Inf) is not retained (issue 13): logged with its reason."""
+    if log:
+        log(dict(event="discarded", child=name, reason=reason))
+    return reason
 
 
 def _trained_only(t: Components, trainable: tuple[bool, ...], k: int) -> Components:
