@@ -664,7 +664,7 @@ def accuracy(system: System, model: Model, task: TaskData, split: str, batch: in
              device: jax.Device | None = None, params: Mapping[str, eqx.Module] | None = None) -> float:
     """Top-1 accuracy of `model` on a split, laid out as it was validated (`full_depth`)."""
     _, comps, on = full_depth(system, params or system.params, model.components)
-    return train.accuracy(comps, task, split, int(model.hp["resolution"]), batch, device, on)
+    return train.accuracy(comps, task, split, int(model.hp["resolution"]), batch, device, on=on)
 
 
 def _job(pool: Pool, child: Child, task: TaskData, config: Config, key: jax.Array, threshold: float
