@@ -71,12 +71,13 @@ def key_data(k: jax.Array) -> list[int]:
 
 
 class Tasks:
-    """TaskData by name, opened on first use (one run's cache; never module state), and the class names of every
-    task opened (kept with the run's checkpoint, for `predict` and `export`)."""
+    """TaskData by name, opened on first use (one run's cache; never module state), and the class names and image
+    size of every task opened (kept with the run's checkpoint, for `predict` and `export`)."""
 
     def __init__(self, m: Manifest, stream: Any = sys.stderr):
         self.m, self.size, self.open, self.stream = m, image_size(m), {}, stream
         self.classes: dict[str, list[str]] = {}
+        self.sizes: dict[str, int] = {}  # S of each task: its images' own size or the run's (data.native_size)
 
     def __call__(self, name: str) -> mu2net.TaskData:
         if name not in self.open:
@@ -89,6 +90,7 @@ class Tasks:
                 spec = data.resolve_tasks([name], m.catalog or None)[0]
             self.open[name] = data.make_task_data(spec, self.size, m.data_dir or None)
             self.classes[name] = data.class_names(spec, m.data_dir or None)
+            self.sizes[name] = self.open[name].image_size
         return self.open[name]
 
 
@@ -314,8 +316,8 @@ def build_root(m: Manifest, tasks: Tasks, progress: Progress | None, train: mu2n
     def cut(comps: dict) -> dict:
         return {k: v for k, v in comps.items() if (vit.block_index(k) or 0) < cfg.depth}
 
-    if r.kind == "augreg":
-        return mu2net.new_system(cfg, cut(vit.load_augreg(Path(r.path).expanduser(), full)), hp)
+    if r.kind == "augreg":  # loaded at the default resolution, as the notebooks load their roots (README)
+        return mu2net.new_system(cfg, cut(vit.load_augreg(Path(r.path).expanduser(), full, resolution=res)), hp)
     key = jax.random.fold_in(jax.random.key(m.seed), ROOT_TAG)
     comps = cut(vit.init(full, jax.random.fold_in(key, 0), 2, res))
     system = mu2net.new_system(cfg, comps, hp)
@@ -465,6 +467,7 @@ def _run(m: Manifest, out: str, store: checkpoint.Store, work: Path, resuming: b
                                              f"resume")
         history = list(ck.extra["history"])
         tasks.classes = {**ck.extra.get("classes", {}), **tasks.classes}
+        tasks.sizes = {**ck.extra.get("sizes", {}), **tasks.sizes}
         progress = Progress(metrics, round(_total_children(m, ntasks, cursor, False, pending) * share),
                             float(ck.extra["elapsed"]), stream, every, log_every)
         where = "" if not pending else (f", generation {pending.generation + 1}/{m.segments[cursor[0]].generations}"
@@ -500,7 +503,7 @@ def _run(m: Manifest, out: str, store: checkpoint.Store, work: Path, resuming: b
         key = None if done else key_data(iteration_key(m.seed, *cursor))
         extra = dict(cursor=list(cursor), key=key, key_impl="threefry2x32", seed=m.seed, manifest=resolved,
                      version=version, history=history, metrics_bytes=progress.size(), elapsed=progress.elapsed(),
-                     done=done, classes=dict(tasks.classes), machines=machines)
+                     done=done, classes=dict(tasks.classes), sizes=dict(tasks.sizes), machines=machines)
         new = [prev]
 
         def save() -> bytes:
@@ -654,7 +657,7 @@ def one_line(e: BaseException) -> str:
 
 
 def served(run: str, task: str) -> tuple[mu2net.System, list[str], int, checkpoint.Checkpoint]:
-    """A run's committed system, the task's class names and the run's image size S."""
+    """A run's committed system, the task's class names and the size S its images were stored at in training."""
     d = Path(run)
     if not checkpoint.exists(d):
         raise checkpoint.CheckpointError(f"{d}: no committed run here (expected the --out directory of evolve.py)")
@@ -666,7 +669,8 @@ def served(run: str, task: str) -> tuple[mu2net.System, list[str], int, checkpoi
         spec = None if task in m.tasks else data.resolve_tasks([task], m.catalog or None)[0]
         k = int(ck.system.params[model.components[-1]].bias.shape[0])
         classes = data.class_names(spec, m.data_dir or None) if spec else [str(i) for i in range(k)]
-    return ck.system, list(classes), image_size(m), ck
+    # The size its images were stored at in training; a run from before sizes were kept stored every task at S.
+    return ck.system, list(classes), int(ck.extra.get("sizes", {}).get(task, image_size(m))), ck
 
 
 def predict(a: Predict) -> int:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import checkpoint
 import data
 import mu2net
 import train
@@ -74,9 +75,9 @@ class Pretrain(mu2net.Budget):
 class Root:
     """Where the system starts. kind: "augreg" (path = an AugReg .npz), "random" (vit config, keyed by the
     manifest seed, optional `pretrain`), "system" (path = a previous run dir: its committed system, all models
-    kept), "mu2net_state" (path = the authors' published μ2Net state, Section 5's start: its folder, a .zip of it
-    or a gs:// path; published.py). `vit = ""` takes the config from the file or the state; a named config must
-    match it."""
+    kept; its vit, resolutions, resolution and depth are the run's own, `system_root`), "mu2net_state" (path = the
+    authors' published μ2Net state, Section 5's start: its folder, a .zip of it or a gs:// path; published.py).
+    `vit = ""` takes the config from the file or the state; a named config must match it."""
 
     kind: str = _f("random", lambda v: v in ("augreg", "random", "system", "mu2net_state"),
                    "one of 'augreg', 'random', 'system', 'mu2net_state'")
@@ -240,7 +241,7 @@ def _parse(cls: type, raw: Mapping[str, Any], path: str, where: str) -> Any:
 def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
     """Raw TOML → Manifest, every check done before any work: types, ranges, unknown keys, task and set names
     (against the catalog, no data read), methods, ViT configs, resolutions and search-space overrides."""
-    m = _parse(Manifest, raw, "", where)
+    m = system_root(_parse(Manifest, raw, "", where), raw.get("root", {}), where)
     cat = m.catalog or None
     try:
         known = data.load_catalog(cat)
@@ -276,7 +277,7 @@ def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
     if not r.vit and r.kind == "random":
         raise ManifestError(f"{where}: root.vit = '': expected a ViT config of vit.CONFIGS {sorted(vit.CONFIGS)} "
                             f"(root.kind = 'random' has no file to take it from)")
-    if r.kind in ("system", "mu2net_state") and r.depth:
+    if r.kind == "mu2net_state" and r.depth:
         raise ManifestError(f"{where}: root.depth = {r.depth}: expected 0 (root.kind = {r.kind!r} keeps its models)")
     cfg = root_config(r, where)
     name = f"ViT {r.vit!r}" if r.vit else f"the ViT of {r.path}"
@@ -322,9 +323,50 @@ def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
     return m
 
 
+SHAPE = ("vit", "resolutions", "resolution", "depth")  # what a system root takes from the run it continues
+
+
+def system_root(m: Manifest, given: Mapping[str, Any], where: str = "manifest") -> Manifest:
+    """root.kind = "system": the root's vit, resolutions, resolution and depth become those of the run at
+    root.path (its resolved manifest and system, `checkpoint.shape`), so its models go on at their own size. One
+    the manifest gives (`given`: its [root] table) must agree, else a ManifestError names the field, the value and
+    the run's. A run not readable here (not yet there: `evolve.run` says so) leaves the fields as written."""
+    r = m.root
+    if r.kind != "system" or not r.path or "://" in r.path:
+        return m
+    try:
+        if not checkpoint.exists(Path(r.path).expanduser()):
+            return m
+        cfg, extra = checkpoint.shape(Path(r.path).expanduser())
+    except checkpoint.CheckpointError as e:
+        raise ManifestError(f"{where}: root.path = {r.path!r}: {e}") from None
+    prev = (extra.get("manifest") or {}).get("root")
+    if not isinstance(prev, Mapping):
+        raise ManifestError(f"{where}: root.path = {r.path!r}: its checkpoint records no manifest, so its "
+                            f"resolutions are unknown; expected the run directory of evolve.py")
+    run = {"vit": prev.get("vit", ""), "resolutions": tuple(prev.get("resolutions", ())),
+           "resolution": prev.get("resolution", 0), "depth": cfg.depth}
+    here = f"the run at root.path = {r.path!r} has"
+    for k in SHAPE:
+        if k not in given:
+            continue
+        v, theirs = getattr(r, k), run[k]
+        if k == "vit" and v and dataclasses.replace(vit.CONFIGS[v], depth=cfg.depth) != cfg:  # depth on its own
+            raise ManifestError(f"{where}: root.vit = {v!r} ({vit.CONFIGS[v]}): {here} a {cfg}; leave root.vit "
+                                f"out to take it from there")
+        if k == "resolutions" and v != theirs:
+            raise ManifestError(f"{where}: root.resolutions = {list(v)}: {here} {list(theirs)}; leave "
+                                f"root.resolutions out to take them from there")
+        if k == "depth" and v and v != theirs:
+            raise ManifestError(f"{where}: root.depth = {v}: {here} {theirs} blocks; expected 0 or {theirs}")
+    fill = {k: run[k] for k in SHAPE if k not in given}
+    return dataclasses.replace(m, root=dataclasses.replace(r, **fill))
+
+
 def root_config(r: Root, where: str = "manifest") -> vit.Config | None:
-    """The root's full ViT config: the named one, else read from the AugReg file's array headers; None when only
-    the file or state at root.path can tell and it is not read yet (a previous run, a published state)."""
+    """The root's full ViT config: the named one, else read from the AugReg file's array headers or the previous
+    run's checkpoint; None when only the file or state at root.path can tell and it is not read yet (a published
+    state, a run not here)."""
     if r.vit:
         return vit.CONFIGS[r.vit]
     if r.kind == "augreg" and Path(r.path).expanduser().is_file():
@@ -332,6 +374,8 @@ def root_config(r: Root, where: str = "manifest") -> vit.Config | None:
             return vit.augreg_config(Path(r.path).expanduser())
         except ValueError as e:
             raise ManifestError(f"{where}: root.path = {r.path!r}: {e}") from None
+    if r.kind == "system" and "://" not in r.path and checkpoint.exists(Path(r.path).expanduser()):
+        return checkpoint.shape(Path(r.path).expanduser())[0]
     return None
 
 

@@ -108,7 +108,9 @@ def search_space(depth: int, resolutions: Sequence[int] = (224, 384), method: st
 
     "plus": Table 1, μ2Net+ (layer removal 0…depth, the root's resolutions, image quality, learned μ from 0.2).
     "plus-small": μ2Net+ on the Section 4 benchmarks (section4.md §6, §10.4): Table 1 with image sizes
-      {16, …, 112}, adapter insertion with its width, warm-up default 0.1.
+      {16, …, 112}, adapter insertion with its width, warm-up default 0.1, and the model's global μ tuned over
+      MU_VALUES (the authors' small-benchmark agents tune it; it sets where unseen μ-table entries start and how
+      often entries move, `query`).
     "mu2net": μ2Net's large agent (section4.md §5.8): its own lists, μ a tuned hyperparameter, the largest
       resolution fixed, the mild fine-tuning preprocessing by default.
     "munet": muNet (section4.md §5.5): `num_layers` 1…depth, 24 image sizes 16…384, its lists and schedules.
@@ -118,7 +120,7 @@ def search_space(depth: int, resolutions: Sequence[int] = (224, 384), method: st
         values = dict(TABLE1, resolution=tuple(resolutions), num_layers=tuple(range(depth + 1)))
         defaults = dict(PLUS_DEFAULTS, resolution=res, num_layers=depth)
         if method == "plus-small":
-            values |= dict(resolution=SMALL_RESOLUTIONS, adapter_dim=ADAPTER_DIMS)
+            values |= dict(resolution=SMALL_RESOLUTIONS, adapter_dim=ADAPTER_DIMS, mu=MU_VALUES)
             defaults |= dict(warmup=0.1, adapter_dim=32)
     elif method == "mu2net":
         values = dict(MU2NET_VALUES, resolution=(max(resolutions),))
@@ -145,8 +147,8 @@ class Method:
     insert_adapters: adapter insertion as a mutation: before each block without one, with probability μ, of the
       child's `adapter_dim` (muNet, μ2Net+ on the small benchmarks).
     hp_moves: mutate hyperparameters; parents: "any" (Algorithm 1), "root" (baselines start at the root) or
-      "active" (muNet §5.3: only the active population is walked, selection counts persist across iterations,
-      fallback uniform over it and the seeds).
+      "active" (muNet §5.3: only the active population is walked, fallback uniform over it and the seeds).
+      Every method's #selections persist across task iterations (`selections`).
     seeds: muNet's seed phase (§5.2): an iteration's first children are unmutated clones of every other task's
       retained model and of the root, newest first.
     generation_hp: the data hyperparameters (DATA_HP) are drawn once per generation (muNet §5.4 step 4).
@@ -508,7 +510,10 @@ def nearest(values: tuple, value: Any) -> int:
 
 def query(action: str, hp: Mapping[str, Any], mu: dict[str, float], learned: bool, rng: Sampler) -> bool:
     """Whether mutation `action` fires (Algorithm 1 line 20). Learned μ (μ2Net+): the table entry starts at the
-    model's μ, first moves ±1 step with probability μ, is stored in the child, then fires if it beats U(0,1)."""
+    model's μ, first moves ±1 step with probability μ, is stored in the child, then fires if it beats U(0,1).
+    The model's μ is 0.2 for a model of a μ2Net+ system (Section 3: "All the values in the lookup table are
+    initialized to 0.2"), but a model descended from a μ2Net model carries the μ that μ2Net tuned, and its unseen
+    entries start there, as the authors' μ2Net+ notebook starts them (README, differences from the paper)."""
     if not learned:
         return hp["mu"] > rng.uniform()
     value = mu.get(action, hp["mu"])
@@ -817,10 +822,10 @@ def generation_data(pool: Pool, config: Config, frozen: bool, key: jax.Array) ->
 @dataclasses.dataclass(frozen=True)
 class Iteration:
     """A task iteration between two generations: everything Algorithm 1's loop carries (line 4's generation, the
-    active population 𝒜 in `pool`, the id counter, the #selections of line 13), plus the children of the current
-    generation already trained when it was stopped part-way (`done`, by index in the generation; None while the
-    generation has not started). It is a value, so a runner can commit it after every generation and resume from it
-    bit-identically."""
+    active population 𝒜 in `pool`, the id counter, the #selections of line 9 by model id), plus the children of
+    the current generation already trained when it was stopped part-way (`done`, by index in the generation; None
+    while the generation has not started). It is a value, so a runner can commit it after every generation and
+    resume from it bit-identically."""
 
     task: str
     generation: int
@@ -838,13 +843,34 @@ class Stopped(Exception):
         self.state = state
 
 
+def selections_key(task: str) -> str:
+    """The metrics key of #selections(p, t) (Algorithm 1 line 9): how many children of task t were sampled from
+    model p. A model keeps its counts, one per task, across task iterations, as both of the authors' notebooks keep
+    theirs on the model (README, differences from the paper)."""
+    return f"selections:{task}"
+
+
+def selections(system: System, task: str) -> dict[str, int]:
+    """#selections(p, task) of every model p of the system, the root included, as earlier iterations left them."""
+    key = selections_key(task)
+    return {m.id: int(m.metrics[key]) for m in (system.root, *system.models.values()) if key in m.metrics}
+
+
+def counted(system: System, task: str, n: Mapping[str, int]) -> System:
+    """`system` with #selections(p, task) = n[p.id] kept on the root and the retained models that `n` names."""
+    key = selections_key(task)
+
+    def keep(m: Model) -> Model:
+        return dataclasses.replace(m, metrics={**m.metrics, key: n[m.id]}) if n.get(m.id) else m
+
+    models = {t: keep(m) for t, m in system.models.items()}
+    return dataclasses.replace(system, root=keep(system.root), models=models)
+
+
 def start(system: System, task: str, config: Config) -> Iteration:
-    """Algorithm 1 lines 1–3: ℳ is the system, 𝒜 the task's models. muNet's selection counts start from the
-    retained model's `offspring` (they persist across iterations, section4.md §5.3)."""
-    pool = Pool.of(system, task, config)
-    persist = config.method.parents == "active"
-    selections = {m.id: int(m.metrics.get("offspring", 0)) for m in pool.models} if persist else {}
-    return Iteration(task, 0, pool, system.counter, selections)
+    """Algorithm 1 lines 1–3: ℳ is the system, 𝒜 the task's models; #selections(p, t) continue from the counts
+    the models keep (`selections`)."""
+    return Iteration(task, 0, Pool.of(system, task, config), system.counter, selections(system, task))
 
 
 def generation(state: Iteration, task: TaskData, config: Config, key: jax.Array, train: Train,
@@ -856,8 +882,8 @@ def generation(state: Iteration, task: TaskData, config: Config, key: jax.Array,
     pool, t, gen, method = state.pool, state.task, state.generation, config.method
     system = pool.system  # the system at the iteration's start: seeds and others are the same every generation
     seeds = seed_models(system, t) if method.seeds else []
-    persist = method.parents == "active"  # muNet's offspring counts live on with the retained model (§5.3)
-    if persist:  # muNet: the uniform fallback draws from the seeds (= the other models)
+    active_only = method.parents == "active"
+    if active_only:  # muNet: the uniform fallback draws from the seeds (= the other models)
         others = seed_models(system, t)
     else:
         others = sorted((m for m in system.models.values() if m.task != t), key=lambda m: m.task) + [system.root]
@@ -871,7 +897,7 @@ def generation(state: Iteration, task: TaskData, config: Config, key: jax.Array,
         kp, kc, kt = jax.random.split(jax.random.fold_in(kg, i), 3)
         seed = first + i < len(seeds)
         parent = (seeds[first + i] if seed else system.root if method.parents == "root"  # lines 7–16
-                  else sample_parent(pool.models, pool.scores, others, selections, kp, not persist))
+                  else sample_parent(pool.models, pool.scores, others, selections, kp, not active_only))
         selections[parent.id] = selections.get(parent.id, 0) + 1
         child, counter = make_child(pool, parent, t, task.num_classes, config, kc, counter,  # lines 17–24
                                     seed, fixed)
@@ -896,16 +922,16 @@ def generation(state: Iteration, task: TaskData, config: Config, key: jax.Array,
 
 def finish(state: Iteration, task: TaskData, config: Config, device: jax.Device | None = None) -> System:
     """Algorithm 1 line 39: the task keeps its best model; components no retained model uses are dropped."""
-    pool = state.pool
-    system = dataclasses.replace(pool.system, counter=state.counter)
+    pool, n = state.pool, state.selections
+    system = counted(dataclasses.replace(pool.system, counter=state.counter), state.task, n)
     best = best_model(pool, config.method.strict)  # line 39: the task's argmax score
     if best is None:
         return system
     # Placed and laid out like validation's inputs: the same compiled program.
     test = accuracy(system, best, task, "test", config.eval_batch, device, pool.params)
     metrics = {**best.metrics, "score": pool.scores[best.id], "test": test}
-    if config.method.parents == "active":
-        metrics["offspring"] = state.selections.get(best.id, 0)
+    if n.get(best.id):
+        metrics[selections_key(state.task)] = n[best.id]
     best = dataclasses.replace(best, metrics=metrics)
     return collect(dataclasses.replace(system, models={**system.models, state.task: best}), pool)
 
@@ -917,8 +943,9 @@ def task_iteration(system: System, task: TaskData, config: Config, key: jax.Arra
     """One active-task iteration (Algorithm 1) as a pure function: #generations × #children children, each
     trained on its own device when several exist; only the task's best model is kept, and every component no
     retained model (nor the root) uses is dropped. Children of one generation are sampled from the population at
-    the generation's start, so the result does not depend on how many devices (or processes) train them. muNet's
-    settings add its seed phase, generation-level data hyperparameters and persistent selection counts (`Method`).
+    the generation's start, so the result does not depend on how many devices (or processes) train them. The
+    #selections of every model continue from the counts it keeps (`selections`) and are kept again at the end.
+    muNet's settings add its seed phase and generation-level data hyperparameters (`Method`).
 
     `train` trains a generation's children (default: `train_local` on `devices`, this process's devices by
     default); `after` sees the state after every generation (a runner commits it there); `state` resumes from such

@@ -2,9 +2,10 @@
 
 `predict` runs the retained model of one task (paper Section 3: a model is a path through the system's shared
 components) on images prepared exactly as its test split was at training time: decoded with Pillow, resized to
-the run's image size S on the host (data.to_rgb), then to the model's resolution on device
-(augment.eval_preprocess). `export` writes that model as an AugReg `.npz` (the layout `vit.load_augreg` and other
-AugReg readers load) with a JSON sidecar holding what the arrays cannot: its resolution and class names.
+the task's image size S on the host (data.to_rgb; the identity for an image already of that size), then to the
+model's resolution on device (augment.eval_preprocess). `export` writes that model as an AugReg `.npz` (the
+layout `vit.load_augreg` and other AugReg readers load) with a JSON sidecar holding what the arrays cannot: its
+resolution and class names.
 """
 
 from __future__ import annotations

@@ -449,6 +449,54 @@ def test_system_root_continues_a_previous_run(runs, tmp_path):
         evolve.load_manifest(_write(tmp_path, TINY.replace('kind = "random"', f'kind = "system"\npath = "{whole}"')))
 
 
+SYSTEM = """
+name = "more"
+seed = 1
+report_set = ["digits"]
+[root]
+kind = "system"
+path = "{path}"
+{extra}
+[[segments]]
+name = "again"
+method = "mu2net+"
+tasks = ["digits"]
+generations = 1
+children = 2
+cycles = 1
+samples_cap = 64
+batch_size = 32
+eval_batch = 128
+"""
+
+
+def test_system_root_takes_the_runs_shape(runs, tmp_path, capsys):
+    """A system root that names only the run directory continues the run at the run's own ViT, resolutions and
+    depth (not Root's defaults, ViT-L/16 at 224 / 384 px); a manifest that contradicts them is refused in one line."""
+    whole = runs[0]
+    m = evolve.load_manifest(_write(tmp_path, SYSTEM.format(path=whole, extra="")))
+    r = m.root
+    assert (r.vit, r.resolutions, r.resolution, r.depth) == ("tiny", (8, 16), 16, 2)  # TINY's root
+    assert evolve.image_size(m) == 16 and evolve.root_config(r) == evolve.vit.CONFIGS["tiny"]
+    system = evolve.run(m, tmp_path / "more", stream=open(os.devnull, "w"))
+    prev = checkpoint.load(whole).system
+    new = [mm for mm in system.models.values() if mm.id != prev.models["digits"].id]
+    assert {t for t in system.models} == set(prev.models) and system.cfg == prev.cfg
+    assert all(mm.hp["resolution"] in (8, 16) for mm in system.models.values()) and new  # a new digits model
+    # Agreeing fields are accepted; contradicting ones are refused, naming the field, the value and the run's.
+    agree = 'vit = "tiny"\nresolutions = [8, 16]\nresolution = 8\ndepth = 2'
+    assert evolve.load_manifest(_write(tmp_path, SYSTEM.format(path=whole, extra=agree))).root.resolution == 8
+    for extra, want in [('vit = "L/16"', "root.vit = 'L/16'"), ("resolutions = [224, 384]",
+                        r"root.resolutions = \[224, 384\]: the run at root.path = .* has \[8, 16\]"),
+                        ("depth = 1", "root.depth = 1: the run at root.path = .* has 2 blocks")]:
+        with pytest.raises(evolve.ManifestError, match=want):
+            evolve.load_manifest(_write(tmp_path, SYSTEM.format(path=whole, extra=extra)))
+    bad = _write(tmp_path, SYSTEM.format(path=whole, extra="resolutions = [224, 384]"))
+    assert evolve.main(["--manifest", str(bad), "--out", str(tmp_path / "x"), "--compile-cache", ""]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
 def test_augreg_root_and_section4_baselines_run(tmp_path):
     """An AugReg `.npz` root cut to its first blocks (as MCCB cuts Ti/16 to 3), then the Section 4 baselines as
     segments: full fine-tune, fine-tune top layers and residual adapters, each from the root."""

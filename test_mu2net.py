@@ -198,6 +198,38 @@ def test_parent_sampling_probabilities():
     assert all(abs(picks[m] / 2000 - 0.25) < 0.04 for m in many)
 
 
+def _untrained(pool, todo, task, config, log, more=False):
+    """A `train` that trains nothing and retains no child: only the sampling of parents runs."""
+    return {i: None for i, *_ in todo}
+
+
+def test_selections_persist_across_task_iterations(s1, s2, tasks):
+    """#selections(p, t) of Algorithm 1 line 9 continue across task iterations, kept on every model per task (the
+    notebooks' `offsprings_per_task` / `offsprings`), for μ2Net, μ2Net+ and muNet alike."""
+    digits, parity = (mu2net.selections_key(t.name) for t in tasks)
+    # A real iteration: every child's parent is counted, on the root and on the retained models.
+    assert s1.root.metrics[digits] >= 1
+    assert sum(m.metrics.get(digits, 0) for m in (s1.root, *s1.models.values())) <= 2 * 2
+    assert s2.root.metrics.get(digits) == s1.root.metrics[digits]  # another task's iteration leaves them be
+    for name in ("mu2net", "mu2net+", "munet"):
+        c = mu2net.config(name, CFG.depth, (8, 16), 16, generations=3, children=3, cycles=1, samples_cap=64,
+                          batch_size=32)
+        system, total = s2, collections.Counter({m.id: m.metrics.get(digits, 0) for m in (s2.root,
+                                                                                           *s2.models.values())})
+        for it in range(2):
+            start = mu2net.start(system, "digits", c)
+            assert start.selections == {k: v for k, v in total.items() if v}  # where the last iteration left them
+            events = []
+            system = mu2net.task_iteration(system, tasks[0], c, jax.random.key(10 + it), events.append,
+                                           train=_untrained)
+            total.update(e["parent"] for e in events if e["event"] == "child")
+            for m in (system.root, *system.models.values()):
+                assert m.metrics.get(digits, 0) == total[m.id], (name, it, m.id)
+                assert m.metrics.get(parity) == next(p for p in (s2.root, *s2.models.values())
+                                                     if p.id == m.id).metrics.get(parity)  # per task
+        assert sum(total.values()) - sum(m.metrics.get(digits, 0) for m in (s2.root, *s2.models.values())) == 18
+
+
 def _pool(s0):
     return mu2net.Pool(s0, s0.params, s0.momentum, s0.lineage)
 

@@ -374,15 +374,17 @@ def augreg_config(path: str | Path) -> Config:
         raise AugRegError(f"{path}: not an AugReg ViT checkpoint: {e}") from None
 
 
-def load_augreg(path: str | Path, cfg: Config | None = None, num_classes: int | None = None
-                ) -> dict[str, eqx.Module]:
+def load_augreg(path: str | Path, cfg: Config | None = None, num_classes: int | None = None,
+                resolution: int | None = None) -> dict[str, eqx.Module]:
     """Loads an AugReg `.npz` (keys optionally under `opt/target/`) into named components, in path order.
 
     `cfg=None` infers the config from the file's arrays (`infer_config`), so any AugReg file loads without a
     `CONFIGS` entry. The expected key set and shapes come from `init` evaluated abstractly (plus the
     `residual_adapter_{i}` a model exported from this project may carry); a mismatch raises a ValueError listing
     the keys missing from the file, the keys in the file the model does not have, and every shape mismatch.
-    `num_classes=None` takes the head size from the file.
+    `num_classes=None` takes the head size from the file. `resolution`: the position embedding is resampled
+    (`resample_posembed`) for this input size, as a root is loaded at its benchmark's default size; None keeps
+    the file's.
     """
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -422,6 +424,8 @@ def load_augreg(path: str | Path, cfg: Config | None = None, num_classes: int | 
         keys = to_flat({name: shape})
         leaves = [jnp.asarray(arrays[k], jnp.float32) for k in keys]
         out[name] = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), leaves)
+    if resolution is not None and resolution != res:
+        out["posembed_input"] = resample_posembed(out["posembed_input"], resolution, cfg.patch)
     return out
 
 
