@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 import zipfile
@@ -209,10 +210,27 @@ def hparams(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _metrics(row: Mapping[str, Any]) -> dict[str, float]:
+def _metrics(row: Mapping[str, Any], where: str) -> dict[str, float]:
     pick = {"quality": row.get("metrics.quality"), "test": row.get("metrics.test_quality"), "score": row.get("score")}
-    return {k: float(v) for k, v in pick.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and not math.isnan(float(v))}
+    out = {k: float(v) for k, v in pick.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+           and not math.isnan(float(v))}
+    return out | selections(row, where)
+
+
+def selections(row: Mapping[str, Any], where: str) -> dict[str, float]:
+    """The path's #selections per task (Algorithm 1), which μ2Net keeps as `metrics.offsprings_per_task`, a JSON
+    table task -> children sampled from the path for that task; they go on in this system (mu2net.selections)."""
+    cell = row.get("metrics.offsprings_per_task")
+    if cell is None:
+        return {}
+    try:
+        counts = json.loads(cell) if isinstance(cell, str) else None
+        if not isinstance(counts, dict) or not all(isinstance(n, int) and n >= 0 for n in counts.values()):
+            raise ValueError("not a table of counts")
+    except ValueError:
+        raise StateError(f"{where}: path {row.get('id')}: metrics.offsprings_per_task = {cell!r}: expected a JSON "
+                         f"table task -> count") from None
+    return {mu2net.selections_key(str(t)): float(n) for t, n in counts.items() if n}
 
 
 def read_csv(files: _Files, name: str) -> list[dict[str, Any]]:
@@ -316,8 +334,8 @@ def read(path: str, log: Callable[[str], None] | None = None) -> mu2net.System:
 
     # The root keeps no hyperparameters: its children take their segment's defaults, as the notebook's take
     # the experiment's (μ2Net+ turns augmentation off where the published root was trained with μ2Net's).
-    root = mu2net.Model(mu2net.ROOT, mu2net.ROOT, comp_ids(roots[0]), {}, {}, None, {})
-    models = {t: mu2net.Model(model_id(r), t, comp_ids(r), hparams(r), {}, parent_of(r), _metrics(r))
+    root = mu2net.Model(mu2net.ROOT, mu2net.ROOT, comp_ids(roots[0]), {}, {}, None, selections(roots[0], where_pop))
+    models = {t: mu2net.Model(model_id(r), t, comp_ids(r), hparams(r), {}, parent_of(r), _metrics(r, where_pop))
               for t, (r, _) in sorted(best.items(), key=lambda kv: int(kv[1][0]["id"]))}
     lineage: dict[str, tuple[str | None, tuple[str, ...]]] = {mu2net.ROOT: (None, root.components)}
     for m in models.values():  # retained models and the chain of their ancestors in the population

@@ -611,7 +611,9 @@ def test_mu2net_state_root_runs(tmp_path, capsys):
     s = evolve.run(m, tmp_path / "run", stream=open(os.devnull, "w"))
     start = published.read(str(state))
     assert set(s.models) == {"t_a", "t_b", "t_c", "digits"} and s.root.components == start.root.components
-    assert all(s.models[t] == start.models[t] for t in ("t_a", "t_b", "t_c"))
+    key = mu2net.selections_key("digits")  # the one thing that may change: how often one parented digits
+    assert all(dataclasses.replace(s.models[t], metrics={k: v for k, v in s.models[t].metrics.items() if k != key})
+               == start.models[t] for t in ("t_a", "t_b", "t_c"))
     for c in start.component_ids():  # nothing published is trained: every array bit-identical
         assert all((np.asarray(x) == np.asarray(y)).all()
                    for x, y in zip(jax.tree.leaves(start.params[c]), jax.tree.leaves(s.params[c]), strict=True))

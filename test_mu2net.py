@@ -99,7 +99,12 @@ def test_learns_and_keeps_one_model_per_task(s1, s2, tasks):
 def test_no_forgetting(s1, s2, tasks):
     """A task iteration on t leaves every component another task uses bit-identical."""
     s3 = mu2net.task_iteration(s2, tasks[0], conf(), jax.random.key(3))
-    assert s3.models["digits/parity"] == s2.models["digits/parity"]
+    key = mu2net.selections_key("digits")  # the one thing that may change: how often it parented digits
+
+    def rest(m):
+        return dataclasses.replace(m, metrics={k: v for k, v in m.metrics.items() if k != key})
+
+    assert rest(s3.models["digits/parity"]) == rest(s2.models["digits/parity"])
     for c in s2.models["digits/parity"].components:
         assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), s2.params[c], s3.params[c]))
     for c in s1.models["digits"].components:

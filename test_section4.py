@@ -1,6 +1,7 @@
 """Section 4 as the paper ran it (section4.md): the baselines' sizes and FLOPs against Table 2, muNet's seed phase
 and training rules, μ2Net+'s small-benchmark space, and every corrected constant of the paper manifests pinned to
-its source. Sizes are computed with `jax.eval_shape` on the real roots: no weights are allocated."""
+its source. Sizes are computed with `jax.eval_shape` on the real roots, loaded once from AugReg-layout files the way
+a run loads them: no child's weights are allocated."""
 
 import dataclasses
 import math
@@ -55,19 +56,52 @@ def retain(system: mu2net.System, parent: mu2net.Model, task: str, k: int, confi
                                lineage={**system.lineage, child.model.id: (parent.id, child.model.components)})
 
 
-def baseline(bench: str, method: str, **kw) -> tuple[float, float]:
-    """(params/task, FLOPs/task) of a baseline's final system on a benchmark (section4.md §7.3, §8)."""
-    cfg, res = (TI3, 32) if bench == "mccb" else (B16, 80)
-    system = abstract_root(cfg, res)
+def augreg_file(path, name: str) -> None:
+    """A stand-in for an AugReg `name` checkpoint pre-trained at 224 px: the file's key layout and shapes (with a
+    2-class head where the real i21k files have 21,843 classes), zeros but for a random position embedding, so its
+    resampling shows; compressed, it is a few hundred KB where the real B/16 file is 350 MB."""
+    cfg = vit.CONFIGS[name]
+    shapes = vit.to_flat(jax.eval_shape(lambda: vit.init(cfg, jax.random.key(0), 2, 224)))
+    arrays = {k: np.zeros(v.shape, np.float32) for k, v in shapes.items()}
+    pe = "Transformer/posembed_input/pos_embedding"
+    arrays[pe] = np.random.default_rng(0).normal(0, 0.02, arrays[pe].shape).astype(np.float32)
+    assert arrays[pe].shape == (1, 1 + 14 * 14, cfg.width)
+    np.savez_compressed(path, **arrays)
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    """bench -> (the root as shapes, its position embedding, the file's): each benchmark's root built by the
+    runner (evolve.build_root) from its paper manifest and a 224-px AugReg-layout file."""
+    out = {}
+    for bench, name in (("mccb", "Ti/16"), ("vddb", "B/16")):
+        path = tmp_path_factory.mktemp(bench) / "root.npz"
+        augreg_file(path, name)
+        m = evolve.runs(evolve.load_manifest(f"manifests/paper_sec4_{bench}.toml", [f"root.path={path}"]))[0].manifest
+        system = evolve.build_root(m, evolve.Tasks(m), None)
+        pe = system.params[system.root.components[2]]
+        with np.load(path) as z:
+            file_pe = vit.PosEmbed(z["Transformer/posembed_input/pos_embedding"])
+        shapes = jax.eval_shape(lambda p: p, dict(system.params))  # the weights go; the shapes stay
+        out[bench] = (dataclasses.replace(system, params=shapes, momentum={
+            c: train.zeros_like_bf16(p) for c, p in shapes.items()}), pe, file_pe)
+    return out
+
+
+def baseline(root: mu2net.System, bench: str, method: str, **kw) -> tuple[float, float, mu2net.System]:
+    """(params/task, FLOPs/task) of a baseline's final system on a benchmark (section4.md §7.3, §8), and the
+    system."""
+    cfg, res = root.cfg, (32 if bench == "mccb" else 80)
     conf = mu2net.config(dataclasses.replace(mu2net.METHODS[method], **kw), cfg.depth, [res], res,
                          generations=1, children=1)
     tasks = data.resolve_tasks([bench])
+    system = root
     for i, t in enumerate(tasks):
         system = retain(system, system.root, t.name, t.num_classes, conf, jax.random.key(i))
     models = list(system.models.values())
     assert len(models) == len(tasks) == (8 if bench == "mccb" else 10)
     return (statistics.mean(mu2net.accounted_params(system, m) for m in models),
-            statistics.mean(mu2net.model_flops(system.cfg, system.params, m) for m in models))
+            statistics.mean(mu2net.model_flops(system.cfg, system.params, m) for m in models), system)
 
 
 # (bench, method, overrides, params/task ×10⁶, its printed decimals, FLOPs/task ×10⁶, FLOPs tolerance ×10⁶).
@@ -92,9 +126,28 @@ SEC73 = [  # section4.md §7.3's other rows: params to their 3 printed decimals,
 ]
 
 
+def test_augreg_root_is_loaded_at_the_benchmark_size(roots):
+    """The notebooks load a root at its benchmark's default size: the file's 14×14 embedding grid zoomed to 2×2
+    (MCCB, 32 px) or 5×5 (VDDB, 80 px), class-token row kept, once. Every baseline shares that embedding frozen,
+    as it shares the patch embedding and the class token (section4.md §2, §7.2); full fine-tuning trains a copy."""
+    for bench, cfg, res in (("mccb", TI3, 32), ("vddb", B16, 80)):
+        system, pe, file_pe = roots[bench]
+        assert system.cfg == cfg and pe.pos_embedding.shape == (1, 1 + (res // 16) ** 2, cfg.width)
+        want = vit.resample_posembed(file_pe, res, 16)
+        assert np.array_equal(np.asarray(pe.pos_embedding), np.asarray(want.pos_embedding))
+        assert np.array_equal(np.asarray(pe.pos_embedding)[0, 0], np.asarray(file_pe.pos_embedding)[0, 0])
+        stem = system.root.components[:3]
+        for method, kw in (("finetune", dict(clone="top:1")), ("finetune", dict(clone="top:0")),
+                           ("adapters", dict(adapter_dim=8)), ("finetune", dict(clone="all"))):
+            conf = mu2net.config(dataclasses.replace(mu2net.METHODS[method], **kw), cfg.depth, [res], res)
+            child = retain(system, system.root, "t", 10, conf, jax.random.key(0)).models["t"]
+            # The root's components are never trained (mu2net.frozen_ids): sharing their ids is sharing them frozen.
+            assert (child.components[:3] == stem) == (kw.get("clone") != "all"), (bench, method, kw)
+
+
 @pytest.mark.parametrize("bench, method, kw, params, decimals, flops, tol", TABLE2 + SEC73)
-def test_baseline_sizes_and_flops_match_table2(bench, method, kw, params, decimals, flops, tol):
-    p, f = baseline(bench, method, **kw)
+def test_baseline_sizes_and_flops_match_table2(roots, bench, method, kw, params, decimals, flops, tol):
+    p, f, _ = baseline(roots[bench][0], bench, method, **kw)
     assert round(p / 1e6, decimals) == params  # accounted params, the root not a sharer (section4.md §7.3, §10.11)
     # FLOPs: ours is XLA's count of vit.forward before optimisation (test_score.py). Table 2's come from XLA on the
     # authors' Flax model (a conv patch embedding) and differ by ≤ 0.04 %, which can move the last printed digit by
