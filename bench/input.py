@@ -1,4 +1,4 @@
-"""Does the input pipeline feed the quickstart model faster than it trains? (issue "Data": aim >= 5x)
+"""Does the input pipeline feed the quickstart model faster than it trains? (aim: >= 5x)
 
     python bench/input.py [--task mnist5k --res 32 --batch 128 --steps 40]
 
@@ -38,10 +38,10 @@ def rate(fn, steps: int, batch: int) -> float:
     return steps * batch / (time.perf_counter() - t)
 
 
-def train_step_fn(cfg: vit.Config, num_classes: int, res: int, aug: augment.Aug, total: int):
+def train_step_fn(cfg: vit.Config, num_classes: int, res: int, total: int):
     """(x, y, step) -> loss: train.train_step on a fresh tiny ViT, every component trainable."""
     comps = tuple(vit.init(cfg, jax.random.key(0), num_classes, res).values())
-    hp = train.HParams(*(jnp.asarray(v, jnp.float32) for v in (0.01, 0.05, 0.9, 0.0)), aug)
+    hp = train.HParams.of(dict(AUG_ON, lr=0.01, warmup=0.05, momentum=0.9, nesterov=False))
     diff, frozen, mom, mask = train.partition_trainable(comps, tuple(train.zeros_like_bf16(c) for c in comps),
                                                         (True,) * len(comps), "mask")
     state = [diff, mom]
@@ -74,7 +74,7 @@ def main() -> None:
         x, y = task.train_batch(0, s, a.batch)
         return pre(key, np.int32(s), jnp.asarray(x), aug, a.res), jnp.asarray(y)
 
-    step = train_step_fn(vit.CONFIGS[a.config], task.num_classes, a.res, aug, a.steps + 1)
+    step = train_step_fn(vit.CONFIGS[a.config], task.num_classes, a.res, a.steps + 1)
     x0 = pre(key, np.int32(0), jnp.asarray(task.train_batch(0, 0, a.batch)[0]), aug, a.res)
     y0 = jnp.asarray(task.train_batch(0, 0, a.batch)[1])
 
