@@ -45,7 +45,7 @@ import vit
 from manifest import (DEFAULT_MANIFEST, Manifest, ManifestError, Tasks, check_data, differences, image_size,  # noqa: F401
                       load_manifest, penalties, readable_tasks, report_tasks, resolved, root_config, runs,
                       segment_config, segment_tasks, task_names, to_dict, validate)
-from progress import KILL_ENV, Progress, Stop, children_left, hms  # noqa: F401
+from runlog import KILL_ENV, Progress, Stop, children_left, hms  # noqa: F401
 
 STOPPED = 3  # exit status of a run stopped by SIGTERM / SIGINT at a safe point: it resumes where it stopped
 ROOT_TAG = 0x524F4F54  # "ROOT": fold-in tag of the root's keys, apart from the small segment indices
@@ -312,7 +312,7 @@ def _task_iteration(r: Run, system: mu2net.System, cursor: Cursor, pending: mu2n
     one's commit is the iteration's own), then line 39 and a commit; at a segment's end, its summary and reports.
     A stop request is honoured at each commit."""
     si, it, ti = cursor
-    seg, name = r.m.segments[si], r.names[si][cursor[2]]
+    seg, name = r.m.segments[si], r.names[si][ti]
     conf = segment_config(r.m, penalties(seg, si, r.history), system.cfg.depth)  # history[k]: segment k's start
     b = conf.budget
     if it == ti == 0 and pending is None:  # a resumed generation's commit holds its segment_start already

@@ -404,10 +404,10 @@ class Trainer(Protocol):
     returns the retained children by index, None where nothing was kept; a child left out was not trained (a stop
     request: its generation resumes from the others). `accuracy` is a model's top-1 accuracy on a split."""
 
-    def __call__(self, pool: Pool, todo: Sequence[Planned], task: TaskData, config: Config, log: Log | None,
+    def __call__(self, pool: Pool, todo: Sequence[Planned], task_data: TaskData, config: Config, log: Log | None,
                  more: bool) -> Mapping[int, Trained | None]: ...
 
-    def accuracy(self, pool: Pool, model: Model, task: TaskData, split: str, batch: int) -> float: ...
+    def accuracy(self, pool: Pool, model: Model, task_data: TaskData, split: str, batch: int) -> float: ...
 
 
 # --- one task iteration (Algorithm 1) ------------------------------------------------------------------------
@@ -483,7 +483,7 @@ def start(system: System, task: str, config: Config) -> Iteration:
     return Iteration(task, 0, pool, system.counter, carried_selections(pool, config.method))
 
 
-def generation(state: Iteration, task: TaskData, config: Config, key: jax.Array, trainer: Trainer,
+def generation(state: Iteration, task_data: TaskData, config: Config, key: jax.Array, trainer: Trainer,
                log: Log | None = None) -> Iteration:
     """One generation (Algorithm 1 lines 5–35): sample #children children from the population as it stands at the
     generation's start, train them (`trainer`), and add the retained ones to 𝒜 in child order. If the trainer
@@ -501,14 +501,14 @@ def generation(state: Iteration, task: TaskData, config: Config, key: jax.Array,
         seed = first + i < len(seeds)
         parent = seeds[first + i] if seed else choose_parent(pool, others, selections, method, kp)  # lines 7–16
         selections[parent.id] = selections.get(parent.id, 0) + 1
-        child, counter = make_child(pool, parent, t, task.num_classes, config, kc, counter, seed, fixed)  # 17–24
+        child, counter = make_child(pool, parent, t, task_data.num_classes, config, kc, counter, seed, fixed)  # 17–24
         threshold = pool.scores[parent.id] if parent.task == t else -math.inf  # line 29's max at c = none
         children.append(Planned(i, child, threshold, kt))
         if log and state.done is None:  # a resumed generation logged its children before it stopped
             log(dict(event="child", task=t, generation=state.generation, child=child.model.id, parent=parent.id,
                      seed=seed, trainable=sum(child.trainable), hp=dict(child.model.hp)))
     more = state.generation + 1 < config.budget.generations
-    results = {**done, **trainer(pool, [c for c in children if c.index not in done], task, config, log, more)}
+    results = {**done, **trainer(pool, [c for c in children if c.index not in done], task_data, config, log, more)}
     if len(results) < n:  # lines 26–32 stopped part-way
         return dataclasses.replace(state, done=results)
     for i in range(n):
@@ -520,19 +520,19 @@ def generation(state: Iteration, task: TaskData, config: Config, key: jax.Array,
     return Iteration(t, state.generation + 1, pool, counter, selections)
 
 
-def generations(state: Iteration, task: TaskData, config: Config, key: jax.Array, trainer: Trainer,
+def generations(state: Iteration, task_data: TaskData, config: Config, key: jax.Array, trainer: Trainer,
                 log: Log | None = None) -> Iterator[Iteration]:
     """Algorithm 1 line 4, from `state` (`start`'s, or a committed one to resume): one generation after another,
     yielding the state after each. A generation the trainer stopped part-way is yielded as it stands, and ends
     them: a runner commits it and resumes from it."""
     while state.generation < config.budget.generations:
-        state = generation(state, task, config, key, trainer, log)
+        state = generation(state, task_data, config, key, trainer, log)
         yield state
         if state.done is not None:
             return
 
 
-def finish(state: Iteration, task: TaskData, config: Config, trainer: Trainer) -> System:
+def finish(state: Iteration, task_data: TaskData, config: Config, trainer: Trainer) -> System:
     """Algorithm 1 line 39: the task keeps its best model, with its accuracy on the task's test split; components
     no retained model uses are dropped."""
     pool = state.pool
@@ -540,7 +540,7 @@ def finish(state: Iteration, task: TaskData, config: Config, trainer: Trainer) -
     best = best_model(pool, config.method.strict)
     if best is None:
         return system
-    test = trainer.accuracy(pool, best, task, "test", config.budget.eval_batch)
+    test = trainer.accuracy(pool, best, task_data, "test", config.budget.eval_batch)
     metrics = {**best.metrics, "score": pool.scores[best.id], "test": test}
     if config.method.persistent:  # carried into the next iteration's `carried_selections`
         metrics["offspring"] = state.selections.get(best.id, 0)

@@ -731,11 +731,11 @@ def small(tmp_path_factory):
     m = evolve.load_manifest(_write(d, SMALL))
     real, calls = checkpoint.Store.write, []
 
-    def full(self, rel, data):  # the second state file: the commit after generation 1
+    def full(self, rel, blob):  # the second state file: the commit after generation 1
         calls.append(rel)
         if rel.startswith("state-") and sum(c.startswith("state-") for c in calls) == 2:
             raise checkpoint.DiskFull(f"no space left on device while writing {self.name(rel)}")
-        real(self, rel, data)
+        real(self, rel, blob)
 
     a_log = Stream()
     with pytest.MonkeyPatch.context() as mp:
