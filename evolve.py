@@ -1,22 +1,20 @@
 """The continual runner: a manifest of experiment segments → one ever-growing multitask system (paper Section 5).
 
-A manifest (manifest.py) names where the system starts, the seed and the experiment segments, each a method with
-its budget and tasks. For every task iteration of every segment, `mu2net.generations` yields the state after each
-generation and the runner commits it (checkpoint.py); `mu2net.finish` keeps the task's best model, the runner commits
-again and reports each segment's end (report.py). Rerunning the same command resumes from the last commit,
-bit-identical to an uninterrupted run: a task iteration's key is a pure function of (seed, segment, iteration,
-task), and the state between generations is a value (`mu2net.Iteration`). SIGTERM / SIGINT stop at a safe point
-with a commit; one run may span many processes (exchange.py).
+For every task iteration of every segment (manifest.py), `mu2net.generations` yields the state after each generation
+and the runner commits it (checkpoint.py); `mu2net.finish` keeps the task's best model, the runner commits again and
+reports each segment's end (report.py). Rerunning the same command resumes from the last commit, bit-identical to an
+uninterrupted run: a task iteration's key is a pure function of (seed, segment, iteration, task), and the state
+between generations is a value. SIGTERM / SIGINT stop at a safe point; a run may span many processes (exchange.py).
 
     python evolve.py                                       # the quickstart (manifests/quickstart.toml)
     python evolve.py --manifest manifests/paper_sec5.toml --out runs/sec5 --seed 3 --set segments.0.generations=2
-    python evolve.py predict runs/quickstart-seed0 --task digits photos/ --top-k 3 --format csv
-    python evolve.py export runs/quickstart-seed0 --task digits digits.npz
+    python evolve.py predict runs/quickstart-seed0 --task digits photos/ --top-k 3     # or: export ... digits.npz
     python evolve.py report runs/quickstart-seed{0,1,2}    # reports, and the mean ± std over the runs
     python evolve.py --manifest M --out gs://bucket/run --distributed       # on every host of a TPU pod slice
 
 Every user-input error (manifest, data, checkpoint or state) prints one line and exits with status 2.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -384,8 +382,7 @@ def _upload(r: Run, *files: str) -> None:
                 r.store.write(f, (r.work / f).read_bytes())
 
 
-def _upload_all(r: Run) -> None:
-    """The reports (report.md, the figures, result.json) as written in `work`."""
+def _upload_all(r: Run) -> None:  # the reports (report.md, the figures, result.json) as written in `work`
     if r.hosts.main and not r.store.local:
         _upload(r, *sorted(p.name for p in r.work.iterdir() if p.is_file() and p.name != "metrics.jsonl"))
 
@@ -454,26 +451,32 @@ def run_cli(a: Args, argv: Sequence[str] | None = None) -> int:
             raise ManifestError(f"--sweep-index {a.sweep_index}: the manifest has {len(subs)} runs")
         subs = [subs[a.sweep_index]]
     try:
-        for i, sub in enumerate(subs):
-            if not sub.path:
-                run(sub.manifest, out, every=a.progress_every)
-                continue
-            d = f"{out}/{sub.path}"
-            if checkpoint.exists(d) and checkpoint.load(d).extra.get("done"):
-                print(f"comparison: {sub.path} finished before, skipped", file=sys.stderr, flush=True)
-                continue
-            print(f"comparison: run {i + 1}/{len(subs)} {sub.path}", file=sys.stderr, flush=True)
-            if jax.process_index() == 0:
-                checkpoint.Store(_expand(d)).write("comparison.json", (json.dumps(dict(
-                    family=sub.family, config=sub.config, value=sub.value, repetition=sub.repetition)) + "\n").encode())
-            run(sub.manifest, d, every=a.progress_every)
-            if jax.process_index() == 0 and "://" not in out:
-                report.write_comparison(Path(out))  # Table 2 and Figure 2 of what has finished so far
+        with schedule.Programs() as programs:  # one compile cache for every sub-run of a comparison
+            _sweep(subs, out, a.progress_every, programs)
     except Stopped as e:
         cmd = " ".join(shlex.quote(x) for x in [sys.executable, *(sys.argv if argv is None else ["evolve.py", *argv])])
         print(f"{e}:\n  {cmd}", file=sys.stderr)
         return STOPPED
     return 0
+
+
+def _sweep(subs: Sequence[Any], out: str, every: float, programs: schedule.Programs) -> None:
+    """The manifest's run, or each sub-run of its comparison not finished before, then Table 2 and Figure 2."""
+    for i, sub in enumerate(subs):
+        if not sub.path:
+            run(sub.manifest, out, every=every, programs=programs)
+            continue
+        d = f"{out}/{sub.path}"
+        if checkpoint.exists(d) and checkpoint.load(d).extra.get("done"):
+            print(f"comparison: {sub.path} finished before, skipped", file=sys.stderr, flush=True)
+            continue
+        print(f"comparison: run {i + 1}/{len(subs)} {sub.path}", file=sys.stderr, flush=True)
+        if jax.process_index() == 0:
+            checkpoint.Store(_expand(d)).write("comparison.json", (json.dumps(dict(
+                family=sub.family, config=sub.config, value=sub.value, repetition=sub.repetition)) + "\n").encode())
+        run(sub.manifest, d, every=every, programs=programs)
+        if jax.process_index() == 0 and "://" not in out:
+            report.write_comparison(Path(out))  # Table 2 and Figure 2 of what has finished so far
 
 
 COMMANDS = {"predict": (serve.PredictArgs, serve.predict_cli), "export": (serve.ExportArgs, serve.export_cli),
