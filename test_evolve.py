@@ -86,7 +86,7 @@ def _write(tmp_path: Path, text: str, name: str = "m.toml") -> Path:
     (("generations = 1\nchildren = 2\ncycles = 2", "generations = -2\nchildren = 2\ncycles = 2"),
      "segments[0].generations = -2", "expected an integer ≥ 1"),
     (('tasks = ["digits"]', 'tasks = ["digitz"]'), "segments[1].tasks[0] = 'digitz'", "did you mean"),
-    (('method = "mu2net+"', 'method = "mu3net"'), "segments[1].method = 'mu3net'", "mu2net.METHODS"),
+    (('method = "mu2net+"', 'method = "mu3net"'), "segments[1].method = 'mu3net'", "methods.METHODS"),
     (("P_factor = 10", "P_factor = 10\ns = 1.5"), "segments[1].s = 1.5", "(0, 1]"),
     (("P_factor = 10", "P_factor = -1"), "segments[1].P_factor = -1", "a number ≥ 0"),
     (("P_factor = 10", "P_factor = 10\nP = 3e5"), "segments[1].P = 300000.0", "no P beside P_factor = 10.0"),
@@ -718,7 +718,7 @@ def test_user_errors_exit_2_without_traceback(tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
-# --- progress, object stores, a full disk, many processes (issue 13) --------------------------------------------
+# --- progress, object stores, a full disk, many processes --------------------------------------------
 
 # One task iteration of 2 generations × 2 children on one architecture (few compiles): with 2 processes, one child
 # each per generation.
@@ -781,11 +781,11 @@ def small(tmp_path_factory):
     m = evolve.load_manifest(_write(d, SMALL))
     real, calls = checkpoint.Store.write, []
 
-    def full(self, rel, data):  # the second state file: the commit after generation 1
+    def full(self, rel, blob):  # the second state file: the commit after generation 1
         calls.append(rel)
         if rel.startswith("state-") and sum(c.startswith("state-") for c in calls) == 2:
             raise checkpoint.DiskFull(f"no space left on device while writing {self.name(rel)}")
-        real(self, rel, data)
+        real(self, rel, blob)
 
     a_log = Stream()
     with pytest.MonkeyPatch.context() as mp:

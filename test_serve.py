@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 import augment
+import conftest
 import data
+import methods
 import mu2net
 import serve
 import vit
@@ -26,13 +28,13 @@ _fwd = jax.jit(vit.forward)  # eager would compile op by op
 @pytest.fixture(scope="module")
 def trained():
     """A random tiny root fine-tuned on scikit-learn digits by one short task iteration."""
-    space = mu2net.search_space(CFG.depth, (S,), resolution=S)
+    space = methods.search_space(CFG.depth, (S,), resolution=S)
     space = dataclasses.replace(space, defaults={**space.defaults, "lr": 0.1})
-    conf = mu2net.Config(space, method=mu2net.METHODS["finetune"], generations=1, children=1, cycles=8,
-                         samples_cap=1024, batch_size=32)
+    conf = methods.Config(space, methods.METHODS["finetune"], methods.Budget(generations=1, children=1, cycles=8,
+                                                                            samples_cap=1024, batch_size=32))
     task = data.make_task_data(data.load_catalog()["digits"], S)
     s0 = mu2net.new_system(CFG, vit.init(CFG, jax.random.key(0), 10, S), {})
-    return mu2net.task_iteration(s0, task, conf, jax.random.key(1)), task
+    return conftest.task_iteration(s0, task, conf, jax.random.key(1)), task
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 import data
 import train
 import vit
@@ -34,7 +35,7 @@ def setup():
 def test_learning_rate_schedule():
     hp, total = train.HParams.of(HP), jnp.asarray(100, jnp.int32)
     lr = [float(train.learning_rate(jnp.asarray(s, jnp.int32), total, hp)) for s in (0, 10, 99)]
-    # Warm-up from lr/1000 over 10 % of the steps, then cosine to 0 (method-notes "Training one child").
+    # Warm-up from lr/1000 over 10 % of the steps, then cosine to 0 (docs/method.md, "Training one child").
     np.testing.assert_allclose(lr, [1.0e-4, 0.1, 3.0458e-5], rtol=1e-4)
 
 
@@ -59,7 +60,7 @@ def test_fused_chunk_equals_step_by_step():
     """Two cycles as padded chunks (one transfer, preprocessing per chunk, one scan each), with a block switched
     off by its flag, compute what `preprocess` and `train_step` do batch by batch on the path without that block."""
     task = data.make_task_data(data.load_catalog()["digits"], 16)
-    budget = train.Budget(cycles=2, samples_cap=480, batch_size=32)  # 15 steps a cycle, in chunks of 16
+    budget = train.ChildBudget(cycles=2, samples_cap=480, batch_size=32)  # 15 steps a cycle, in chunks of 16
     assert train.chunk_length(1, budget, 16, 16) == 16
     init = vit.init(CFG, jax.random.key(0), 10, 16)
     init["head"] = vit.Head(jax.random.normal(jax.random.key(1), (CFG.width, 10)) * 0.5, jnp.zeros(10))
@@ -71,7 +72,7 @@ def test_fused_chunk_equals_step_by_step():
     on = tuple(i != off for i in range(len(full)))
     # Every cycle scores 0 against a threshold of 0: the snapshot is the last cycle's.
     job = train.Job(full, [train.zeros_like_bf16(c) for c in full], on, hp, key, lambda q: 0.0, 0.0, "c", on)
-    snap = train.train_group([train.prepare(job, task, budget)], task, budget)[0]
+    snap = train.train_group([train.prepare(job, task, budget)], task, budget, conftest.programs())[0]
 
     short = comps[:off] + comps[off + 1:]
     short = short[:-1] + [train.pad_head(short[-1], train.padded_classes(10))]
@@ -90,4 +91,4 @@ def test_fused_chunk_equals_step_by_step():
     assert snap.params[off] is None  # the placeholder is not trained
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    assert snap.quality == train.accuracy(ref, task, "validation", 16, budget.eval_batch)
+    assert snap.quality == train.accuracy(ref, task, "validation", 16, budget.eval_batch, conftest.programs())

@@ -1,4 +1,4 @@
-"""The Vision Transformer as named components (paper Section 3, Figure 1; method-notes "Components").
+"""The Vision Transformer as named components (paper Section 3, Figure 1; docs/method.md, "Components").
 
 A model ("path") is an ordered list of components; `forward` runs any such list. Every component is a small
 Equinox module whose field names follow the AugReg checkpoint layout (big_vision / vision_transformer), so that
@@ -150,7 +150,7 @@ class PosEmbed(eqx.Module):
 
 
 class Head(eqx.Module):
-    """`head`: a Dense on the class token; zero-initialised (method-notes)."""
+    """`head`: a Dense on the class token; zero-initialised (docs/method.md)."""
 
     kernel: Array  # (D, classes)
     bias: Array
@@ -281,7 +281,7 @@ def resolution(posembed: PosEmbed, patch: int) -> int:
 
 
 def resample_posembed(posembed: PosEmbed, res: int, patch: int) -> PosEmbed:
-    """Position embedding for another resolution (method-notes): keep the class-token row, reshape the grid to
+    """Position embedding for another resolution (docs/method.md): keep the class-token row, reshape the grid to
     (g, g, D) and zoom it by g_new/g_old with scipy's order-1 spline (`jax.image.resize` gives other values)."""
     pe = np.asarray(posembed.pos_embedding)
     g_old, g_new = math.isqrt(pe.shape[1] - 1), grid(res, patch)
@@ -429,7 +429,7 @@ def load_augreg(path: str | Path, cfg: Config | None = None, num_classes: int | 
     return out
 
 
-# --- component names (method-notes "Components"): the AugReg keys, blocks and adapters carrying their index -----
+# --- component names (docs/method.md, "Components"): the AugReg keys, blocks and adapters carrying their index
 
 CLASSES: dict[str, type] = {
     "embedding": Embedding, "cls": Cls, "posembed_input": PosEmbed, "encoderblock": EncoderBlock,

@@ -1,4 +1,4 @@
-"""Does the input pipeline feed the quickstart model faster than it trains? (issue "Data": aim >= 5x)
+"""Does the input pipeline feed the quickstart model faster than it trains? (aim: >= 5x)
 
     python bench/input.py [--task mnist5k --res 32 --batch 128 --steps 40 --aug on]
 

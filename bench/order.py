@@ -1,6 +1,6 @@
-"""What the order of cropping and resizing changes (README, differences from the paper: preprocessing order).
+"""What the order of cropping and resizing changes (docs/deviations.md: preprocessing order).
 
-    python bench/order.py [--images 64]
+    python bench/order.py [--images 64 --steps 100]
 
 The notebooks crop each original image and resize the crop once. data.py does that for a task whose images share
 one square size (data.native_size); otherwise it resizes every image once to the run's largest resolution S on the
@@ -79,7 +79,9 @@ def speed(S: int, hp: dict, res: int = 16, batch: int = 32, steps: int = 100) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=100, help="preprocessing calls per timing")
     a = ap.parse_args()
+
     def rgb(source: str) -> list[np.ndarray]:
         x = data._offline(source)[0]
         return [np.repeat(x[i], 3, -1) for i in range(a.images)]
@@ -98,7 +100,7 @@ def main() -> None:
     for name, hp in (("augmentation off", {}), ("crop + flip", dict(crop_area_min=0.5, crop_aspect_min=0.75,
                                                                     flip=True)),
                      ("all on but JPEG", {**ON, "quality": 0.0}), ("all on", ON)):
-        print(f"  {name:18s}" + "".join(f"  {S:2d} px: {speed(S, hp):9,.0f}" for S in (8, 16, 28)))
+        print(f"  {name:18s}" + "".join(f"  {S:2d} px: {speed(S, hp, steps=a.steps):9,.0f}" for S in (8, 16, 28)))
     print(f"load average {os.getloadavg()[0]:.1f}")
 
 
