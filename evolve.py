@@ -126,7 +126,7 @@ class Progress:
     def __init__(self, metrics: Path | None, total: int, elapsed: float, stream: Any = sys.stderr,
                  every: float = 30.0, log_every: float = 300.0):
         self.lock = threading.Lock()
-        self.metrics = open(metrics, "ab") if metrics else None
+        self.metrics = checkpoint.open_log(metrics) if metrics else None
         self.total, self.done, self.t0, self.before = total, 0, time.monotonic(), elapsed
         self.stream, self.where, self.cycles, self.gen = stream, {}, 1, {}
         self.every, self.log_every, self.steps = every, log_every, {}
@@ -153,8 +153,7 @@ class Progress:
         with self.lock:
             if not self.metrics:
                 return 0
-            self.metrics.flush()
-            return self.metrics.tell()
+            return checkpoint.synced_size(self.metrics)  # on disk before a commit records it
 
     def _step(self, rec: dict) -> None:
         """Inside a child: time-based, so a report costs one device sync (the loss) per `every` seconds."""
@@ -453,8 +452,7 @@ def _run(m: Manifest, out: str, store: checkpoint.Store, work: Path, resuming: b
         if metrics:
             if not store.local:
                 metrics.write_bytes(store.read("metrics.jsonl") if store.exists("metrics.jsonl") else b"")
-            with open(metrics, "ab") as f:  # drop the log lines written after the last commit
-                f.truncate(int(ck.extra["metrics_bytes"]))
+            checkpoint.cut_log(metrics, ck.extra["metrics_bytes"], lambda s: print(s, file=stream, flush=True))
         system, cursor, pending = ck.system, tuple(ck.extra["cursor"]), ck.pending
         if cursor[0] < len(m.segments) and ck.extra.get("key") != key_data(iteration_key(m.seed, *cursor)):
             raise checkpoint.CheckpointError(f"{store.name(ck.state)}: the stored key of task iteration {cursor} is "
@@ -474,7 +472,7 @@ def _run(m: Manifest, out: str, store: checkpoint.Store, work: Path, resuming: b
               f"(state {ck.state}, code {ck.extra.get('version')})", file=stream, flush=True)
     else:
         if metrics:
-            metrics.write_bytes(b"")
+            checkpoint.write_atomic(metrics, b"")
         total = _total_children(m, ntasks, (0, 0, 0), bool(m.root.pretrain.task))
         progress = Progress(metrics, round(total * share), 0.0, stream, every, log_every)
         try:
@@ -485,7 +483,7 @@ def _run(m: Manifest, out: str, store: checkpoint.Store, work: Path, resuming: b
         cursor, history, ck = (0, 0, 0), [], None
         history.append(report.summary(system, rtasks, "start"))
     if hosts.main:
-        (work / "manifest.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        checkpoint.write_atomic(work / "manifest.json", (json.dumps(resolved, indent=2) + "\n").encode())
         upload("manifest.json")
     version = checkpoint.code_version()
     here = machine()
