@@ -406,7 +406,7 @@ def drills(tmp_path_factory, state):
 
     def cli(argv: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(HERE / "evolve.py"), *argv], cwd=d, capture_output=True, text=True,
-                              timeout=300, env={k: v for k, v in os.environ.items() if k != "MU2NET_KILL_AFTER"})
+                              timeout=300, env={k: v for k, v in os.environ.items() if k != evolve.KILL_ENV})
 
     real = [n for n, (_, _, r) in cases.items() if r]
     with concurrent.futures.ThreadPoolExecutor(2) as ex:
