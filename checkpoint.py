@@ -76,9 +76,14 @@ class Locked(CheckpointError):
 
 
 def plain_name(s: Any) -> bool:
-    """One entry of a folder: not empty, no '/', no NUL, not '.' or '..' (names that become paths: a run's files,
-    the run and report folders named after a manifest)."""
+    """One entry of a folder: not empty, no '/', no NUL, not '.' or '..'."""
     return isinstance(s, str) and s not in ("", ".", "..") and "/" not in s and "\0" not in s
+
+
+def inside(s: Any) -> bool:
+    """A relative path that stays inside its folder: plain names joined by '/' (names that become paths: a run's
+    files, the run and report folders named after a manifest, `cmp/mu2net+/s=0.5/rep0` for a comparison's)."""
+    return isinstance(s, str) and all(map(plain_name, s.split("/")))
 
 
 def component_file(cid: str) -> str:
@@ -153,10 +158,9 @@ class Store:
         return f"{self.root}/{'/'.join(self._parts(rel))}"
 
     def _parts(self, rel: str) -> list[str]:
-        parts = rel.split("/")
-        if not all(map(plain_name, parts)):
+        if not inside(rel):
             raise CheckpointError(f"{self.name(rel)}: {rel!r} is not a name inside the run directory; refusing it")
-        return parts
+        return rel.split("/")
 
     @contextlib.contextmanager
     def _dir(self, rel: str, create: bool = False) -> Iterator[int]:
@@ -654,8 +658,8 @@ def exists(run: str | os.PathLike) -> bool:
 _INT = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62  # noqa: E731
 RUN_EXTRA: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "cursor": ("3 integers ≥ 0", lambda v: isinstance(v, list) and len(v) == 3 and all(map(_INT, v))),
-    "manifest": ("a table with a plain name (no '/') and a report_set", lambda v: isinstance(v, dict) and plain_name(
-        v.get("name")) and isinstance(v.get("report_set"), list)),
+    "manifest": ("a table with a report_set and a name that is a relative path without '..'", lambda v: isinstance(
+        v, dict) and inside(v.get("name")) and isinstance(v.get("report_set"), list)),
     "history": ("a list of tables", lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v)),
     "metrics_bytes": ("an integer ≥ 0", _INT),
     "elapsed": ("a number ≥ 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
@@ -675,7 +679,8 @@ def _check_extra(extra: Any, path: str) -> None:
             continue
         if k not in extra or not ok(extra[k]):
             got = f"= {str(extra[k])[:80]!r}" if k in extra else "is missing"
-            raise CheckpointError(f"checkpoint state file {path} has a bad structure: extra.{k} {got}; expected {expect}")
+            raise CheckpointError(f"checkpoint state file {path} has a bad structure: extra.{k} {got}; expected "
+                                  f"{expect}")
 
 
 def _component_records(comps: Any, path: str) -> dict[str, tuple[str, str, int | None]]:

@@ -435,7 +435,7 @@ def _pixels(f: str | os.PathLike) -> np.ndarray:
     with Image.open(f) as im:  # reads the header only: the size is known before anything is decoded
         if im.width * im.height > MAX_PIXELS:
             raise ValueError(f"{im.width}×{im.height} pixels, more than the {MAX_PIXELS:,} an image may have here "
-                             f"(it is resized to the run's image size; a larger one is refused as a decompression bomb)")
+                             f"(it is resized to the run's image size; larger ones are refused as decompression bombs)")
         return np.asarray(im.convert("RGB"))
 
 

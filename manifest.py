@@ -155,7 +155,7 @@ class Manifest:
     metric (Section 5: task-set A). `comparison`: Section 4's method families × configurations × repetitions, each
     a sub-run of this manifest (see `runs`)."""
 
-    name: str = _f(check=checkpoint.plain_name, expect="a non-empty name without '/' (runs/<name>-seed<seed>)")
+    name: str = _f(check=checkpoint.inside, expect="a relative path without '..' (runs/<name>-seed<seed>)")
     segments: tuple[Segment, ...] = _f(check=lambda v: len(v) >= 1, expect="at least one [[segments]] table")
     seed: int = _f(0, lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)")
     data_dir: str = ""  # "" = TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)

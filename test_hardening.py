@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import msgpack
@@ -386,7 +384,8 @@ def drills(tmp_path_factory, state):
     cases["resume: metrics_bytes = 'x'"] = (["--manifest", str(m), "--out", str(r),
                                              "--compile-cache", ""], "extra.metrics_bytes = 'x'", True)
     runs = [run(f"named{i}", lambda s: s["extra"]["manifest"].update(name="../x")) for i in range(2)]
-    cases["report RUN1 RUN2: a manifest name ../x"] = (["report", *map(str, runs)], "plain name", True)
+    cases["report RUN1 RUN2: a manifest name ../x"] = (["report", *map(str, runs)], "a relative path without '..'",
+                                                      True)
     for col, val in [("id", "seven"), ("id", "nan"), ("id", "1e30"), ("parent_id", ""), ("task_name", ""),
                      ("hparams.ds_image_size", "big"), ("hparams.opt_lr", "fast")]:
         bad = _csv_edit(state, w / f"state-{col}-{val}", col, val)

@@ -58,15 +58,18 @@ def _nested(module) -> dict:
     return out
 
 
+def _nbytes(module, dtype) -> int:
+    return sum(int(np.prod(a.shape)) * np.dtype(dtype).itemsize for a in vit.flat(module).values())
+
+
 def generate(d: Path, gb: float, config: str) -> int:
     """Writes state_1_0/{population.csv, checkpoint_1_0} under `d`; returns the checkpoint's array bytes."""
     import ml_dtypes
     cfg, res = vit.CONFIGS[config], 224 if config.endswith("/16") else 16
     root = jax.eval_shape(lambda: vit.init(cfg, jax.random.key(0), 10, res))
     ids = {name: i for i, name in enumerate(root)}
-    nbytes = lambda m, dt: sum(int(np.prod(a.shape)) * np.dtype(dt).itemsize for a in vit.flat(m).values())  # noqa: E731
     entries = [(f"{n}:{i}", root[n], np.float32) for n, i in ids.items()]
-    total = sum(nbytes(m, np.float32) for _, m, _ in entries)
+    total = sum(_nbytes(m, np.float32) for _, m, _ in entries)
     rows = [dict(task_name="NOT_TRAINABLE", id=0, parent_id=-1, components="_".join(map(str, ids.values())))]
     nxt, t = len(ids), 0
     trained = [n for n in root if n not in ("embedding", "cls", "encoderblock_0")]
@@ -75,7 +78,7 @@ def generate(d: Path, gb: float, config: str) -> int:
         for n in trained:
             comps[n] = nxt
             entries += [(f"{n}:{nxt}", root[n], np.float32), (f"opt_state:{n}:{nxt}", root[n], ml_dtypes.bfloat16)]
-            total += nbytes(root[n], np.float32) + nbytes(root[n], ml_dtypes.bfloat16)
+            total += _nbytes(root[n], np.float32) + _nbytes(root[n], ml_dtypes.bfloat16)
             nxt += 1
         rows.append(dict(task_name=f"task_{t}", id=nxt, parent_id=0, components="_".join(map(str, comps.values()))))
         nxt, t = nxt + 1, t + 1
