@@ -250,6 +250,7 @@ def test_a_log_shorter_than_its_commit_is_kept_without_padding(tmp_path):
 # --- 5, 8: image folders -------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest resets data.py's own filter
 def test_image_bomb_is_refused_as_a_corrupt_image(tmp_path):
     """A PNG of 12,000² pixels (tens of KB on disk, 432 MB decoded; under Pillow's own limit of 179 M pixels):
     refused from its header, without decoding, as unreadable images are."""

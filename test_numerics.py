@@ -26,9 +26,9 @@ def test_numeric_tests_hold_on_avx2_and_one_core():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTEST_ADDOPTS")}  # conftest adds its own
     if platform.machine().lower() in ("x86_64", "amd64"):  # the flag names x86 instruction sets
         env["XLA_FLAGS"] = "--xla_cpu_max_isa=AVX2"
-    one = min(os.sched_getaffinity(0))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "numeric", "-p", "no:cacheprovider", *files],
-                       cwd=HERE, env=env, preexec_fn=lambda: os.sched_setaffinity(0, {one}), capture_output=True,
-                       text=True, timeout=900)
+    # pinned from inside the child: a preexec_fn would fork this (JAX-threaded) process
+    run = (f"import os, sys, pytest; os.sched_setaffinity(0, {{{min(os.sched_getaffinity(0))}}}); "
+           f"sys.exit(pytest.main(['-q', '-m', 'numeric', '-p', 'no:cacheprovider', *{files!r}]))")
+    r = subprocess.run([sys.executable, "-c", run], cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "deselected" in r.stdout, r.stdout[-2000:]
