@@ -477,7 +477,17 @@ ALPHABETS = {
     "greek": "ΑΒΓΔΕΖΗΘΙΚΛΜΝΞΟΠΡΣΤΥΦΧΨΩ",
     "cyrillic": "АБВГДЕЖЗИЙКЛМНОПРСТУФХЦЧШЩЪЫЬЭЮЯ",
     "digits": "0123456789",
+    # Outside the benchmark's alphabets: the pre-training corpus below draws on these.
+    "armenian": "".join(map(chr, range(0x531, 0x557))),
+    "georgian": "".join(map(chr, range(0x10D0, 0x10F1))),
+    "ipa": "".join(map(chr, range(0x250, 0x270))),
+    "arrows": "".join(map(chr, range(0x2190, 0x21A0))),
+    "punctuation": "!\"#$%&()*+/<=>?@[]^{|}~§¶©®",
+    "math": "∀∂∃∅∇∈∉∋∏∑−∓∘√∝∞∠∧∨∩∪∫≈≠≡≤≥⊂⊃⊆⊇⊕⊗⊥",
 }
+# A root's pre-training corpus, as the paper's roots are pre-trained on ImageNet-21k: every alphabet rendered in the
+# fonts that hold all of it, its labels numbered on after the previous alphabet's.
+CORPORA = {"glyphs": ("latin_lower", "armenian", "georgian", "ipa", "arrows", "punctuation", "math")}
 FONT_SAMPLES = 8  # random distortions of each (font, character) pair
 
 
@@ -502,12 +512,17 @@ def _fonts(chars: str) -> list[Path]:
 
 def render_chars(alphabet: str, size: int = 28, samples: int = FONT_SAMPLES, seed: int = 0
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Images [N,size,size,1] uint8 and labels [N] of one alphabet: every character in every font that has it,
+    """Images [N,size,size,1] uint8 and labels [N] of one alphabet (or of a corpus of them, `CORPORA`): every
+    character in every font that has the whole alphabet,
     each `samples` times under a random affine distortion (rotation ±15°, scale 0.75–1.05, shear ±0.2,
     shift ±10 %), white on black like MNIST. Deterministic in `seed`."""
     from PIL import ImageDraw, ImageFont
+    if alphabet in CORPORA:
+        parts = [render_chars(a, size, samples, seed) for a in CORPORA[alphabet]]
+        first = np.cumsum([0, *(len(ALPHABETS[a]) for a in CORPORA[alphabet])])
+        return np.concatenate([x for x, _ in parts]), np.concatenate([y + k for (_, y), k in zip(parts, first)])
     if alphabet not in ALPHABETS:
-        raise UnknownTask(f"font_chars builder {alphabet!r}: expected one of {sorted(ALPHABETS)}")
+        raise UnknownTask(f"font_chars builder {alphabet!r}: expected one of {sorted(ALPHABETS | CORPORA)}")
     chars = ALPHABETS[alphabet]
     rng = np.random.default_rng([seed, len(chars), *map(ord, alphabet)])
     big = 4 * size

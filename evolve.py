@@ -194,8 +194,7 @@ def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr, hosts: ex
     returns the final system. Every check of the manifest's inputs (root path, data) runs before `out` is touched.
     A checkpoint is committed after every generation and every task iteration; SIGTERM or SIGINT stop at the next
     safe point with a commit (raising `Stopped`). With several processes (`hosts`), every process runs this
-    function alike and the main one alone touches `out`. `programs`: a compile cache to use (default: the run's
-    own, closed at its end)."""
+    function alike and the main one alone touches `out`. `programs`: a compile cache (default: the run's own)."""
     hosts, out = hosts or exchange.Hosts(), _expand(str(out))
     store = checkpoint.Store(out)
     tasks = Tasks(m, stream)
@@ -474,8 +473,7 @@ def _sweep(subs: Sequence[Any], out: str, every: float, programs: schedule.Progr
             continue
         print(f"comparison: run {i + 1}/{len(subs)} {sub.path}", file=sys.stderr, flush=True)
         if jax.process_index() == 0:
-            checkpoint.Store(_expand(d)).write("comparison.json", (json.dumps(dict(
-                family=sub.family, config=sub.config, value=sub.value, repetition=sub.repetition)) + "\n").encode())
+            checkpoint.Store(_expand(d)).write("comparison.json", (json.dumps(sub.info()) + "\n").encode())
         run(sub.manifest, d, every=every, programs=programs)
         if jax.process_index() == 0 and "://" not in out:
             report.write_comparison(Path(out))  # Table 2 and Figure 2 of what has finished so far

@@ -140,6 +140,11 @@ class Family:
     vary: str = ""  # a [[segments]] field; "" = a single configuration
     values: tuple[Any, ...] = ()
     set: Mapping[str, Any] = _f(factory=dict)
+    # The Table 2 / Figure 2 pairs the family is drawn in: "" is the first (comparison.md's `## Table 2`,
+    # figure2.png); another name adds a table of its own (figure2-<name>.png), e.g. the same comparison with each
+    # family's own preprocessing defaults beside one with equal defaults. A family in several shares its runs.
+    tables: tuple[str, ...] = _f(("",), lambda v: len(v) >= 1 and all(t == "" or checkpoint.plain_name(t) for t in v),
+                                 "a non-empty list of table names without '/' ('' = the first table)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -525,6 +530,12 @@ class SubRun:
     config: str = ""
     value: Any = None
     repetition: int = 0
+    tables: tuple[str, ...] = ("",)
+
+    def info(self) -> dict[str, Any]:
+        """What a sub-run's `comparison.json` records for Table 2 and Figure 2 (report.sub_runs)."""
+        return dict(family=self.family, config=self.config, value=self.value, repetition=self.repetition,
+                    tables=list(self.tables))
 
 
 def _label(vary: str, value: Any) -> str:
@@ -533,21 +544,22 @@ def _label(vary: str, value: Any) -> str:
 
 def runs(m: Manifest, raw: Mapping[str, Any] | None = None, where: str = "manifest") -> list[SubRun]:
     """The runs a manifest asks for: itself, or one per (family, configuration, repetition) of its comparison,
-    each a manifest without a comparison, validated like a file (`where` names the sub-run in errors)."""
+    each a manifest without a comparison, validated like a file (`where` names the sub-run in errors). Repetition
+    by repetition, so that a sweep stopped early has every configuration at the same number of repetitions."""
     if not m.comparison.families:
         return [SubRun("", m)]
     base = dict(to_dict(m) if raw is None else raw)
     base.pop("comparison", None)
     out = []
-    for fam in m.comparison.families:
-        for value in fam.values or (None,):
-            label = _label(fam.vary, value)
-            for r in range(m.comparison.repetitions):
+    for r in range(m.comparison.repetitions):
+        for fam in m.comparison.families:
+            for value in fam.values or (None,):
+                label = _label(fam.vary, value)
                 sub = dict(base, seed=m.seed + r, name=f"{m.name}/{fam.name}/{label}/rep{r}")
                 patch = dict(fam.set) | ({fam.vary: value} if fam.vary else {})
                 sub["segments"] = [dict(s) | patch for s in base["segments"]]
                 mm = validate(sub, f"{where} (comparison {fam.name}, {label}, repetition {r})")
-                out.append(SubRun(f"{fam.name}/{label}/rep{r}", mm, fam.name, label, value, r))
+                out.append(SubRun(f"{fam.name}/{label}/rep{r}", mm, fam.name, label, value, r, fam.tables))
     return out
 
 

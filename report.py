@@ -50,6 +50,12 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan
 
 
+def mean_se(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error, the sample std over √n (NaN for a single value)."""
+    mean, std = mean_std(xs)
+    return mean, std / math.sqrt(len(xs))
+
+
 def summary(system: mu2net.System, report_tasks: Sequence[str], label: str) -> dict[str, Any]:
     """Figure 3's metrics of the system now, every task's test accuracy (model.metrics["test"]), the report set,
     and per task the record of its retained model (`retained`) that Figures 5–7 and §5.4 read."""
@@ -660,15 +666,17 @@ def aggregate_runs(runs: Sequence[str | Path], out: str | Path) -> list[dict]:
 # --- Section 4: a comparison of method families (Table 2, Figure 2) -----------------------------------------
 
 AGGREGATION = ("Aggregation (docs/benchmarks.md §8, §10.15; the paper does not state it): each configuration is "
-               "the mean over its repetitions; std is the sample std (ddof = 1); a family's Table 2 row is its "
-               "configuration with the best mean quality. Quality = mean test accuracy over the tasks; params/task = "
-               "the system's accounted parameters (eq. 2, root not a sharer) summed over tasks / #tasks; FLOPs/task = "
-               "mean forward FLOPs per image.")
+               "the mean over its repetitions; s.e. is the standard error of that mean (the sample std, ddof = 1, "
+               "over √n), std the sample std itself; a family's Table 2 row is its configuration with the best mean "
+               "quality. Figure 2: the means, ± one standard error as bars (quality, and params or FLOPs where the "
+               "repetitions differ), each family's Pareto frontier as a line. Quality = mean test accuracy over the "
+               "tasks; params/task = the system's accounted parameters (eq. 2, root not a sharer) summed over tasks "
+               "/ #tasks; FLOPs/task = mean forward FLOPs per image.")
 
 
 def sub_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Every finished sub-run below `dirs`: its `comparison.json` (family, config, value, repetition) and the final
-    Figure 3 summary of its `result.json` (written when the run finishes)."""
+    """Every finished sub-run below `dirs`: its `comparison.json` (family, config, value, repetition, tables) and
+    the final Figure 3 summary of its `result.json` (written when the run finishes)."""
     out = []
     for d in dirs:
         for f in sorted(Path(d).rglob("comparison.json")):
@@ -685,16 +693,18 @@ def run_metrics(result: Mapping[str, Any]) -> tuple[float, float, float]:
 
 
 def compare_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (family, configuration): n, max / mean / sample std of quality, mean params and FLOPs."""
+    """One row per (family, configuration): n, the tables it is drawn in, max / mean / sample std / standard error
+    of quality, mean and standard error of params and FLOPs."""
     groups: dict[tuple[str, str], list] = {}
     for r in runs:
-        groups.setdefault((r["family"], r["config"]), []).append((r.get("value"), run_metrics(r)))
+        groups.setdefault((r["family"], r["config"]), []).append(r)
     rows = []
     for (fam, cfg), g in groups.items():
-        q = [m[0] for _, m in g]
-        mean, std = mean_std(q)
-        rows.append(dict(family=fam, config=cfg, value=g[0][0], n=len(q), max=max(q), mean=mean, std=std,
-                         params=_mean([m[1] for _, m in g]), flops=_mean([m[2] for _, m in g])))
+        q, params, flops = zip(*(run_metrics(r) for r in g))
+        (mean, std), se = mean_std(q), mean_se(q)[1]
+        rows.append(dict(family=fam, config=cfg, value=g[0].get("value"), tables=list(g[0].get("tables", [""])),
+                         n=len(q), max=max(q), mean=mean, std=std, se=se, params=_mean(params),
+                         params_se=mean_se(params)[1], flops=_mean(flops), flops_se=mean_se(flops)[1]))
     return rows
 
 
@@ -706,27 +716,28 @@ def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: (points[i][0], points[i][1]))
 
 
-def table2(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: Table 2 (each family's best configuration by mean quality), then every configuration."""
+def table2(rows: Sequence[Mapping[str, Any]], table: str = "") -> str:
+    """Markdown: Table 2 (each family's best configuration by mean quality), then every configuration; `table`
+    names a table other than the first."""
     fams = list(dict.fromkeys(r["family"] for r in rows))
 
     def line(r: Mapping[str, Any], label: str) -> str:
-        std = "–" if r["std"] != r["std"] else f"{100 * r['std']:.2f}"
-        return (f"| {label} | {100 * r['max']:.2f} | {100 * r['mean']:.2f} ± {std} | {r['n']} | "
-                f"{r['params']:.4g} | {r['flops']:.4g} |")
+        return (f"| {label} | {100 * r['max']:.2f} | {100 * r['mean']:.2f} ± {_pct(r['se'])} | {_pct(r['std'])} | "
+                f"{r['n']} | {r['params']:.4g} | {r['flops']:.4g} |")
 
-    head = ["| method | max % | avg ± std % | reps | params/task | FLOPs/task |", "|---|---:|---:|---:|---:|---:|"]
+    head = ["| method | max % | avg ± s.e. % | std % | reps | params/task | FLOPs/task |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
     best = [max((r for r in rows if r["family"] == f), key=lambda r: r["mean"]) for f in fams]
-    out = ["## Table 2", "", *head, *(line(r, f"{r['family']} ({r['config']})") for r in best), "",
-           "## Every configuration", "", *head,
-           *(line(r, f"{r['family']} ({r['config']})") for f in fams for r in rows if r["family"] == f), "",
-           AGGREGATION]
+    suffix = f": {table}" if table else ""
+    out = [f"## Table 2{suffix}", "", *head, *(line(r, f"{r['family']} ({r['config']})") for r in best), "",
+           f"## Every configuration{suffix}", "", *head,
+           *(line(r, f"{r['family']} ({r['config']})") for f in fams for r in rows if r["family"] == f)]
     return "\n".join(out) + "\n"
 
 
 def plot_figure2(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> None:
     """Figure 2: quality against params/task and against FLOPs/task (log x), one point per configuration (mean
-    over repetitions, std as error bars), each family's Pareto frontier drawn as a line."""
+    over repetitions, ± one standard error as bars), each family's Pareto frontier drawn as a line."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for ax, key, xlabel in zip(axes, ("params", "flops"), ("params / task", "FLOPs / task")):
@@ -734,9 +745,8 @@ def plot_figure2(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str
             rs = [r for r in rows if r["family"] == fam]
             pts = [(r[key], 100 * r["mean"]) for r in rs]
             col = f"C{i}"
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
-                        yerr=[0 if r["std"] != r["std"] else 100 * r["std"] for r in rs], fmt="o", color=col,
-                        alpha=0.6, capsize=2)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], xerr=[np.nan_to_num(r[f"{key}_se"]) for r in rs],
+                        yerr=[np.nan_to_num(100 * r["se"]) for r in rs], fmt="o", color=col, alpha=0.6, capsize=2)
             front = pareto(pts)
             ax.plot([pts[j][0] for j in front], [pts[j][1] for j in front], "-", color=col, label=fam)
         ax.set_xscale("log")
@@ -751,14 +761,22 @@ def plot_figure2(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str
     plt.close(fig)
 
 
+def figure2_name(table: str) -> str:
+    return f"figure2-{table.replace(' ', '-')}.png" if table else "figure2.png"
+
+
 def write_comparison(out: str | Path) -> list[dict[str, Any]]:
-    """`comparison.md` (Table 2 and every configuration) and `figure2.png` in `out` from the finished sub-runs
-    below it; callable while the comparison is still running."""
+    """`comparison.md` (per table: Table 2 and every configuration) and each table's Figure 2 in `out`, from the
+    finished sub-runs below it; callable while the comparison is still running."""
     out = Path(out)
     rows = compare_rows(sub_runs([out]))
     if rows:
-        checkpoint.write_atomic(out / "comparison.md", (f"# {out.name}\n\n" + table2(rows)).encode())
-        plot_figure2(rows, out / "figure2.png", out.name)
+        text = [f"# {out.name}", ""]
+        for t in sorted({t for r in rows for t in r["tables"]}, key=lambda t: (t != "", t)):
+            rs = [r for r in rows if t in r["tables"]]
+            plot_figure2(rs, out / figure2_name(t), f"{out.name}: {t}" if t else out.name)
+            text += [table2(rs, t), f"![Figure 2{': ' + t if t else ''}]({figure2_name(t)})", ""]
+        checkpoint.write_atomic(out / "comparison.md", "\n".join([*text, AGGREGATION, ""]).encode())
     return rows
 
 
@@ -783,8 +801,9 @@ def report_cli(a: ReportArgs) -> int:
     single = [r for r in runs if checkpoint.exists(r) or not sub_runs([r])]
     for r in runs:
         if r not in single:
-            print(table2(write_comparison(r)))
-            print(f"wrote {Path(r) / 'comparison.md'} and {Path(r) / 'figure2.png'}", file=sys.stderr)
+            write_comparison(r)
+            print((Path(r) / "comparison.md").read_text())
+            print(f"wrote {Path(r) / 'comparison.md'} and its Figure 2s", file=sys.stderr)
     for r in single:
         ck = checkpoint.load(r)
         raw = ck.extra["manifest"]  # only its report set: runs of an older manifest schema are reported too

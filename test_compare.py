@@ -71,12 +71,42 @@ def test_aggregate_max_mean_sample_std():
     r = rows["a", "s=1"]
     assert r["n"] == 3 and math.isclose(r["mean"], 0.8) and math.isclose(r["max"], 0.9)
     assert math.isclose(r["std"], 0.1)  # sample std of 0.7, 0.9, 0.8 (ddof = 1)
+    assert math.isclose(r["se"], 0.1 / math.sqrt(3))  # its standard error
     assert math.isclose(r["params"], 20.0) and math.isclose(r["flops"], 200.0)
-    assert math.isnan(rows["b", "k=0"]["std"])  # one repetition: no sample std
+    assert math.isclose(r["params_se"], 10.0 / math.sqrt(3)) and math.isclose(r["flops_se"], 100.0 / math.sqrt(3))
+    assert math.isnan(rows["b", "k=0"]["std"]) and math.isnan(rows["b", "k=0"]["se"])  # one repetition
     text = report.table2(list(rows.values()))
     best = text.split("## Every configuration")[0]
-    assert "| a (s=1) | 90.00 | 80.00 ± 10.00 | 3 |" in best and "a (s=0.5)" not in best
-    assert "sample std (ddof = 1)" in text
+    assert "| a (s=1) | 90.00 | 80.00 ± 5.77 | 10.00 | 3 |" in best and "a (s=0.5)" not in best
+    assert "| b (k=0) | 50.00 | 50.00 ± – | – | 1 |" in best
+
+
+def test_tables_share_runs(tmp_path):
+    """A family drawn in two tables (e.g. μ2Net+ beside equal and beside per-family preprocessing defaults) shares
+    its runs; each table gets its Table 2, every configuration and a Figure 2; runs of an older comparison.json
+    (no tables) go to the first."""
+    def sub(fam, cfg, rep, acc, tables=None):
+        d = tmp_path / fam / cfg / f"rep{rep}"
+        d.mkdir(parents=True)
+        info = dict(family=fam, config=cfg, value=None, repetition=rep) | ({"tables": tables} if tables else {})
+        (d / "comparison.json").write_text(json.dumps(info))
+        (d / "result.json").write_text(json.dumps(dict(test={"t": acc}, params=10.0 * (rep + 1), flops=5.0)))
+
+    for rep in (0, 1):
+        sub("a", "s=1", rep, 0.9 - 0.1 * rep, ["", "paper defaults"])
+        sub("b", "k=0", rep, 0.6)
+        sub("b, paper defaults", "k=0", rep, 0.4 + 0.2 * rep, ["paper defaults"])
+    rows = report.write_comparison(tmp_path)
+    assert {(r["family"], tuple(r["tables"])) for r in rows} == {
+        ("a", ("", "paper defaults")), ("b", ("",)), ("b, paper defaults", ("paper defaults",))}
+    text = (tmp_path / "comparison.md").read_text()
+    first, second = text.split("## Table 2: paper defaults")
+    assert "## Table 2\n" in first and "| a (s=1) | 90.00 | 85.00 ± 5.00 | 7.07 | 2 | 15 | 5 |" in first
+    assert "| b (k=0) |" in first and "paper defaults (k=0)" not in first
+    assert "| a (s=1) |" in second and "| b, paper defaults (k=0) | 60.00 | 50.00 ± 10.00 |" in second
+    assert "| b (k=0) |" not in second and "standard error" in text
+    assert (tmp_path / "figure2.png").stat().st_size > 10_000
+    assert (tmp_path / "figure2-paper-defaults.png").stat().st_size > 10_000
 
 
 def test_bad_comparison_names_the_field(tmp_path):
@@ -95,10 +125,10 @@ def test_tiny_comparison_end_to_end_and_resumed(tmp_path, capsys):
     out = tmp_path / "cmp"
     m = evolve.load_manifest(p)
     subs = evolve.runs(m)
-    assert [s.path for s in subs] == [f"{f}/{c}/rep{r}" for f, cs in (("mu2net+", ("s=0.5", "s=1")),
-                                      ("fine-tune top layers", ("clone=all", "clone=top:1"))) for c in cs
-                                      for r in (0, 1)]
-    assert subs[1].manifest.seed == 1 and subs[4].manifest.segments[0].method == "finetune"
+    # repetition by repetition: a sweep stopped early has every configuration at the same number of repetitions
+    assert [s.path for s in subs] == [f"{f}/{c}/rep{r}" for r in (0, 1) for f, cs in (
+        ("mu2net+", ("s=0.5", "s=1")), ("fine-tune top layers", ("clone=all", "clone=top:1"))) for c in cs]
+    assert subs[4].manifest.seed == 1 and subs[2].manifest.segments[0].method == "finetune"
     # Interrupted between sub-runs: the first two finished, then the process died.
     args = ["--manifest", str(p), "--out", str(out), "--compile-cache", ""]
     for i in (0, 1):
@@ -116,8 +146,8 @@ def test_tiny_comparison_end_to_end_and_resumed(tmp_path, capsys):
     assert all(0 < r["mean"] <= 1 and r["params"] > 0 and r["flops"] > 0 for r in rows)
     assert (out / "comparison.md").exists() and (out / "figure2.png").stat().st_size > 10_000
     assert "## Table 2" in (out / "comparison.md").read_text()
-    info = json.loads((out / subs[5].path / "comparison.json").read_text())
-    assert info == dict(family="fine-tune top layers", config="clone=all", value="all", repetition=1)
+    info = json.loads((out / subs[6].path / "comparison.json").read_text())
+    assert info == dict(family="fine-tune top layers", config="clone=all", value="all", repetition=1, tables=[""])
 
 
 def test_offline_miniature_manifest():
@@ -136,3 +166,30 @@ def test_offline_miniature_manifest():
         (seg,) = s.manifest.segments
         epochs = seg.iterations * seg.generations * seg.children * seg.cycles
         assert epochs == (16 if seg.method in ("mu2net+small", "munet") else 8), s.path
+
+
+def test_second_miniature_manifest():
+    """sec4_mini2.toml: children per task in Section 4's proportions (μ2Net+ 160 : muNet 128, ≥ 32 for μ2Net+, one
+    per baseline configuration), equal epochs per task (the baselines: one copy of a generation's two), muNet's seed
+    probes ≤ 20 % of its children, ≥ 3 repetitions, and a second table in which muNet and the baselines keep the
+    paper's preprocessing defaults."""
+    m = evolve.load_manifest("manifests/sec4_mini2.toml")
+    subs = evolve.runs(m)
+    ntasks = len(evolve.segment_tasks(m, m.segments[0]))
+    assert m.comparison.repetitions >= 3 and {s.repetition for s in subs[:15]} == {0}
+    children, epochs = {}, set()
+    for s in subs:
+        (seg,) = s.manifest.segments
+        children[seg.method] = seg.iterations * seg.generations * seg.children
+        copies = m.segments[0].children if seg.method in ("finetune", "adapters") else 1
+        epochs.add(children[seg.method] * seg.cycles * copies)
+        paper = s.tables == ("paper defaults",)
+        off = seg.defaults == dict(crop_area_min=1.0, crop_aspect_min=1.0, flip=False)
+        assert off != paper and ("" in s.tables or paper), s.path
+    assert len(epochs) == 1 and children["mu2net+small"] >= 32
+    assert children["mu2net+small"] * 128 == children["munet"] * 160 and children["finetune"] == 1
+    # muNet's seeds (docs/benchmarks.md §5.2): in its first task iteration the root and every earlier task's model,
+    # in the later ones the root and every other task's model
+    munet = next(s.manifest.segments[0] for s in subs if s.family == "munet")
+    probes = ntasks * (ntasks + 1) // 2 + (munet.iterations - 1) * ntasks * ntasks
+    assert probes <= 0.2 * ntasks * children["munet"]

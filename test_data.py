@@ -460,3 +460,16 @@ def test_font_character_tasks_render_offline():
     assert t.num_classes == 32 and t.num_train > 2000
     with pytest.raises(KeyError, match="klingon"):
         data.render_chars("klingon")
+
+
+def test_pretraining_corpus_numbers_its_alphabets_on(monkeypatch):
+    """A corpus (data.CORPORA) is its alphabets' renders one after another, each one's labels numbered on after the
+    previous alphabet's; the glyph corpus holds no character of the benchmarks' alphabets, none twice, and as
+    many classes as its catalog entry says."""
+    monkeypatch.setitem(data.CORPORA, "pair", ("digits", "greek"))
+    x, y = data.render_chars("pair", size=8, samples=1)
+    (xd, yd), (xg, yg) = data.render_chars("digits", size=8, samples=1), data.render_chars("greek", size=8, samples=1)
+    assert np.array_equal(x, np.concatenate([xd, xg])) and np.array_equal(y, np.concatenate([yd, yg + 10]))
+    chars = "".join(data.ALPHABETS[a] for a in data.CORPORA["glyphs"])
+    assert len(set(chars)) == len(chars) == data.load_catalog()["chars/glyphs"].num_classes
+    assert not set(chars) & set("".join(data.ALPHABETS[a] for a in ("latin", "greek", "cyrillic", "digits")))
