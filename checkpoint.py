@@ -270,10 +270,18 @@ def _check_size(where: str, regular: bool, n: int, cap: int, size: int | None) -
                               f"read it")
 
 
+def write_error(e: OSError, where: str) -> CheckpointError:
+    """An OSError of writing `where` as one line naming it: `DiskFull` for a full disk, a quota or a file size limit
+    (ENOSPC, EDQUOT, EFBIG), else what the system said (a read-only file system, no permission, no such folder)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DiskFull(f"no space left on device while writing {where} ({os.strerror(e.errno)})")
+    return CheckpointError(f"cannot write {where}: {e.strerror or e}")
+
+
 def _error(e: OSError, where: str) -> CheckpointError:
     """An OSError of a run-directory operation as the CheckpointError that names the file."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return DiskFull(f"no space left on device while writing {where} ({os.strerror(e.errno)})")
+        return write_error(e, where)
     if e.errno == errno.ENOENT:
         return Missing(f"checkpoint file {where} is missing")
     if e.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -310,15 +318,18 @@ def _write_at(d: int, name: str, data: bytes) -> None:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `path` whole or not at all, never through a symbolic link at `path` (reports, logs, results). On
-    failure (a full disk) the temp file is removed and `path` is as it was."""
+    """Writes `path` whole or not at all, never through a symbolic link at `path` (reports, logs, results, exports).
+    On failure the temp file is removed, `path` is as it was, and `write_error` says why in one line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _write_at(fd, path.name, data)
-    finally:
-        os.close(fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _write_at(fd, path.name, data)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise write_error(e, str(path)) from None
 
 
 # --- the metrics log: appended between commits, its committed length recorded in each commit ------------------
@@ -333,13 +344,16 @@ def open_log(path: str | os.PathLike) -> typing.BinaryIO:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise CheckpointError(f"{path} is not a regular file; refusing to write to it")
-    return os.fdopen(fd, "ab")
+    return open(path, "ab", opener=lambda *_: fd)  # named `path` in errors
 
 
 def synced_size(f: typing.BinaryIO) -> int:
     """The length of the log `f` once it is on disk: a commit records it only after the bytes it counts."""
-    f.flush()
-    os.fsync(f.fileno())
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(e, str(f.name)) from None
     return f.tell()
 
 
@@ -428,17 +442,22 @@ def _create(st: Store, data: bytes) -> bool:
     """Writes LOCK if there is none: atomically on a local disk (O_EXCL); an object store has no such primitive,
     so there it is written and read back, which narrows a race between hosts that it cannot close."""
     if st.local:
-        Path(st.root).mkdir(parents=True, exist_ok=True)
         try:
+            Path(st.root).mkdir(parents=True, exist_ok=True)
             with st._dir(LOCK) as d:
                 fd = os.open(LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                              dir_fd=d)
+                try:
+                    _put(fd, data)
+                except OSError:  # a full disk: no half-written LOCK left behind to refuse the next run
+                    os.unlink(LOCK, dir_fd=d)
+                    raise
+                finally:
+                    os.close(fd)
         except FileExistsError:
             return False
-        try:
-            _put(fd, data)
-        finally:
-            os.close(fd)
+        except OSError as e:
+            raise write_error(e, st.name(LOCK)) from None
         return True
     if st.exists(LOCK):
         return False

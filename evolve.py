@@ -43,9 +43,10 @@ import vit
 from manifest import (DEFAULT_MANIFEST, Manifest, ManifestError, Tasks, check_data, differences, image_size,  # noqa: F401
                       load_manifest, penalties, readable_tasks, report_tasks, resolved, root_config, runs,
                       segment_config, segment_tasks, task_names, to_dict, validate)
-from runlog import KILL_ENV, Progress, Stop, children_left, hms  # noqa: F401
+from runlog import KILL_ENV, Progress, Stop, children_left, exit_on_signals, hms  # noqa: F401
 
 STOPPED = 3  # exit status of a run stopped by SIGTERM / SIGINT at a safe point: it resumes where it stopped
+DISK_FULL = 4  # exit status of a run stopped by a full disk (ENOSPC, EDQUOT, EFBIG): its last commit resumes it
 ROOT_TAG = 0x524F4F54  # "ROOT": fold-in tag of the root's keys, apart from the small segment indices
 
 Cursor = tuple[int, int, int]  # (segment, iteration, task index): the next task iteration to run
@@ -218,7 +219,10 @@ def _first_touch(m: Manifest, out: str, work: Path) -> bytes:
     root = checkpoint.Store(_expand(r.path)) if r.kind != "random" and not r.path.startswith("gs://") else None
     if root and not root.fs.exists(root.root) and not checkpoint.exists(out):
         raise ManifestError(f"root.path = {r.path!r} (root.kind = {r.kind!r}): no such file or directory")
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # /proc/x, a read-only file system, a loop of links
+        raise checkpoint.write_error(e, str(work)) from None
     return b"1" if checkpoint.exists(out) else b"0"
 
 
@@ -352,16 +356,17 @@ def _task_iteration(r: Run, system: mu2net.System, cursor: Cursor, pending: mu2n
 def _commit(r: Run, system: mu2net.System, cursor: Cursor, state: mu2net.Iteration | None = None,
             final: bool = False) -> checkpoint.Checkpoint | None:
     """Commits on the main process (the others receive its outcome). A full disk leaves the last commit standing:
-    the run goes on and the next commit tries again, unless this is the last one (the run's end, or a stop)."""
+    the run goes on and the next commit tries again, unless this is the last one (the run's end, or a stop) or the
+    log lost a record; then `DiskFull` ends the run (exit status DISK_FULL)."""
     done = cursor[0] >= len(r.m.segments)
     key = None if done else key_data(iteration_key(r.m.seed, *cursor))
     extra = dict(cursor=list(cursor), key=key, key_impl="threefry2x32", seed=r.m.seed, manifest=resolved(r.m),
-                 version=r.version, history=r.history, metrics_bytes=r.progress.size(),
-                 elapsed=r.progress.elapsed(), done=done, classes=dict(r.tasks.classes), sizes=dict(r.tasks.sizes),
-                 machines=r.machines)
+                 version=r.version, history=r.history, elapsed=r.progress.elapsed(), done=done,
+                 classes=dict(r.tasks.classes), sizes=dict(r.tasks.sizes), machines=r.machines)
     new = [r.ck]
 
     def save() -> bytes:
+        extra["metrics_bytes"] = r.progress.size()  # raises DiskFull if the log lost a record: no commit matches it
         try:
             new[0] = checkpoint.save(r.out, system, extra, r.ck, state)
         except checkpoint.DiskFull as e:
@@ -493,10 +498,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             cls, fn = COMMANDS[argv[0]]
             return fn(tyro.cli(cls, args=argv[1:], prog=f"evolve.py {argv[0]}"))
         return run_cli(tyro.cli(Args, args=argv[1:] if argv[:1] == ["run"] else argv), given)
+    except checkpoint.DiskFull as e:
+        print(f"error: {one_line(e)}; free space and rerun the same command (a run resumes from its last commit)",
+              file=sys.stderr)
+        return DISK_FULL
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
+    exit_on_signals()  # outside a run's `Stop` too (before it, and after it stopped): a signal ends with 128 + n
     sys.exit(main())

@@ -819,6 +819,56 @@ def test_full_disk_at_a_commit_leaves_the_run_going(small):
     assert mu2net.identical(ck.system, small["a"]) and ck.extra["done"]
 
 
+def test_a_disk_that_stays_full_stops_the_run_cleanly(tmp_path, monkeypatch, capsys):
+    """The disk fills up at the first generation's commit and stays full: the run warns and goes on, the next
+    log record is lost, and the next commit (the run's end) stops it with one line and `DISK_FULL`; the last commit
+    (the start) stands, loadable, with its log (a resume from it: test_kill_and_resume_equals_uninterrupted)."""
+    import errno
+    man, out = _write(tmp_path, SMALL), tmp_path / "run"
+    argv = ["--manifest", str(man), "--out", str(out), "--compile-cache", ""]
+    full, saves = [False], []
+    real_put, real_save = checkpoint._put, checkpoint.save
+
+    def put(fd, data):  # every byte written to the run directory, through the checkpoint's own write helpers
+        if full[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_put(fd, data)
+
+    def save(*a, **k):
+        saves.append(1)
+        full[0] = full[0] or len(saves) == 2
+        return real_save(*a, **k)
+
+    class Log:  # metrics.jsonl on the same disk
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, k):
+            return getattr(self.f, k)
+
+        def write(self, b):
+            if full[0]:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+    real_log = checkpoint.open_log
+    with monkeypatch.context() as mp:
+        mp.setattr(checkpoint, "_put", put)
+        mp.setattr(checkpoint, "save", save)
+        mp.setattr(checkpoint, "open_log", lambda p: Log(real_log(p)))
+        real_run = evolve.run
+        mp.setattr(evolve, "run", lambda *a, **k: real_run(*a, stream=sys.stderr, **k))  # its warnings, captured
+        assert evolve.main(argv) == evolve.DISK_FULL
+    err = capsys.readouterr().err
+    assert "warning: no space left on device while writing" in err and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: no space left on device while writing {out / 'metrics.jsonl'}"), last
+    assert "free space and rerun the same command" in last
+    ck = checkpoint.load(out)
+    assert ck.extra["cursor"] == [0, 0, 0] and ck.pending is None and not (out / checkpoint.LOCK).exists()
+    assert ck.extra["metrics_bytes"] <= (out / "metrics.jsonl").stat().st_size  # a resume cuts the log back to it
+
+
 def test_object_store_run_stops_resumes_and_equals_a_local_one(small):
     """A run directory on a non-local filesystem (fsspec memory), 1 device instead of 4, stopped part-way through a
     generation (1 of its 4 children trained) and resumed from there: the same system, bit for bit."""

@@ -483,3 +483,29 @@ def test_published_memory_bench_runs(tmp_path):
     m = out["folder"]
     assert out["array_bytes"] >= 5e5 and m["held"] >= out["array_bytes"] // 2
     assert 0 < m["peak_above_before"] <= out["array_bytes"] + (64 << 20)
+
+
+# --- 10: signals and peers ------------------------------------------------------------------------------------
+
+LATE = r"""
+import os, signal, sys, time
+import runlog
+runlog.exit_on_signals()  # as evolve.py's __main__
+with runlog.Stop() as stop:  # a run that stops at its safe point, as evolve.run
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop()
+print("stopped at a safe point", file=sys.stderr, flush=True)
+os.kill(os.getpid(), signal.SIGINT)  # a second signal while the process shuts down
+time.sleep(60)
+"""
+
+
+def test_a_late_second_signal_exits_128_plus_n_without_a_traceback():
+    """After a run's `Stop` gave its handlers back, a second signal ends the process at once with 128 + n and one
+    line, not a KeyboardInterrupt traceback (Python's default handler) nor a kill by the signal."""
+    r = subprocess.run([sys.executable, "-c", LATE], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 128 + 2, r.stderr[-2000:]
+    assert r.stderr.splitlines()[-1] == "SIGINT: stopped at once; a run's last commit stands"
+    assert "Traceback" not in r.stderr
+    src = (HERE / "evolve.py").read_text()
+    assert src.split('if __name__ == "__main__":')[1].lstrip().startswith("exit_on_signals()")

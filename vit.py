@@ -15,7 +15,7 @@ import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import equinox as eqx
 import jax
@@ -324,7 +324,7 @@ def to_flat(components: Mapping[str, eqx.Module]) -> dict[str, Array]:
     return out
 
 
-def save_augreg(path: str | Path, components: Mapping[str, eqx.Module]) -> None:
+def save_augreg(path: str | Path | BinaryIO, components: Mapping[str, eqx.Module]) -> None:
     np.savez(path, **{k: np.asarray(v) for k, v in to_flat(components).items()})
 
 
