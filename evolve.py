@@ -47,6 +47,7 @@ from runlog import KILL_ENV, Progress, Stop, children_left, exit_on_signals, hms
 
 STOPPED = 3  # exit status of a run stopped by SIGTERM / SIGINT at a safe point: it resumes where it stopped
 DISK_FULL = 4  # exit status of a run stopped by a full disk (ENOSPC, EDQUOT, EFBIG): its last commit resumes it
+PEER_LOST = 5  # exit status of a process whose run lost another process (exchange.PeerLost)
 ROOT_TAG = 0x524F4F54  # "ROOT": fold-in tag of the root's keys, apart from the small segment indices
 
 Cursor = tuple[int, int, int]  # (segment, iteration, task index): the next task iteration to run
@@ -498,6 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cls, fn = COMMANDS[argv[0]]
             return fn(tyro.cli(cls, args=argv[1:], prog=f"evolve.py {argv[0]}"))
         return run_cli(tyro.cli(Args, args=argv[1:] if argv[:1] == ["run"] else argv), given)
+    except exchange.PeerLost as e:
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(PEER_LOST)  # not JAX's shutdown barrier, which waits for the lost process's heartbeat, then aborts
     except checkpoint.DiskFull as e:
         print(f"error: {one_line(e)}; free space and rerun the same command (a run resumes from its last commit)",
               file=sys.stderr)

@@ -509,3 +509,38 @@ def test_a_late_second_signal_exits_128_plus_n_without_a_traceback():
     assert "Traceback" not in r.stderr
     src = (HERE / "evolve.py").read_text()
     assert src.split('if __name__ == "__main__":')[1].lstrip().startswith("exit_on_signals()")
+
+
+def test_a_lost_process_ends_the_others_at_once_with_one_line(tmp_path):
+    """Process 1 of 2 killed (SIGKILL) once the run has started: process 0 meets it at its next collective and
+    ends with one line naming it and `PEER_LOST`, not by JAX's shutdown barrier (which waits for the lost
+    heartbeat, then aborts); its last commit stands."""
+    import socket
+
+    import conftest
+    import evolve
+    from test_evolve import SMALL
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    (tmp_path / "m.toml").write_text(SMALL)
+    env = {k: v for k, v in os.environ.items() if k != evolve.KILL_ENV}
+    env["XLA_FLAGS"] = conftest.CPU_FLAGS.format(2)
+    procs = [subprocess.Popen([sys.executable, str(HERE / "evolve.py"), "--manifest", str(tmp_path / "m.toml"),
+                               "--out", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i), "--compile-cache", ""], cwd=HERE,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for line in procs[1].stderr:
+        if "P = " in line:  # the segment has started: process 1 is about to train its child
+            procs[1].kill()
+            break
+    procs[1].wait(timeout=60)
+    _, err = procs[0].communicate(timeout=300)
+    assert procs[0].returncode == evolve.PEER_LOST, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: process 1 of the run is lost (") and "the last commit stands" in last, last
+    assert "Traceback" not in err and "Check failure" not in err
+    assert checkpoint.load(tmp_path / "run").extra["cursor"] == [0, 0, 0]
+    assert not (tmp_path / "run" / checkpoint.LOCK).exists()  # released as the error left the run
