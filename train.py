@@ -37,8 +37,9 @@ def checked(check: Callable[[Any], bool], expect: str, default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"check": check, "expect": expect})
 
 
-def at_least_one(default: int) -> Any:
-    return checked(lambda v: v >= 1, "an integer ≥ 1", default)
+def at_least_one(default: int, most: int) -> Any:
+    """An integer in [1, most]: `most` bounds what a typo can ask for (memory, a 32-bit key) with a clear error."""
+    return checked(lambda v: 1 <= v <= most, f"an integer in [1, {most:,}]", default)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,10 +51,10 @@ class ChildBudget:
     cuts off the frozen prefix below the lowest trainable component and masks the rest (bench/compile.py).
     """
 
-    cycles: int = at_least_one(4)
-    samples_cap: int = at_least_one(51_200)
-    batch_size: int = at_least_one(16)
-    eval_batch: int = at_least_one(256)
+    cycles: int = at_least_one(4, 10_000)
+    samples_cap: int = at_least_one(51_200, 2**31 - 1)  # a 32-bit sample count
+    batch_size: int = at_least_one(16, 65_536)  # and one batch of images in memory: manifest.MAX_BATCH_BYTES
+    eval_batch: int = at_least_one(256, 65_536)
     # Validation reads the first min(n, validation_max) examples; data.VAL_MAX = 10,000 is the most it keeps
     # (docs/method.md; Section 4 used 5,120, and 2,560 for muNet and the baselines on VDDB: docs/benchmarks.md §3).
     validation_max: int = checked(lambda v: 1 <= v <= 10_000, "an integer in [1, 10000]", 10_000)
