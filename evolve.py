@@ -140,8 +140,9 @@ def _pretrained(m: Manifest, tasks: Tasks, progress: Progress | None, trainer: m
             raise Stopped("stopped during the root's pre-training")
     trained = mu2net.finish(state, task, conf, trainer)
     best = trained.models.get(name)
-    if best is None:
-        raise RuntimeError(f"pre-training on {name!r} retained no model")
+    if best is None:  # every child discarded (a non-finite loss): a manifest's hyperparameters, not a bug
+        raise ManifestError(f"root.pretrain: every child of the pre-training on {name!r} was discarded (a non-finite "
+                            f"loss or score), so there is no root to start from; try a smaller root.pretrain.hp.lr")
     if progress:
         progress.write(dict(event="pretrain", task=name, metrics=dict(best.metrics)))
     return {mu2net.kind(c): trained.params[c] for c in best.components}

@@ -402,6 +402,15 @@ def drills(tmp_path_factory, state):
     m = _manifest(w, "utf8", task="mine", extra=f'[tasks.mine]\nfolder = "{folder}"')
     cases["a class folder named b'\\xff\\xfe'"] = (["--manifest", str(m), "--out", str(w / "out-utf8"),
                                                      "--compile-cache", ""], "not printable UTF-8", True)
+    m = _manifest(w, "unwritable")
+    cases["--out /proc/mu2net-drill"] = (["--manifest", str(m), "--out", "/proc/mu2net-drill", "--compile-cache", ""],
+                                         "cannot write /proc/mu2net-drill", True)
+    cases["--out below a loop of links"] = (["--manifest", str(m), "--out", str(loop / "run"), "--compile-cache", ""],
+                                            "Too many levels of symbolic links", False)
+    r = run("export", extra=dict(RUN_EXTRA, manifest=evolve.resolved(evolve.load_manifest(m)),
+                                 classes={"digits": ["0", "1"]}))
+    cases["export: /proc/x.npz"] = (["export", str(r), "--task", "digits", "/proc/x.npz"],
+                                    "cannot write /proc/x.npz", False)
     before = _tree(d, skip=w)
 
     def cli(argv: list[str]) -> subprocess.CompletedProcess:
@@ -420,10 +429,11 @@ def _one_error_line(rc: int, err: str, words: str) -> bool:
 
 def test_every_drill_is_one_line_and_exit_2(drills):
     """In real processes: a traversal, /dev/zero, a '..' state, a linked components/, a bad metrics_bytes, a
-    manifest name leaving the report folder, a text id in a published state, a non-UTF-8 class folder."""
+    manifest name leaving the report folder, a text id in a published state, a non-UTF-8 class folder, an --out
+    that cannot be made."""
     bad = {n: (r.returncode, r.stderr[-600:]) for n, r in drills["done"].items()
            if not _one_error_line(r.returncode, r.stderr, drills["cases"][n][1])}
-    assert not bad and len(drills["done"]) == 8, bad
+    assert not bad and len(drills["done"]) == 9, bad
 
 
 def test_the_other_drills_in_process(drills, capsys):
@@ -446,6 +456,37 @@ def test_no_drill_wrote_outside_its_run_directory(drills):
     # The published-state and folder checks come before the run directory is made.
     assert not [p.name for p in w.iterdir() if p.name.startswith("out-") and p.name != "out-sys"]
 
+
+
+def test_a_read_only_run_and_a_pretraining_that_keeps_nothing_are_one_line(tmp_path, monkeypatch, capsys):
+    """`report` on a read-only run directory (EROFS at the checkpoint's write helper, as a read-only mount gives
+    it) and a pre-training whose every child is discarded (a trainer that keeps none, as a NaN loss does): one
+    line, exit 2; the run directory holds no commit and nothing is written beside it."""
+    import errno
+
+    import evolve
+    import schedule
+    run = tmp_path / "w" / "ro"
+    _committed(run)
+    before = _tree(tmp_path)
+
+    def erofs(d, name, data):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    with monkeypatch.context() as mp:
+        mp.setattr(checkpoint, "_write_at", erofs)
+        assert evolve.main(["report", str(run)]) == 2
+    assert _one_error_line(2, capsys.readouterr().err, f"cannot write {run / 'report.md'}: Read-only file system")
+    assert _tree(tmp_path) == before
+    (tmp_path / "m.toml").write_text(MANIFEST.format(kind="random", path="", task="digits", extra="") .replace(
+        "[[segments]]", '[root.pretrain]\ntask = "digits/parity"\nsamples_cap = 32\nbatch_size = 32\n[[segments]]'))
+    monkeypatch.setattr(schedule.Local, "__call__", lambda self, pool, todo, *a, **k: {p.index: None for p in todo})
+    out = tmp_path / "w" / "nan"
+    assert evolve.main(["--manifest", str(tmp_path / "m.toml"), "--out", str(out), "--compile-cache", ""]) == 2
+    err = capsys.readouterr().err
+    assert _one_error_line(2, err, "root.pretrain: every child of the pre-training on 'digits/parity' was discarded")
+    assert not checkpoint.exists(out) and not (out / checkpoint.LOCK).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.toml", "w"]
 
 
 # --- 11: the published-state reader's memory ------------------------------------------------------------------
