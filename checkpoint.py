@@ -688,6 +688,22 @@ RUN_EXTRA: dict[str, tuple[str, Callable[[Any], bool]]] = {
         _INT(s) and s >= 1 for s in v.values())),
 }
 _OPTIONAL = ("classes", "sizes")  # runs committed before they were kept have none
+# One history entry (report.summary, read by the reports): its fields, and those only some entries have.
+_NUM = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+_TABLE = lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)  # noqa: E731
+_RECORD = {"id": ("text", lambda v: isinstance(v, str)), "hp": ("a table", _TABLE), "mu": ("a table", _TABLE),
+           **{k: ("a number", _NUM) for k in ("quality", "score", "test", "params", "flops")}}
+HISTORY: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "segment": ("text", lambda v: isinstance(v, str)),
+    **{k: ("a number", _NUM) for k in ("test_acc_set", "params", "flops")},
+    "set_tasks": ("an integer ≥ 0", _INT), "models": ("an integer ≥ 0", _INT),
+    "test": ("a table of numbers", lambda v: _TABLE(v) and all(map(_NUM, v.values()))),
+    "report_set": ("a list of task names", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
+    "retained": (f"a table of model records, each with {', '.join(_RECORD)}", lambda v: _TABLE(v) and all(
+        isinstance(r, dict) and all(k in r and ok(r[k]) for k, (_, ok) in _RECORD.items()) for r in v.values())),
+    "P": ("a number", _NUM), "F": ("a number", _NUM),
+}
+_HISTORY_OPTIONAL = ("report_set", "retained", "P", "F")  # the start's entry has no P, F; older runs no retained
 _CID = re.compile(r"[a-z_]+(?:_\d+)?:\d+")
 
 
@@ -703,6 +719,12 @@ def _check_extra(extra: Any, path: str) -> None:
             got = f"= {str(extra[k])[:80]!r}" if k in extra else "is missing"
             raise CheckpointError(f"checkpoint state file {path} has a bad structure: extra.{k} {got}; expected "
                                   f"{expect}")
+    for i, h in enumerate(extra["history"]):
+        for k, (expect, ok) in HISTORY.items():
+            if (k in h or k not in _HISTORY_OPTIONAL) and (k not in h or not ok(h[k])):
+                got = f"= {str(h[k])[:80]!r}" if k in h else "is missing"
+                raise CheckpointError(f"checkpoint state file {path} has a bad structure: extra.history[{i}].{k} "
+                                      f"{got}; expected {expect}")
 
 
 def _component_records(comps: Any, path: str) -> dict[str, tuple[str, str, int | None]]:

@@ -379,6 +379,12 @@ def drills(tmp_path_factory, state):
                                          False)
     r = run("nohist", lambda s: s["extra"].pop("history"))
     cases["report: no history"] = (["report", str(r)], "extra.history is missing", False)
+    entry = dict(segment="start", test_acc_set=0.5, set_tasks=1, params=1.0, flops=1.0, models=1, test={"digits": 0.5})
+    r = run("nosegment", lambda s: s["extra"].update(history=[{k: v for k, v in entry.items() if k != "segment"}]))
+    cases["report: a history entry without its segment"] = (["report", str(r)], "extra.history[0].segment is missing",
+                                                             False)
+    r = run("nohp", lambda s: s["extra"].update(history=[dict(entry, retained={"digits": {"id": "digits/1"}})]))
+    cases["report: a retained record without hp"] = (["report", str(r)], "extra.history[0].retained = ", False)
     m = _manifest(w, "resume")
     r = run("bytes", lambda s: s["extra"].update(metrics_bytes="x"),
             dict(RUN_EXTRA, manifest=evolve.resolved(evolve.load_manifest(m))))  # the resume reaches the log
