@@ -302,6 +302,18 @@ def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
     return m
 
 
+def check_root(m: Manifest, cfg: vit.Config) -> None:
+    """A system read from root.path must be the ViT the manifest names, at resolutions its patch divides."""
+    r = m.root
+    if r.vit and vit.CONFIGS[r.vit] != cfg:
+        raise ManifestError(f"root.vit = {r.vit!r} ({vit.CONFIGS[r.vit]}) but the system at root.path = {r.path!r} "
+                            f"is a {cfg}; set root.vit = '' to take it from the file")
+    for i, res in enumerate(r.resolutions):
+        if res % cfg.patch:
+            raise ManifestError(f"root.resolutions[{i}] = {res}: expected a multiple of the patch size {cfg.patch} "
+                                f"of the system at root.path = {r.path!r}")
+
+
 def _check_root_table(r: Root, where: str) -> vit.Config | None:
     """[root]: a path where one is read, pre-training on random roots only, a config, its depth and resolutions."""
     if r.kind in ("augreg", "system", "mu2net_state") and not r.path:

@@ -139,13 +139,19 @@ class Progress:
                 self.metrics.close()
 
 
+def exit_now(status: int, line: str, stream: Any = None) -> None:
+    """Ends the process now with `status` and one line, skipping Python's and JAX's exit handlers (a lost
+    process's heartbeat, a signal that finds no safe point to wait for). The checkpoint protocol keeps a run's
+    last commit whatever the moment (checkpoint.py)."""
+    with contextlib.suppress(Exception):  # inside a handler a stream may be mid-write (a reentrant call)
+        sys.stdout.flush()
+        print(line, file=stream or sys.stderr, flush=True)
+    os._exit(status)
+
+
 def exit_at_once(signum: int, stream: Any = sys.stderr, why: str = "") -> None:
-    """Ends the process now with status 128 + signum and one line: a signal that finds no safe point to wait for.
-    The checkpoint protocol keeps a run's last commit whatever the moment (checkpoint.py)."""
-    with contextlib.suppress(Exception):  # inside a handler the stream may be mid-write (a reentrant call)
-        print(f"{signal.Signals(signum).name}: stopped at once{why}; a run's last commit stands", file=stream,
-              flush=True)
-    os._exit(128 + signum)
+    """`exit_now` with status 128 + signum."""
+    exit_now(128 + signum, f"{signal.Signals(signum).name}: stopped at once{why}; a run's last commit stands", stream)
 
 
 def exit_on_signals(stream: Any = sys.stderr) -> None:
@@ -182,6 +188,17 @@ class Stop:
     def __exit__(self, *exc: Any) -> None:
         for s, h in self.old.items():
             signal.signal(s, h)
+
+
+def resuming_at(out: str, cursor: Sequence[int], pending: Any, generations: int, ck: Any) -> str:
+    """The line a resume prints: where it resumes (a mu2net.Iteration `pending` of a task with `generations`
+    generations: at which one, or after its last) from the commit `ck` (a checkpoint.Checkpoint)."""
+    g = pending.generation if pending else 0
+    where = "" if not pending else (f", generation {g + 1}/{generations}" if g < generations else
+                                    f", after its last generation ({generations}/{generations})") + (
+        f" ({len(pending.done)} of its children done)" if pending.done is not None else "")
+    return (f"resuming {out} at segment {cursor[0]}, iteration {cursor[1]}, task {cursor[2]}{where} "
+            f"(state {ck.state}, code {ck.extra.get('version')})")
 
 
 def children_left(m: Any, ntasks: Sequence[int], cursor: tuple[int, int, int], pretrain: bool,

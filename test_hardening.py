@@ -591,3 +591,26 @@ def test_a_lost_process_ends_the_others_at_once_with_one_line(tmp_path):
     assert "Traceback" not in err and "Check failure" not in err
     assert checkpoint.load(tmp_path / "run").extra["cursor"] == [0, 0, 0]
     assert not (tmp_path / "run" / checkpoint.LOCK).exists()  # released as the error left the run
+
+
+# --- 12: what a resume and the other processes say --------------------------------------------------------------
+
+
+def test_resume_and_stop_lines_say_where_the_run_is():
+    """A resume committed after its task's last generation says so (not "generation 2/1"); a process other than
+    the main one, which commits nothing itself, says process 0 committed (not "(no commit)")."""
+    from types import SimpleNamespace as NS
+
+    import evolve
+    import runlog
+    ck = NS(state="state-000004.msgpack", extra={"version": "abc"})
+    last = runlog.resuming_at("runs/x", (0, 0, 1), NS(generation=1, done=None), 1, ck)
+    assert last == ("resuming runs/x at segment 0, iteration 0, task 1, after its last generation (1/1) "
+                    "(state state-000004.msgpack, code abc)")
+    mid = runlog.resuming_at("runs/x", (0, 0, 1), NS(generation=0, done={0: None}), 2, ck)
+    assert ", generation 1/2 (1 of its children done) (state" in mid
+    assert ", generation" not in runlog.resuming_at("runs/x", (1, 0, 0), None, 2, ck)
+    r = evolve.Run(None, "runs/x", None, None, None, NS(main=False), None, None, [], None)
+    assert "committed to runs/x (by process 0); rerun" in str(r.stopped("generation 1/2 of task 'digits'"))
+    r = evolve.Run(None, "runs/x", None, None, None, NS(main=True), None, None, [], None, ck=ck)
+    assert "committed to runs/x (state-000004.msgpack); rerun" in str(r.stopped("generation 1/2 of task 'digits'"))
