@@ -40,9 +40,9 @@ import report
 import schedule
 import serve
 import vit
-from manifest import (DEFAULT_MANIFEST, Manifest, ManifestError, Tasks, check_data, check_root, differences,  # noqa: F401
-                      image_size, load_manifest, penalties, readable_tasks, report_tasks, resolved, root_config, runs,
-                      segment_config, segment_tasks, task_names, to_dict, validate)
+from manifest import (DEFAULT_MANIFEST, Manifest, ManifestError, Tasks, check_data, check_root,  # noqa: F401
+                      differences, image_size, load_manifest, penalties, readable_tasks, report_tasks, resolved,
+                      root_config, runs, segment_config, segment_tasks, task_names, to_dict, validate)
 from runlog import (KILL_ENV, Progress, Stop, children_left, exit_now, exit_on_signals, hms,  # noqa: F401
                     resuming_at)
 

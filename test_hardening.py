@@ -466,7 +466,7 @@ def test_no_drill_wrote_outside_its_run_directory(drills):
 
 def test_a_read_only_run_and_a_pretraining_that_keeps_nothing_are_one_line(tmp_path, monkeypatch, capsys):
     """`report` on a read-only run directory (EROFS at the checkpoint's write helper, as a read-only mount gives
-    it) and a pre-training whose every child is discarded (a trainer that keeps none, as a NaN loss does): one
+    it; then ENOSPC, a full disk: status DISK_FULL) and a pre-training whose every child is discarded (a trainer that keeps none, as a NaN loss does): one
     line, exit 2; the run directory holds no commit and nothing is written beside it."""
     import errno
 
@@ -483,6 +483,16 @@ def test_a_read_only_run_and_a_pretraining_that_keeps_nothing_are_one_line(tmp_p
         mp.setattr(checkpoint, "_write_at", erofs)
         assert evolve.main(["report", str(run)]) == 2
     assert _one_error_line(2, capsys.readouterr().err, f"cannot write {run / 'report.md'}: Read-only file system")
+    assert _tree(tmp_path) == before
+
+    def enospc(d, name, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as mp:  # a full disk instead: its own status
+        mp.setattr(checkpoint, "_write_at", enospc)
+        assert evolve.main(["report", str(run)]) == evolve.DISK_FULL
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no space left on device while writing {run / 'report.md'}") and err.count("\n") == 1
     assert _tree(tmp_path) == before
     (tmp_path / "m.toml").write_text(MANIFEST.format(kind="random", path="", task="digits", extra="") .replace(
         "[[segments]]", '[root.pretrain]\ntask = "digits/parity"\nsamples_cap = 32\nbatch_size = 32\n[[segments]]'))
