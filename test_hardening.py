@@ -542,6 +542,21 @@ def test_published_memory_bench_runs(tmp_path):
     assert 0 < m["peak_above_before"] <= out["array_bytes"] + (64 << 20)
 
 
+def test_a_full_disk_at_the_lock_leaves_no_lock(tmp_path, monkeypatch):
+    """LOCK is created, then written: a full disk in between removes it, so the next run is not refused by an
+    empty lock; the error is one line naming it."""
+    import errno
+
+    def enospc(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "_put", enospc)
+    with pytest.raises(checkpoint.DiskFull, match=f"while writing {tmp_path / 'run' / checkpoint.LOCK}"):
+        with checkpoint.lock(tmp_path / "run"):
+            pass
+    assert not (tmp_path / "run" / checkpoint.LOCK).exists()
+
+
 # --- 10: signals and peers ------------------------------------------------------------------------------------
 
 LATE = r"""
