@@ -145,6 +145,7 @@ def exit_now(status: int, line: str, stream: Any = None) -> None:
     last commit whatever the moment (checkpoint.py)."""
     with contextlib.suppress(Exception):  # inside a handler a stream may be mid-write (a reentrant call)
         sys.stdout.flush()
+    with contextlib.suppress(Exception):
         print(line, file=stream or sys.stderr, flush=True)
     os._exit(status)
 
