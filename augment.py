@@ -1,6 +1,6 @@
 """Table 1 data preprocessing as pure, keyed JAX functions that run on device inside a jitted train step.
 
-Paper Table 1 ("Data Preprocessing hyperparameters") and method-notes "Data": train order is
+Paper Table 1 ("Data Preprocessing hyperparameters") and docs/method.md, "Data": train order is
 JPEG quality -> crop -> flip -> colour jitter -> resize -> scale to [-1, 1]; evaluation is a plain resize.
 
 Every hyperparameter is a traced float32 scalar (`Aug`), so changing a value never recompiles, and every
@@ -216,7 +216,7 @@ def jpeg(x: Array, q: Array) -> Array:
 
 
 def sample_quality(key: Array, delta: Array) -> Array:
-    """Integer JPEG quality uniform over {round(100(1-δ)), ..., 100} (method-notes: q ~ U[100(1-δ), 100])."""
+    """Integer JPEG quality uniform over {round(100(1-δ)), ..., 100} (docs/method.md: q ~ U[100(1-δ), 100])."""
     lo = jnp.clip(jnp.round(100.0 * (1.0 - delta)), 1.0, 100.0)
     return jnp.minimum(lo + jnp.floor(jax.random.uniform(key, (), _F) * (101.0 - lo)), 100.0)
 
@@ -241,7 +241,7 @@ def _train_one(key: Array, image: Array, aug: Aug, res: int) -> Array:
 def train_preprocess(key: Array, images: Array, aug: Aug, res: int) -> Array:
     """uint8 [B,S,S,3] -> float32 [B,res,res,3] in [-1,1] with the Table 1 augmentations, independent per example.
 
-    Order (method-notes): JPEG quality -> crop -> flip -> colour jitter -> resize -> scale, with crop, flip and
+    Order (docs/method.md): JPEG quality -> crop -> flip -> colour jitter -> resize -> scale, with crop, flip and
     resize fused into one resampling (module docstring). `res` must be static; `aug` may be traced.
     """
     keys = jax.random.split(key, images.shape[0])

@@ -1,4 +1,4 @@
-"""Incremental, atomic msgpack checkpoints of a μ2Net+ system (issue 5; the continual runs of paper Section 5).
+"""Incremental, atomic msgpack checkpoints of a μ2Net+ system (the continual runs of paper Section 5).
 
 Layout of a run directory (a local path or any fsspec URL: `gs://bucket/run`, `memory://run` in tests):
 
@@ -426,11 +426,8 @@ def exists(run: str | os.PathLike) -> bool:
     return False
 
 
-def load(run: str | os.PathLike, read: Callable[[str], bytes] | None = None) -> Checkpoint:
-    """Loads and verifies the last commit of `run` (hashes of the state and of every component file). `read` (a
-    relative name -> its bytes) replaces reading `run` itself, e.g. with bytes one process read for all."""
-    st = Store(run)
-    read = read or st.read
+def _state(st: Store, read: Callable[[str], bytes]) -> tuple[dict, str]:
+    """The last commit's state record, its hash verified against COMMIT, and the state file's name."""
     marker = st.name(COMMIT)
     try:
         commit = json.loads(read(COMMIT))
@@ -447,9 +444,33 @@ def load(run: str | os.PathLike, read: Callable[[str], bytes] | None = None) -> 
         raise CheckpointError(f"checkpoint state file {path} is corrupt or truncated: its sha256 does not match the "
                               f"one recorded in {marker}")
     st_ = _unpack(data, path)
+    if not isinstance(st_, dict) or st_.get("format") != STATE_FORMAT:
+        form = st_.get("format") if isinstance(st_, dict) else type(st_).__name__
+        raise CheckpointError(f"checkpoint state file {path} has a bad structure: format {form!r}, expected "
+                              f"{STATE_FORMAT!r}")
+    return st_, name
+
+
+def shape(run: str | os.PathLike) -> tuple[vit.Config, Mapping[str, Any]]:
+    """The ViT config and the runner's bookkeeping (`Checkpoint.extra`: the resolved manifest among them) of the
+    last commit of `run`, read from its state file alone (no component is read)."""
+    st = Store(run)
+    st_, name = _state(st, st.read)
     try:
-        if st_.get("format") != STATE_FORMAT:
-            raise ValueError(f"format {st_.get('format')!r}, expected {STATE_FORMAT!r}")
+        return vit.Config(**st_["cfg"]), dict(st_["extra"])
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint state file {st.name(name)} has a bad structure: {type(e).__name__}: "
+                              f"{e}") from None
+
+
+def load(run: str | os.PathLike, read: Callable[[str], bytes] | None = None) -> Checkpoint:
+    """Loads and verifies the last commit of `run` (hashes of the state and of every component file). `read` (a
+    relative name -> its bytes) replaces reading `run` itself, e.g. with bytes one process read for all."""
+    st = Store(run)
+    read = read or st.read
+    st_, name = _state(st, read)
+    path = st.name(name)
+    try:
         cfg = vit.Config(**st_["cfg"])
         root = model_of(st_["root"])
         models = {m.task: m for m in map(model_of, st_["models"])}

@@ -11,6 +11,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + CPU_FLAGS.form
 os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-tfds-data-dir")
 os.environ["NO_GCE_CHECK"] = "true"
 
+import functools  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
@@ -40,3 +41,37 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", _refuse)
     monkeypatch.setattr(socket, "getaddrinfo", _refuse)
     yield
+
+
+@functools.cache
+def programs():
+    """One compile cache for the whole test session (a run owns its own: evolve.run); tests then compile each tiny
+    structure once."""
+    import schedule
+
+    return schedule.Programs()
+
+
+def trainer(devices=None, stop=lambda: False):
+    """This process's devices (all of them by default), compiling through the session's cache."""
+    import schedule
+
+    return schedule.Local(programs(), devices, stop)
+
+
+def task_iteration(system, task, config, key, log=None, devices=None):
+    """One whole active-task iteration (Algorithm 1: `start`, every generation, `finish`) on this process's
+    devices."""
+    import mu2net
+
+    return resume(mu2net.start(system, task.name, config), task, config, key, log, devices)
+
+
+def resume(state, task, config, key, log=None, devices=None):
+    """A task iteration from `state` (its start, or a committed state) to its end."""
+    import mu2net
+
+    local = trainer(devices)
+    for state in mu2net.generations(state, task, config, key, local, log):
+        assert state.done is None, "this trainer never stops"
+    return mu2net.finish(state, task, config, local)

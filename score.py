@@ -7,7 +7,7 @@
 component, eq. 2 sums, over m's components, size / (sharers + 1).
 
 #flops(m) is the forward cost of one image at m's resolution, a multiply-add counting 2 — the convention of
-XLA's cost analysis, against which `flops` is tested (method-notes "Score").
+XLA's cost analysis, against which `flops` is tested (docs/method.md, "Score").
 """
 
 from __future__ import annotations

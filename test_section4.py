@@ -1,6 +1,7 @@
-"""Section 4 as the paper ran it (section4.md): the baselines' sizes and FLOPs against Table 2, muNet's seed phase
-and training rules, μ2Net+'s small-benchmark space, and every corrected constant of the paper manifests pinned to
-its source. Sizes are computed with `jax.eval_shape` on the real roots: no weights are allocated."""
+"""Section 4 as the paper ran it (docs/benchmarks.md): the baselines' sizes and FLOPs against Table 2, muNet's seed
+phase and training rules, μ2Net+'s small-benchmark space, and every corrected constant of the paper manifests pinned to
+its source. Sizes are computed with `jax.eval_shape` on the real roots, loaded once from AugReg-layout files the way
+a run loads them: no child's weights are allocated."""
 
 import dataclasses
 import math
@@ -11,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 import data
 import evolve
 import manifest
+import methods
 import mu2net
 import score
 import train
@@ -21,7 +24,7 @@ import vit
 
 # --- Table 2: params/task and FLOPs/task of the systems the baselines build ------------------------------------
 
-TI3 = dataclasses.replace(vit.CONFIGS["Ti/16"], depth=3)  # "ViT tiny 3 layers" (section4.md §2)
+TI3 = dataclasses.replace(vit.CONFIGS["Ti/16"], depth=3)  # "ViT tiny 3 layers" (docs/benchmarks.md §2)
 B16 = vit.CONFIGS["B/16"]
 
 
@@ -34,7 +37,7 @@ def abstract_root(cfg: vit.Config, res: int) -> mu2net.System:
     return mu2net.new_system(cfg, {k: comps[k] for k in order}, {})
 
 
-def retain(system: mu2net.System, parent: mu2net.Model, task: str, k: int, config: mu2net.Config,
+def retain(system: mu2net.System, parent: mu2net.Model, task: str, k: int, config: methods.Config,
            key: jax.Array) -> mu2net.System:
     """`system` with an untrained child of `parent` retained for `task`; under `jax.eval_shape` when abstract."""
     pool = mu2net.Pool(system, system.params, system.momentum, system.lineage)
@@ -55,19 +58,52 @@ def retain(system: mu2net.System, parent: mu2net.Model, task: str, k: int, confi
                                lineage={**system.lineage, child.model.id: (parent.id, child.model.components)})
 
 
-def baseline(bench: str, method: str, **kw) -> tuple[float, float]:
-    """(params/task, FLOPs/task) of a baseline's final system on a benchmark (section4.md §7.3, §8)."""
-    cfg, res = (TI3, 32) if bench == "mccb" else (B16, 80)
-    system = abstract_root(cfg, res)
-    conf = mu2net.config(dataclasses.replace(mu2net.METHODS[method], **kw), cfg.depth, [res], res,
-                         generations=1, children=1)
+def augreg_file(path, name: str) -> None:
+    """A stand-in for an AugReg `name` checkpoint pre-trained at 224 px: the file's key layout and shapes (with a
+    2-class head where the real i21k files have 21,843 classes), zeros but for a random position embedding, so its
+    resampling shows; compressed, it is a few hundred KB where the real B/16 file is 350 MB."""
+    cfg = vit.CONFIGS[name]
+    shapes = vit.to_flat(jax.eval_shape(lambda: vit.init(cfg, jax.random.key(0), 2, 224)))
+    arrays = {k: np.zeros(v.shape, np.float32) for k, v in shapes.items()}
+    pe = "Transformer/posembed_input/pos_embedding"
+    arrays[pe] = np.random.default_rng(0).normal(0, 0.02, arrays[pe].shape).astype(np.float32)
+    assert arrays[pe].shape == (1, 1 + 14 * 14, cfg.width)
+    np.savez_compressed(path, **arrays)
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    """bench -> (the root as shapes, its position embedding, the file's): each benchmark's root built by the
+    runner (evolve.build_root) from its paper manifest and a 224-px AugReg-layout file."""
+    out = {}
+    for bench, name in (("mccb", "Ti/16"), ("vddb", "B/16")):
+        path = tmp_path_factory.mktemp(bench) / "root.npz"
+        augreg_file(path, name)
+        m = evolve.runs(evolve.load_manifest(f"manifests/paper_sec4_{bench}.toml", [f"root.path={path}"]))[0].manifest
+        system = evolve.build_root(m, evolve.Tasks(m), None)
+        pe = system.params[system.root.components[2]]
+        with np.load(path) as z:
+            file_pe = vit.PosEmbed(z["Transformer/posembed_input/pos_embedding"])
+        shapes = jax.eval_shape(lambda p: p, dict(system.params))  # the weights go; the shapes stay
+        out[bench] = (dataclasses.replace(system, params=shapes, momentum={
+            c: train.zeros_like_bf16(p) for c, p in shapes.items()}), pe, file_pe)
+    return out
+
+
+def baseline(root: mu2net.System, bench: str, method: str, **kw) -> tuple[float, float, mu2net.System]:
+    """(params/task, FLOPs/task) of a baseline's final system on a benchmark (docs/benchmarks.md §7.3, §8), and the
+    system."""
+    cfg, res = root.cfg, (32 if bench == "mccb" else 80)
+    conf = methods.config(dataclasses.replace(methods.METHODS[method], **kw), cfg.depth, [res], res,
+                          generations=1, children=1)
     tasks = data.resolve_tasks([bench])
+    system = root
     for i, t in enumerate(tasks):
         system = retain(system, system.root, t.name, t.num_classes, conf, jax.random.key(i))
     models = list(system.models.values())
     assert len(models) == len(tasks) == (8 if bench == "mccb" else 10)
     return (statistics.mean(mu2net.accounted_params(system, m) for m in models),
-            statistics.mean(mu2net.model_flops(system.cfg, system.params, m) for m in models))
+            statistics.mean(mu2net.model_flops(system.cfg, system.params, m) for m in models), system)
 
 
 # (bench, method, overrides, params/task ×10⁶, its printed decimals, FLOPs/task ×10⁶, FLOPs tolerance ×10⁶).
@@ -77,7 +113,7 @@ TABLE2 = [  # Table 2's baseline rows, to the printed precision (FLOPs: see the 
     ("vddb", "finetune", dict(clone="top:1"), 78.98, 2, 4485, 1),  # Fine-tune above 1st tr. layer
     ("vddb", "adapters", dict(adapter_dim=256), 13.56, 2, 4734, 1),  # Residual adapters dim=256
 ]
-SEC73 = [  # section4.md §7.3's other rows: params to their 3 printed decimals, FLOPs within 0.15 %
+SEC73 = [  # docs/benchmarks.md §7.3's other rows: params to their 3 printed decimals, FLOPs within 0.15 %
     *[("mccb", "finetune", dict(clone=c), p, 3, 14.77, 0.0015 * 14.77) for c, p in
       [("all", 1.525), ("top:0", 1.395), ("top:1", 1.006), ("top:2", 0.617), ("top:3", 0.227)]],
     *[("mccb", "adapters", dict(adapter_dim=d), p, 3, f, 0.0015 * f) for d, p, f in [
@@ -92,10 +128,30 @@ SEC73 = [  # section4.md §7.3's other rows: params to their 3 printed decimals,
 ]
 
 
+def test_augreg_root_is_loaded_at_the_benchmark_size(roots):
+    """The notebooks load a root at its benchmark's default size: the file's 14×14 embedding grid zoomed to 2×2
+    (MCCB, 32 px) or 5×5 (VDDB, 80 px), class-token row kept, once. Every baseline shares that embedding frozen,
+    as it shares the patch embedding and the class token (docs/benchmarks.md §2, §7.2); full fine-tuning trains a
+    copy."""
+    for bench, cfg, res in (("mccb", TI3, 32), ("vddb", B16, 80)):
+        system, pe, file_pe = roots[bench]
+        assert system.cfg == cfg and pe.pos_embedding.shape == (1, 1 + (res // 16) ** 2, cfg.width)
+        want = vit.resample_posembed(file_pe, res, 16)
+        assert np.array_equal(np.asarray(pe.pos_embedding), np.asarray(want.pos_embedding))
+        assert np.array_equal(np.asarray(pe.pos_embedding)[0, 0], np.asarray(file_pe.pos_embedding)[0, 0])
+        stem = system.root.components[:3]
+        for method, kw in (("finetune", dict(clone="top:1")), ("finetune", dict(clone="top:0")),
+                           ("adapters", dict(adapter_dim=8)), ("finetune", dict(clone="all"))):
+            conf = methods.config(dataclasses.replace(methods.METHODS[method], **kw), cfg.depth, [res], res)
+            child = retain(system, system.root, "t", 10, conf, jax.random.key(0)).models["t"]
+            # The root's components are never trained (mu2net.frozen_ids): sharing their ids is sharing them frozen.
+            assert (child.components[:3] == stem) == (kw.get("clone") != "all"), (bench, method, kw)
+
+
 @pytest.mark.parametrize("bench, method, kw, params, decimals, flops, tol", TABLE2 + SEC73)
-def test_baseline_sizes_and_flops_match_table2(bench, method, kw, params, decimals, flops, tol):
-    p, f = baseline(bench, method, **kw)
-    assert round(p / 1e6, decimals) == params  # accounted params, the root not a sharer (section4.md §7.3, §10.11)
+def test_baseline_sizes_and_flops_match_table2(roots, bench, method, kw, params, decimals, flops, tol):
+    p, f, _ = baseline(roots[bench][0], bench, method, **kw)
+    assert round(p / 1e6, decimals) == params  # the root not a sharer (docs/benchmarks.md §7.3, §10.11)
     # FLOPs: ours is XLA's count of vit.forward before optimisation (test_score.py). Table 2's come from XLA on the
     # authors' Flax model (a conv patch embedding) and differ by ≤ 0.04 %, which can move the last printed digit by
     # one (MCCB full fine-tuning 14.7648M prints 14.76 against 14.77; VDDB freeze-1 4485.8M against 4485), so they
@@ -108,16 +164,16 @@ def test_baseline_sizes_and_flops_match_table2(bench, method, kw, params, decima
 def test_eval_shape_allocates_nothing():
     system = abstract_root(B16, 80)
     assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves((system.params, system.momentum)))
-    assert sum(score.param_count(p) for p in system.params.values()) == 85_668_866  # section4.md §9, at 80 px
+    assert sum(score.param_count(p) for p in system.params.values()) == 85_668_866  # docs/benchmarks.md §9, at 80 px
 
 
 def test_root_sizes_are_the_papers_P():
-    """P = 1.48M / 85.6M are the roots with a 2-class head, both counted at 32 px (section4.md §2, §6)."""
+    """P = 1.48M / 85.6M are the roots with a 2-class head, both counted at 32 px (docs/benchmarks.md §2, §6)."""
     assert sum(score.param_count(p) for p in abstract_root(TI3, 32).params.values()) == 1_484_162
     assert sum(score.param_count(p) for p in abstract_root(B16, 32).params.values()) == 85_652_738
 
 
-# --- muNet (section4.md §5) -------------------------------------------------------------------------------------
+# --- muNet (docs/benchmarks.md §5) ------------------------------------------------------------------------
 
 TINY = vit.CONFIGS["tiny"]
 
@@ -128,8 +184,8 @@ def tasks():
     return {n: data.make_task_data(catalog[n], 16) for n in ("digits", "digits/parity", "mnist5k")}
 
 
-def munet(**kw) -> mu2net.Config:
-    return mu2net.config(dataclasses.replace(mu2net.METHODS["munet"], **kw.pop("method", {})), TINY.depth, [16], 16,
+def munet(**kw) -> methods.Config:
+    return methods.config(dataclasses.replace(methods.METHODS["munet"], **kw.pop("method", {})), TINY.depth, [16], 16,
                          values=dict(resolution=(8, 16)), defaults=dict(lr=0.05),
                          **dict(dict(generations=2, children=2, cycles=1, samples_cap=64, batch_size=32,
                                      validation_max=64, eval_batch=64), **kw))
@@ -149,7 +205,7 @@ def world():
 def test_munet_seed_clones_are_unmutated_and_train_only_a_head(world):
     pool = mu2net.Pool(world, world.params, world.momentum, world.lineage)
     always = munet(method=dict(mu=1.0))  # every mutation fires for a non-seed child ...
-    for parent in mu2net.seed_models(world, "mnist5k"):
+    for parent in mu2net.outside(world, "mnist5k", always.method)[1]:  # the seeds
         child, _ = mu2net.make_child(pool, parent, "mnist5k", 10, always, jax.random.key(3), world.counter, seed=True)
         # ... and none for a seed: the parent's hyperparameters, body and depth, no adapter, encoder_norm shared.
         assert child.model.hp == dict(always.space.defaults) | dict(parent.hp) | {"mu": 1.0}
@@ -165,18 +221,18 @@ def test_munet_seed_clones_are_unmutated_and_train_only_a_head(world):
 def test_munet_iteration_starts_with_the_seeds_newest_first(world, tasks):
     events = []
     conf = munet(generations=2, children=2)
-    out = mu2net.task_iteration(world, tasks["mnist5k"], conf, jax.random.key(4), events.append)
+    out = conftest.task_iteration(world, tasks["mnist5k"], conf, jax.random.key(4), events.append)
     kids = [e for e in events if e["event"] == "child"]
     seeds = [world.models["digits/parity"].id, world.models["digits"].id, mu2net.ROOT]
     assert [e["parent"] for e in kids[:3]] == seeds and [e["seed"] for e in kids] == [True, True, True, False]
     assert [e["trainable"] for e in kids[:3]] == [1, 1, 1]  # a linear probe on the seed's frozen features
     # Seeds remain at the start of both generations: the data hyperparameters stay the defaults.
-    data_hp = {k: conf.space.defaults[k] for k in mu2net.DATA_HP}
-    assert all({k: e["hp"][k] for k in mu2net.DATA_HP} == data_hp for e in kids)
+    data_hp = {k: conf.space.defaults[k] for k in methods.DATA_HP}
+    assert all({k: e["hp"][k] for k in methods.DATA_HP} == data_hp for e in kids)
     m = out.models["mnist5k"]
-    assert m.metrics["offspring"] >= 0 and "test" in m.metrics
-    # muNet ranks by quality and size only: no compute factor in its score (section4.md §5.6).
-    assert conf.score(0.9, 1e4, 1e12) == score.score(0.9, 1e4, 1e12, conf.s, conf.P, math.inf)
+    assert "test" in m.metrics
+    # muNet ranks by quality and size only: no compute factor in its score (docs/benchmarks.md §5.6).
+    assert conf.score(0.9, 1e4, 1e12) == score.score(0.9, 1e4, 1e12, conf.budget.s, conf.budget.P, math.inf)
 
 
 def test_munet_constant_mu_for_every_decision(world):
@@ -186,7 +242,7 @@ def test_munet_constant_mu_for_every_decision(world):
     pool = mu2net.Pool(world, world.params, world.momentum, world.lineage)
     locked = mu2net.frozen_ids(world, "mnist5k")
     for i in range(n):
-        rng = mu2net.Sampler(jax.random.key(i))
+        rng = train.Sampler(jax.random.key(i))
         hp, mu = mu2net.mutate_hparams(parent, conf.space, conf.method, rng)
         assert hp["mu"] == 0.1 and mu == {}  # the parent's 0.3 is not inherited: one global constant
         moved += hp["lr"] != parent.hp["lr"]  # mid-list: a fired move always changes the value
@@ -223,7 +279,7 @@ def test_munet_clone_carries_no_momentum(world):
         lambda a: jnp.full(a.shape, 0.5, jnp.bfloat16), world.params[blk])})
     pool = mu2net.Pool(s, s.params, s.momentum, s.lineage)
     for name, want in (("munet", 0.0), ("mu2net+", 0.5)):
-        conf = mu2net.config(dataclasses.replace(mu2net.METHODS[name], clone="all", hp_moves=False), TINY.depth,
+        conf = methods.config(dataclasses.replace(methods.METHODS[name], clone="all", hp_moves=False), TINY.depth,
                              [16], 16)
         child, _ = mu2net.make_child(pool, s.root, "t", 10, conf, jax.random.key(0), 100)
         p, m = child.new[child.model.components[3]]
@@ -235,11 +291,11 @@ def test_strict_retention_and_ties(tasks):
     comps = vit.init(TINY, jax.random.key(0), 10, 16)
     comps = list(comps.values())
     mom = [train.zeros_like_bf16(c) for c in comps]
-    hp = dict(mu2net.MUNET_DEFAULTS, resolution=16)
+    hp = dict(methods.MUNET_DEFAULTS, resolution=16)
     steps = []
 
     class Counted:  # the digits task, counting the training batches it serves
-        name, num_classes, num_train, image_size = "digits", 10, tasks["digits"].num_train, 16
+        name, num_classes, num_train, image_size = "digits", 10, tasks["digits"].num_train, tasks["digits"].image_size
         num_validation = tasks["digits"].num_validation
 
         def train_batch(self, seed, step, batch_size):
@@ -250,12 +306,14 @@ def test_strict_retention_and_ties(tasks):
             return tasks["digits"].eval_batches(split, batch_size, limit)
 
     for name, kept in (("munet", False), ("mu2net+", True)):
-        conf = mu2net.config(name, TINY.depth, [16], 16, cycles=1, samples_cap=40, batch_size=32, validation_max=64,
+        conf = methods.config(name, TINY.depth, [16], 16, cycles=1, samples_cap=40, batch_size=32, validation_max=64,
                              eval_batch=64)
-        snap = train.train_child(comps, mom, (True,) * len(comps), hp, Counted(), conf, jax.random.key(0),
-                                 lambda q: 0.5, 0.5)  # every cycle ties the parent's score
-        assert (snap is not None) == kept  # muNet needs a strict improvement (section4.md §5.7)
-    assert steps == [0, 1, 0, 1]  # an epoch is ⌈min(#train, cap) / batch⌉ = ⌈40 / 32⌉ steps (section4.md §4)
+        job = train.Job(comps, mom, (True,) * len(comps), hp, jax.random.key(0), lambda q: 0.5, 0.5,  # every cycle
+                        strict=conf.method.strict, floor=conf.method.warmup_floor)  # ties the parent's score
+        snap = train.train_group([train.prepare(job, Counted(), conf.budget)], Counted(), conf.budget,
+                                 conftest.programs())[0]
+        assert (snap is not None) == kept  # muNet needs a strict improvement (docs/benchmarks.md §5.7)
+    assert steps == [0, 1, 0, 1]  # an epoch is ⌈min(#train, cap) / batch⌉ = ⌈40 / 32⌉ steps (docs/benchmarks.md §4)
     # Line 39's argmax: muNet keeps the earliest of equal scores, μ2Net/μ2Net+ the most recent (§5.8).
     models = tuple(mu2net.Model(f"t/{i}", "t", (), {}, {}, None, {}) for i in range(3))
     pool = mu2net.Pool(None, {}, {}, {}, models, {"t/0": 0.5, "t/1": 0.7, "t/2": 0.7})
@@ -263,17 +321,17 @@ def test_strict_retention_and_ties(tasks):
 
 
 def test_training_rules_by_method():
-    floors = {n: mu2net.config(n, 3, [32], 32).warmup_floor for n in mu2net.METHODS}
+    floors = {n: methods.config(n, 3, [32], 32).method.warmup_floor for n in methods.METHODS}
     assert floors == {"mu2net+": 1e-3, "mu2net+small": 1e-3, "mu2net": 0.01, "munet": 0.01, "finetune": 0.01,
-                      "adapters": 0.01}  # lr/1000 (μ2Net+) vs lr/100 (section4.md §5.8, §7.1)
-    strict = {n for n in mu2net.METHODS if mu2net.config(n, 3, [32], 32).strict}
+                      "adapters": 0.01}  # lr/1000 (μ2Net+) vs lr/100 (docs/benchmarks.md §5.8, §7.1)
+    strict = {n for n in methods.METHODS if methods.config(n, 3, [32], 32).method.strict}
     assert strict == {"munet", "finetune", "adapters"}
     total = jnp.asarray(100, jnp.int32)
 
     def lr(hp, t, **kw):
         return float(train.learning_rate(jnp.asarray(t, jnp.int32), total, train.HParams.of(hp, **kw)))
 
-    hp = dict(mu2net.MUNET_DEFAULTS, lr=0.1)
+    hp = dict(methods.MUNET_DEFAULTS, lr=0.1)
     assert lr(hp, 0, floor=0.01) == pytest.approx(0.1 / 100)
     assert lr(dict(hp, schedule="constant"), 0) == lr(dict(hp, schedule="constant"), 60) == pytest.approx(0.05)
     restarts = [lr(dict(hp, schedule="restarts"), t, floor=0.01, cycles=4) for t in (0, 2, 25, 50)]
@@ -284,8 +342,8 @@ def test_training_rules_by_method():
 
 
 def test_munet_search_space():
-    sp = mu2net.search_space(12, [80], "munet", 80)
-    assert sp.values["num_layers"] == tuple(range(1, 13))  # 1…L (section4.md §5.5)
+    sp = methods.search_space(12, [80], "munet", 80)
+    assert sp.values["num_layers"] == tuple(range(1, 13))  # 1…L (docs/benchmarks.md §5.5)
     assert sp.values["resolution"] == tuple(16 * i for i in range(1, 25)) and len(sp.values["resolution"]) == 24
     assert sp.values["adapter_dim"] == (8, 16, 32, 64, 128) and sp.values["schedule"] == ("constant", "cosine",
                                                                                           "restarts")
@@ -302,22 +360,22 @@ def test_munet_search_space():
 
 
 def test_mu2net_plus_small_benchmark_space():
-    sp = mu2net.search_space(3, [32], "plus-small", 32)
-    assert sp.values["resolution"] == (16, 32, 48, 64, 80, 96, 112)  # section4.md §6, §10.4
+    sp = methods.search_space(3, [32], "plus-small", 32)
+    assert sp.values["resolution"] == (16, 32, 48, 64, 80, 96, 112)  # docs/benchmarks.md §6, §10.4
     assert sp.values["adapter_dim"] == (8, 16, 32, 64, 128) and sp.values["num_layers"] == (0, 1, 2, 3)
     assert (sp.defaults["warmup"], sp.defaults["adapter_dim"], sp.defaults["mu"]) == (0.1, 32, 0.2)
     assert sp.values["crop_area_min"] == (0.05, 0.5, 0.95, 1.0) and not sp.defaults["flip"]
-    assert mu2net.METHODS["mu2net+small"].insert_adapters and mu2net.METHODS["mu2net+small"].learned_mu
+    assert methods.METHODS["mu2net+small"].insert_adapters and methods.METHODS["mu2net+small"].learned_mu
     # The notebook's μ-table start (0.1) is a setting; Figure 2's "without compute cost factor" is F = inf.
-    notebook = mu2net.config("mu2net+small", 3, [32], 32, defaults={"mu": 0.1}, s=0.9, P=1e6, F=math.inf)
+    notebook = methods.config("mu2net+small", 3, [32], 32, defaults={"mu": 0.1}, s=0.9, P=1e6, F=math.inf)
     assert notebook.space.defaults["mu"] == 0.1
     assert notebook.score(0.8, 1e6, 1e9) == pytest.approx(0.8 * 0.9)
 
 
 def test_mu2net_search_space():
-    sp = mu2net.search_space(24, [224, 384], "mu2net")
+    sp = methods.search_space(24, [224, 384], "mu2net")
     assert sp.values["resolution"] == (384,) and "num_layers" not in sp.values and "quality" not in sp.values
-    assert sp.values["warmup"] == (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4)  # section4.md §5.8 (mu2Net.ipynb v2)
+    assert sp.values["warmup"] == (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4)  # docs/benchmarks.md §5.8 (mu2Net.ipynb v2)
     assert sp.values["momentum"] == (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
     assert sp.values["crop_area_min"] == (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
     assert sp.values["crop_aspect_min"] == (0.25, 0.5, 0.75, 1.0)
@@ -341,7 +399,8 @@ def family(bench: str, name: str) -> list:
 
 
 @pytest.mark.parametrize("bench, fam, method, budget, P, F, res", [
-    # (iterations, generations, children, cycles, batch, validation): Section 4's budget split and section4.md §4, §6
+    # (iterations, generations, children, cycles, batch, validation): Section 4's budget split (docs/benchmarks.md
+    # §4, §6)
     ("mccb", "mu2net+", "mu2net+small", (5, 4, 8, 4, 512, 5120), 1_484_162, 15e6, 32),
     ("vddb", "mu2net+", "mu2net+small", (30, 4, 8, 4, 128, 5120), 85_652_738, 1e11, 80),
     ("mccb", "mu2net+ without compute factor", "mu2net+small", (5, 4, 8, 4, 512, 5120), 1_484_162, math.inf, 32),
@@ -357,7 +416,7 @@ def test_section4_evolutionary_families(bench, fam, method, budget, P, F, res):
         assert seg.method == method and m.root.resolution == res and seg.s == s
         got = (seg.iterations, seg.generations, seg.children, seg.cycles, seg.batch_size, seg.validation_max)
         assert got == budget and seg.samples_cap == 51_200 and (seg.P, seg.F) == (P, F)
-        # Equal training budget: 640 (MCCB) / 3,840 (VDDB) epochs per task (section4.md §1).
+        # Equal training budget: 640 (MCCB) / 3,840 (VDDB) epochs per task (docs/benchmarks.md §1).
         assert seg.iterations * seg.generations * seg.children * seg.cycles == (640 if bench == "mccb" else 3840)
         assert len(evolve.segment_tasks(m, seg)) == (8 if bench == "mccb" else 10)
         assert (m.root.vit, m.root.depth) == (("Ti/16", 3) if bench == "mccb" else ("B/16", 0))
@@ -366,7 +425,7 @@ def test_section4_evolutionary_families(bench, fam, method, budget, P, F, res):
 
 
 def test_vddb_F_is_1e11_not_the_printed_100M():
-    """section4.md §10.1: with F = 1e8 a 12-layer model at s = 0.9 keeps ~1 % of its score; with 1e11 ~99.5 %."""
+    """docs/benchmarks.md §10.1: with F = 1e8 a 12-layer model at s = 0.9 keeps ~1 % of its score; with 1e11 ~99.5 %."""
     f = score.flops(B16, 12, 80, 2)
     assert 0.9 ** (f / 1e8) < 0.01 and 0.9 ** (f / 1e11) > 0.99
     assert 0.85 < 1e11 / score.flops(B16, 12, 384, 2) < 1.0  # ≈ the root at 384 px, "the high end of the range"
@@ -374,7 +433,8 @@ def test_vddb_F_is_1e11_not_the_printed_100M():
 
 
 @pytest.mark.parametrize("bench, fam, method, field, values, cycles, batch, validation", [
-    # 80 / 480 epochs: one copy of the notebooks' 8 trained for the 640 / 3,840 epochs per task (section4.md §4, §7.1)
+    # 80 / 480 epochs: one copy of the notebooks' 8 trained for the 640 / 3,840 epochs per task (docs/benchmarks.md
+    # §4, §7.1)
     ("mccb", "fine-tune top layers", "finetune", "clone", ["all", "top:0", "top:1", "top:2", "top:3"], 80, 512, 5120),
     ("vddb", "fine-tune top layers", "finetune", "clone", ["all", "top:0", "top:1", "top:2", "top:3", "top:4",
                                                           "top:12"], 480, 256, 2560),
@@ -388,19 +448,20 @@ def test_section4_baseline_families(bench, fam, method, field, values, cycles, b
     for r in runs:
         (seg,) = r.manifest.segments
         assert seg.method == method and getattr(seg, field) == r.value
-        assert (seg.iterations, seg.generations, seg.children) == (1, 1, 1)  # one copy of the 8 (section4.md §10.12)
+        # one copy of the 8 (docs/benchmarks.md §10.12)
+        assert (seg.iterations, seg.generations, seg.children) == (1, 1, 1)
         assert (seg.cycles, seg.batch_size, seg.validation_max, seg.samples_cap) == (cycles, batch, validation, 51_200)
         assert seg.cycles * 8 == (640 if bench == "mccb" else 3840)  # the notebooks' 8 copies: equal epochs per task
-        c = manifest.config(r.manifest, seg, depth)
+        c = manifest.segment_config(r.manifest, seg, depth)
         assert c.resolutions() == ((32,) if bench == "mccb" else (80,)) and not c.method.hp_moves
         d = c.space.defaults  # §7.1: the benchmark defaults, never tuned
         assert (d["lr"], d["warmup"], d["crop_area_min"], d["crop_aspect_min"], d["flip"], d["momentum"]) == (
             0.01, 0.1, 0.05, 0.75, True, 0.9)
-        assert c.warmup_floor == 0.01
+        assert c.method.warmup_floor == 0.01
 
 
 def test_section5_budgets():
-    """Section 5.2 keeps μ2Net's agent meta-parameters (method-notes, "Training one child")."""
+    """Section 5.2 keeps μ2Net's agent meta-parameters (docs/method.md, "Training one child")."""
     m = load("paper_sec5")
     for seg in m.segments:
         got = (seg.generations, seg.children, seg.cycles, seg.samples_cap, seg.batch_size, seg.validation_max)
@@ -417,21 +478,20 @@ def test_dsprites_raw_labels():
 
 
 def test_munet_stopped_iteration_resumes_bit_identically(world, tasks, tmp_path):
-    """muNet across the per-generation commits (issue 13): stopped part-way through the generation where the seed
+    """muNet across the per-generation commits: stopped part-way through the generation where the seed
     phase ends, committed and loaded, the resumed iteration recomputes its seeds and generation data from the
     iteration's start and carries the persistent selection counts, so it ends bit-identical to an uninterrupted one."""
     import checkpoint
 
     conf, key, t = munet(generations=3, children=2), jax.random.key(5), tasks["mnist5k"]
-    whole = mu2net.task_iteration(world, t, conf, key)
+    whole = conftest.task_iteration(world, t, conf, key)
     calls = iter(range(100))
     one = jax.local_devices()[:1]
-    stop = mu2net.train_local(one, stop=lambda: next(calls) >= 3)  # children 0–2 train, then it stops
-    with pytest.raises(mu2net.Stopped) as e:
-        mu2net.task_iteration(world, t, conf, key, devices=one, train=stop)
-    state = e.value.state
+    stop = conftest.trainer(one, stop=lambda: next(calls) >= 3)  # children 0–2 train, then it stops
+    *_, state = mu2net.generations(mu2net.start(world, t.name, conf), t, conf, key, stop)
+    assert state.done is not None  # the generations stopped part-way, at a state to commit
     assert state.generation == 1 and list(state.done) == [0]  # the third seed (the root) trained, the first mutant not
     checkpoint.save(tmp_path, world, {}, pending=state)
     back = checkpoint.load(tmp_path)
-    resumed = mu2net.task_iteration(back.system, t, conf, key, state=back.pending)
-    assert mu2net.identical(resumed, whole) and "offspring" in whole.models["mnist5k"].metrics
+    resumed = conftest.resume(back.pending, t, conf, key)
+    assert mu2net.identical(resumed, whole) and mu2net.selections_key("mnist5k") in whole.root.metrics

@@ -13,26 +13,28 @@ import pytest
 from PIL import Image
 
 import augment
+import conftest
 import data
+import methods
 import mu2net
 import serve
 import vit
 
 CFG = vit.CONFIGS["tiny"]
-S = 16  # the run's image size: digits (8 px) are resized to it on the host, as in training
+S = 16  # the run's image size; digits keep their own 8 px (data.native_size), so served images are read at 8
 _fwd = jax.jit(vit.forward)  # eager would compile op by op
 
 
 @pytest.fixture(scope="module")
 def trained():
     """A random tiny root fine-tuned on scikit-learn digits by one short task iteration."""
-    space = mu2net.search_space(CFG.depth, (S,), resolution=S)
+    space = methods.search_space(CFG.depth, (S,), resolution=S)
     space = dataclasses.replace(space, defaults={**space.defaults, "lr": 0.1})
-    conf = mu2net.Config(space, method=mu2net.METHODS["finetune"], generations=1, children=1, cycles=8,
-                         samples_cap=1024, batch_size=32)
+    conf = methods.Config(space, methods.METHODS["finetune"], methods.Budget(generations=1, children=1, cycles=8,
+                                                                            samples_cap=1024, batch_size=32))
     task = data.make_task_data(data.load_catalog()["digits"], S)
     s0 = mu2net.new_system(CFG, vit.init(CFG, jax.random.key(0), 10, S), {})
-    return mu2net.task_iteration(s0, task, conf, jax.random.key(1)), task
+    return conftest.task_iteration(s0, task, conf, jax.random.key(1)), task
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,8 @@ def test_predict_on_a_folder_gives_the_systems_labels(trained, folder):
     m = system.models["digits"]
     files = serve.image_files([folder])
     assert len(files) == 40 and files == sorted(files)
-    preds = serve.predict(system, "digits", files, data.class_names(task.spec), S, top_k=3)
+    assert task.image_size == 8
+    preds = serve.predict(system, "digits", files, data.class_names(task.spec), task.image_size, top_k=3)
     # Expected: the labels the system's own evaluation gives the same images read through data.py.
     idx = np.asarray([int(f.stem) for f in files])
     x, y = task.examples("test", idx)
@@ -71,7 +74,7 @@ def test_predict_on_a_folder_gives_the_systems_labels(trained, folder):
 def test_render_formats(trained, folder):
     system, task = trained
     files = serve.image_files([folder / "0", folder / "1"])
-    preds = serve.predict(system, "digits", files, data.class_names(task.spec), S, top_k=2)
+    preds = serve.predict(system, "digits", files, data.class_names(task.spec), task.image_size, top_k=2)
     table = serve.render(preds, "table").splitlines()
     assert table[0].split() == ["file", "top-1", "top-2"] and len(table) == 1 + len(files)
     assert table[1].startswith(str(files[0])) and "%)" in table[1]

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import conftest
 import data
 import train
 import vit
@@ -35,7 +36,7 @@ def setup():
 def test_learning_rate_schedule():
     hp, total = train.HParams.of(HP), jnp.asarray(100, jnp.int32)
     lr = [float(train.learning_rate(jnp.asarray(s, jnp.int32), total, hp)) for s in (0, 10, 99)]
-    # Warm-up from lr/1000 over 10 % of the steps, then cosine to 0 (method-notes "Training one child").
+    # Warm-up from lr/1000 over 10 % of the steps, then cosine to 0 (docs/method.md, "Training one child").
     np.testing.assert_allclose(lr, [1.0e-4, 0.1, 3.0458e-5], rtol=1e-4)
 
 
@@ -60,7 +61,7 @@ def test_fused_chunk_equals_step_by_step():
     """Two cycles as padded chunks (one transfer, preprocessing per chunk, one scan each), with a block switched
     off by its flag, compute what `preprocess` and `train_step` do batch by batch on the path without that block."""
     task = data.make_task_data(data.load_catalog()["digits"], 16)
-    budget = train.Budget(cycles=2, samples_cap=480, batch_size=32)  # 15 steps a cycle, in chunks of 16
+    budget = train.ChildBudget(cycles=2, samples_cap=480, batch_size=32)  # 15 steps a cycle, in chunks of 16
     assert train.chunk_length(1, budget, 16, 16) == 16
     init = vit.init(CFG, jax.random.key(0), 10, 16)
     init["head"] = vit.Head(jax.random.normal(jax.random.key(1), (CFG.width, 10)) * 0.5, jnp.zeros(10))
@@ -72,7 +73,7 @@ def test_fused_chunk_equals_step_by_step():
     on = tuple(i != off for i in range(len(full)))
     # Every cycle scores 0 against a threshold of 0: the snapshot is the last cycle's.
     job = train.Job(full, [train.zeros_like_bf16(c) for c in full], on, hp, key, lambda q: 0.0, 0.0, "c", on)
-    snap = train.train_group([train.prepare(job, task, budget)], task, budget)[0]
+    snap = train.train_group([train.prepare(job, task, budget)], task, budget, conftest.programs())[0]
 
     short = comps[:off] + comps[off + 1:]
     short = short[:-1] + [train.pad_head(short[-1], train.padded_classes(10))]
@@ -91,7 +92,7 @@ def test_fused_chunk_equals_step_by_step():
     assert snap.params[off] is None  # the placeholder is not trained
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    assert snap.quality == train.accuracy(ref, task, "validation", 16, budget.eval_batch)
+    assert snap.quality == train.accuracy(ref, task, "validation", 16, budget.eval_batch, conftest.programs())
 
 
 # --- device memory settings: rematerialisation and micro-batches (docs/hardware.md) ------------------------------
@@ -128,10 +129,10 @@ def test_remat_in_the_fused_chunk_is_bit_for_bit():
     hp = dict(HP, crop_area_min=0.5, flip=True, resolution=16)
     out = []
     for remat in (False, True):
-        budget = train.Budget(cycles=1, samples_cap=96, batch_size=32, remat=remat)
+        budget = train.ChildBudget(cycles=1, samples_cap=96, batch_size=32, remat=remat)
         job = train.Job(init, [train.zeros_like_bf16(c) for c in init], on, hp, jax.random.key(3), lambda q: 0.0,
                         0.0, "c", on)
-        out.append(train.train_group([train.prepare(job, task, budget)], task, budget)[0])
+        out.append(train.train_group([train.prepare(job, task, budget)], task, budget, conftest.programs())[0])
     assert _same(out[0].params, out[1].params) and _same(out[0].momentum, out[1].momentum)
     assert out[0].quality == out[1].quality
 
@@ -223,14 +224,15 @@ def test_micro_batches_preprocess_the_same_images():
     comps = list(vit.init(CFG, jax.random.key(0), 10, 16).values())
     job = train.Job(comps, [train.zeros_like_bf16(c) for c in comps], (True,) * len(comps), dict(HP, resolution=16),
                     jax.random.key(3), lambda q: 0.0, 0.0, "c")
-    b1, b4 = (train.Budget(cycles=1, samples_cap=64, batch_size=32, micro_batches=m) for m in (1, 4))
-    f1, f4 = (train.compile_ahead([train.prepare(job, task, b)], task, b) for b in (b1, b4))
+    b1, b4 = (train.ChildBudget(cycles=1, samples_cap=64, batch_size=32, micro_batches=m) for m in (1, 4))
+    cache = conftest.programs()
+    f1, f4 = ([cache(*p) for p in train.programs([train.prepare(job, task, b)], task, b)] for b in (b1, b4))
     assert f1[0] is f4[0] and f1[1] is not f4[1]  # augment shared, the steps differ
-    snap = train.train_group([train.prepare(job, task, b4)], task, b4)[0]
+    snap = train.train_group([train.prepare(job, task, b4)], task, b4, cache)[0]
     assert snap is not None and all(np.isfinite(a).all() for a in jax.tree.leaves(snap.params))
 
 
 def test_micro_batches_must_divide_the_batch():
-    with pytest.raises(ValueError, match=r"^Budget.micro_batches = 3: expected a divisor of batch_size = 16$"):
-        train.Budget(batch_size=16, micro_batches=3)
-    assert train.Budget().remat and train.Budget().micro_batches == 1  # the defaults (docs/hardware.md)
+    with pytest.raises(ValueError, match=r"^ChildBudget.micro_batches = 3: expected a divisor of batch_size = 16$"):
+        train.ChildBudget(batch_size=16, micro_batches=3)
+    assert train.ChildBudget().remat and train.ChildBudget().micro_batches == 1  # the defaults (docs/hardware.md)

@@ -1,4 +1,4 @@
-"""Training one child (Algorithm 1 lines 26–32; method-notes "Training one child").
+"""Training one child (Algorithm 1 lines 26–32; docs/method.md, "Training one child").
 
 SGD with momentum after clipping by global norm 1.0, the momentum accumulator kept in bfloat16, a linear warm-up
 from lr/1000 (μ2Net+; lr/100 in μ2Net, muNet and the Section 4 baselines) then cosine decay to 0, softmax
@@ -10,13 +10,9 @@ nothing of the system or of sharing: the caller gives the score of a validation 
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import operator
-import os
-import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -31,22 +27,22 @@ from jaxtyping import Array, Float, Int
 import augment
 import vit
 
-SCHEDULES = ("cosine", "constant", "restarts")  # muNet's learning-rate schedules (section4.md §5.7)
+SCHEDULES = ("cosine", "constant", "restarts")  # muNet's learning-rate schedules (docs/benchmarks.md §5.7)
 AUG_KEYS = ("crop_area_min", "crop_aspect_min", "flip", "brightness", "contrast", "saturation", "hue", "quality")
 SPLITS = ("mask", "hybrid", "partition")
 
 
-def _check(check: Callable[[Any], bool], expect: str, default: Any) -> Any:
-    """A field whose valid values are stated once: the manifest parser and `Budget` both read `check`/`expect`."""
+def checked(check: Callable[[Any], bool], expect: str, default: Any) -> Any:
+    """A field whose valid values are stated once: the manifest parser and the budgets both read `check`/`expect`."""
     return dataclasses.field(default=default, metadata={"check": check, "expect": expect})
 
 
 def at_least_one(default: int) -> Any:
-    return _check(lambda v: v >= 1, "an integer ≥ 1", default)
+    return checked(lambda v: v >= 1, "an integer ≥ 1", default)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Budget:
+class ChildBudget:
     """How long one child trains and how its trainable/frozen split compiles.
 
     trainable_split: "mask" differentiates every component and zeroes frozen gradients (one compile per
@@ -59,25 +55,14 @@ class Budget:
     batch_size: int = at_least_one(16)
     eval_batch: int = at_least_one(256)
     # Validation reads the first min(n, validation_max) examples; data.VAL_MAX = 10,000 is the most it keeps
-    # (method-notes; Section 4 used 5,120, and 2,560 for muNet and the baselines on VDDB: section4.md §3).
-    validation_max: int = _check(lambda v: 1 <= v <= 10_000, "an integer in [1, 10000]", 10_000)
-    trainable_split: str = _check(lambda v: v in SPLITS, "'mask', 'hybrid' or 'partition'", "mask")
+    # (docs/method.md; Section 4 used 5,120, and 2,560 for muNet and the baselines on VDDB: docs/benchmarks.md §3).
+    validation_max: int = checked(lambda v: 1 <= v <= 10_000, "an integer in [1, 10000]", 10_000)
+    trainable_split: str = checked(lambda v: v in SPLITS, "'mask', 'hybrid' or 'partition'", "mask")
     # A child's device memory (docs/hardware.md): `remat` recomputes each encoder block's activations in the
     # backward pass (the same values); `micro_batches` > 1 sums the gradient over that many equal slices of a batch
     # (the same update up to float32 summation order) at the activation memory of one slice.
-    remat: bool = _check(lambda v: isinstance(v, bool), "true or false", True)
+    remat: bool = checked(lambda v: isinstance(v, bool), "true or false", True)
     micro_batches: int = at_least_one(1)
-
-    # The method's training rules (mu2net.Config reads them from its Method; properties, so no manifest field):
-    @property
-    def strict(self) -> bool:
-        """Keep a cycle's snapshot only when its score beats the threshold (muNet: >), not when it equals it."""
-        return False
-
-    @property
-    def warmup_floor(self) -> float:
-        """The warm-up's first learning rate as a fraction of lr: 1/1000 (μ2Net+), 1/100 (μ2Net, muNet)."""
-        return 1e-3
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -115,7 +100,7 @@ class HParams(eqx.Module):
 def learning_rate(step: Int[Array, ""], total: Int[Array, ""], hp: HParams) -> Float[Array, ""]:
     """Cosine (Table 1's only schedule): a linear warm-up from lr·floor to lr over warmup·T steps, then cosine
     decay to 0 at T. muNet also searches "constant" (lr/2, the same mean) and "restarts" (the cosine schedule once
-    per cycle), section4.md §5.7."""
+    per cycle), docs/benchmarks.md §5.7."""
     t, total = step.astype(jnp.float32), total.astype(jnp.float32)
     restarts = hp.schedule == SCHEDULES.index("restarts")
     period = jnp.where(restarts, total / hp.cycles, total)
@@ -209,7 +194,7 @@ def _step(diff: Components, frozen: Components, mom: Components, mask: Float[Arr
           ) -> tuple[Components, Components, Float[Array, ""], Float[Array, ""]]:
     """One SGD step on the trainable half: clip by global norm 1.0, momentum kept in bfloat16 (Nesterov traced),
     the gradients of frozen components (mask 0) zeroed; components whose `on` flag is 0 are skipped
-    (vit.forward); `remat`, `micro`: Budget.remat, Budget.micro_batches. Returns the new trainable half and
+    (vit.forward); `remat`, `micro`: ChildBudget.remat, ChildBudget.micro_batches. Returns the new trainable half and
     momentum, the loss and the gradient norm before clipping."""
     loss, g = _grad(diff, frozen, on, x, y, k, remat, micro)
     g = tuple(jax.tree.map(lambda a: a * mask[i], gi) for i, gi in enumerate(g))
@@ -243,7 +228,7 @@ CHUNK = 64  # steps per compiled call at most: the per-step host dispatch of a s
 CHUNK_BYTES = 1 << 28  # ... and at most this much input per call, so a chunk of large images fits a device
 
 
-def chunk_length(n: int, budget: Budget, size: int, res: int) -> int:
+def chunk_length(n: int, budget: ChildBudget, size: int, res: int) -> int:
     """Steps per chunk: the power of two that holds the budget's longest cycle (samples cap / batch), at most CHUNK
     and at most what fits CHUNK_BYTES (uint8 input and float32 preprocessed batches of n children). It depends on
     no task, so the tasks of a budget share the compiled chunk; a task with fewer steps pads its last chunk."""
@@ -313,59 +298,19 @@ def _per_child(f: Callable, n: int, axes: tuple[int | None, ...]) -> Callable:
     return g
 
 
-# --- compiling ahead ---------------------------------------------------------------------------------------------
-# Compiled programs by (kind, shapes, device), built ahead of time (lower().compile()) in worker threads so that the
-# programs a generation needs compile while its other children train (mu2net.train_local). Each is a Future;
-# `wait_s` adds up the seconds training waited for one (bench/compile.py).
+# --- the programs a group needs ------------------------------------------------------------------------------
+# A program is named by a key (kind, shapes, device) and built by a `Build`: its function and abstract arguments.
+# Who compiles them, when, and where they are kept is the caller's (schedule.Programs: a run's cache, compiled ahead
+# in worker threads); this module only says which programs training and evaluation need.
 
-_programs: dict[tuple, concurrent.futures.Future] = {}
-_jitted: dict[tuple, Callable] = {}  # by key without the device: one trace serves every device
-_lock = threading.Lock()
-_pool: list[concurrent.futures.ThreadPoolExecutor] = []
-wait_s = [0.0]
+Build = Callable[[], tuple[Callable, Sequence[Any]]]
+Compiled = Callable[[tuple, Build], Callable]  # the compiled program of a key, once it is ready
 
 
-def _program(key: tuple, build: Callable[[], tuple[Callable, Sequence[Any]]]) -> concurrent.futures.Future:
-    """The program `key` names (its last entry the device), compiling it in the background the first time
-    (`build` gives the function and its abstract arguments)."""
-    with _lock:
-        f = _programs.get(key)
-        if f is None or (f.done() and f.exception() is not None):
-            if not _pool:
-                # XLA compiles a program on one thread: one worker per core (a generation's programs first).
-                _pool.append(concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 2),
-                                                                   thread_name_prefix="mu2net-compile"))
-
-            def compile_():
-                fn, specs = build()
-                with _lock:
-                    jitted = _jitted.setdefault(key[:-1], jax.jit(fn))
-                return jitted.lower(*specs).compile()
-            f = _programs[key] = _pool[0].submit(compile_)
-        return f
-
-
-def _wait(f: concurrent.futures.Future) -> Any:
-    t = time.perf_counter()
-    out = f.result()
-    with _lock:
-        wait_s[0] += time.perf_counter() - t
-    return out
-
-
-def wait_first(fs: Sequence[concurrent.futures.Future]) -> None:
-    """Blocks until one of the compiles `fs` is done (counted in `wait_s`)."""
-    t = time.perf_counter()
-    concurrent.futures.wait(fs, return_when=concurrent.futures.FIRST_COMPLETED)
-    with _lock:
-        wait_s[0] += time.perf_counter() - t
-
-
-def settle() -> None:
-    """Waits for every compile under way (a test then counts only the compiles of what it runs)."""
-    with _lock:
-        fs = list(_programs.values())
-    concurrent.futures.wait(fs)
+def compile_now(key: tuple, build: Build) -> Callable:
+    """A `Compiled` without a cache: every call compiles (a one-off evaluation, a single-child benchmark)."""
+    fn, specs = build()
+    return jax.jit(fn).lower(*specs).compile()
 
 
 def _layout(tree: Any) -> tuple:
@@ -381,13 +326,13 @@ def _specs(tree: Any, n: int | None, device: jax.Device) -> Any:
 
 
 def _hits_program(diff: Components, frozen: Components, n: int, batch: int, size: int, res: int,
-                  device: jax.Device) -> concurrent.futures.Future:
+                  device: jax.Device) -> tuple[tuple, Build]:
     def build():
         x, y, k = np.zeros((batch, size, size, 3), np.uint8), np.zeros(batch, np.int32), np.int32(0)
         on = np.zeros(len(diff), np.float32)
         return (_per_child(functools.partial(_hits, res=res), n, (0, 0, 0, None, None, None)),
                 (*_specs((diff, on, frozen), n, device), *_specs((x, y, k), None, device)))
-    return _program(("hits", _layout(diff), _layout(frozen), n, batch, size, res, device), build)
+    return ("hits", _layout(diff), _layout(frozen), n, batch, size, res, device), build
 
 
 # --- training children -------------------------------------------------------------------------------------------
@@ -414,7 +359,7 @@ def _evaluate(program: Callable, diff: Components, on: Array, frozen: Components
 
 
 def accuracy(components: Sequence[eqx.Module], task: TaskData, split: str, res: int, batch: int,
-             device: jax.Device | None = None, limit: int | None = None,
+             compiled: Compiled, device: jax.Device | None = None, limit: int | None = None,
              on: Sequence[bool] | None = None) -> float:
     """Top-1 accuracy on a split (validation: the fixed subset of the first `limit` examples; test: the whole
     split), with the program that validates a child trained alone under the "mask" split (`on`: vit.forward's
@@ -428,7 +373,7 @@ def accuracy(components: Sequence[eqx.Module], task: TaskData, split: str, res: 
         b = _holding(int((host[0][1] >= 0).sum()), batch)
         host = [(x[:b], y[:b]) for x, y in host]
         batch = b
-    program = _wait(_hits_program(diff, frozen, 1, batch, task.image_size, res, device))
+    program = compiled(*_hits_program(diff, frozen, 1, batch, task.image_size, res, device))
     on = np.asarray([True] * len(comps) if on is None else on, np.float32)
     one = jax.tree.map(lambda a: np.asarray(a)[None], (diff, on, frozen))
     (diff, on, frozen), k = jax.device_put((one, np.int32(task.num_classes)), device)
@@ -438,7 +383,7 @@ def accuracy(components: Sequence[eqx.Module], task: TaskData, split: str, res: 
 
 def partition_trainable(components: Components, momentum: Components, trainable: tuple[bool, ...], how: str):
     """Trainable/frozen halves for `train_step`, the matching momentum and the per-component gradient mask
-    (`Budget.trainable_split` says how)."""
+    (`ChildBudget.trainable_split` says how)."""
     spec = {"partition": lambda: trainable, "mask": lambda: (True,) * len(trainable),
             "hybrid": lambda: tuple(i >= trainable.index(True) for i in range(len(trainable)))}[how]()
     diff, frozen = eqx.partition(components, spec)
@@ -459,8 +404,11 @@ class Snapshot:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One child to train: the arguments of `train_child` (score: eq. 1 of a validation accuracy; threshold:
-    Algorithm 1 line 29's running threshold at the start), and vit.forward's flags (`on`, default all on)."""
+    """One child to train: its components, momentum, which of them train, hyperparameters and key; vit.forward's
+    flags (`on`, default all on); and how its cycles are judged, as the method says: `score` is eq. 1 of a
+    validation accuracy, `threshold` line 29's running threshold at the start, `strict` line 29's rule (`retains`)
+    and `floor` the warm-up's first learning rate as a fraction of lr (1/1000 in μ2Net+, 1/100 in μ2Net, muNet
+    and the baselines)."""
 
     components: Sequence[eqx.Module]
     momentum: Sequence[eqx.Module]
@@ -471,6 +419,14 @@ class Job:
     threshold: float
     name: str = ""
     on: tuple[bool, ...] | None = None
+    strict: bool = False
+    floor: float = 1e-3
+
+
+def retains(score: float, threshold: float, strict: bool) -> bool:
+    """Algorithm 1 line 29: a cycle's snapshot is kept when its score reaches the running threshold (≥); muNet
+    keeps it only on a strict improvement (>, docs/benchmarks.md §5.7)."""
+    return score > threshold or (score == threshold and not strict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -496,7 +452,7 @@ class Plan:
         return _layout(self.diff), _layout(self.frozen), self.res, self.on.tobytes()
 
 
-def prepare(job: Job, task: TaskData, budget: Budget) -> Plan:
+def prepare(job: Job, task: TaskData, budget: ChildBudget) -> Plan:
     kpad = padded_classes(task.num_classes)
     comps = tuple(job.components[:-1]) + (pad_head(job.components[-1], kpad),)
     mom = tuple(job.momentum[:-1]) + (pad_head(job.momentum[-1], kpad),)
@@ -505,7 +461,7 @@ def prepare(job: Job, task: TaskData, budget: Budget) -> Plan:
     host = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
     return Plan(job, host(diff), host(frozen), host(mom), np.asarray(mask),
                 np.asarray(job.on or (True,) * len(comps), np.float32),
-                host(HParams.of(job.hp, budget.warmup_floor, budget.cycles)),
+                host(HParams.of(job.hp, job.floor, budget.cycles)),
                 np.asarray(jax.random.key_data(k_aug)), int(seed_of(k_data).integers(2**31 - 1)),
                 int(job.hp["resolution"]))
 
@@ -516,34 +472,31 @@ def _holding(n: int, batch: int) -> int:
     return min(batch, 1 << max(n - 1, 0).bit_length())
 
 
-def eval_batch(task: TaskData, budget: Budget) -> int:
+def eval_batch(task: TaskData, budget: ChildBudget) -> int:
     """Validation's batch (`_holding` the validation set)."""
     return _holding(min(task.num_validation, budget.validation_max), budget.eval_batch)
 
 
-def steps_per_cycle(task: TaskData, budget: Budget) -> int:
+def steps_per_cycle(task: TaskData, budget: ChildBudget) -> int:
     """⌈min(#train, samples cap) / batch⌉: an epoch, capped, as the notebooks count it (a part batch is a step,
-    section4.md §4)."""
+    docs/benchmarks.md §4)."""
     return -(-min(task.num_train, budget.samples_cap) // budget.batch_size)
 
 
-def compile_ahead(plans: Sequence[Plan], task: TaskData, budget: Budget,
-                  device: jax.Device | None = None) -> list[concurrent.futures.Future]:
-    """Starts compiling, in a worker thread, the three programs that train `plans` (one group) on `device`: a
-    chunk's preprocessing, its steps and validation. Returns their futures (done once compiled; a program
-    compiles once per process)."""
-    device = device or jax.local_devices()[0]
+def programs(plans: Sequence[Plan], task: TaskData, budget: ChildBudget,
+             device: jax.Device) -> list[tuple[tuple, Build]]:
+    """The three programs that train `plans` (one group) on `device`, by key: a chunk's preprocessing, its steps
+    and validation."""
     q, n = plans[0], len(plans)
     B, S, res = budget.batch_size, task.image_size, q.res
     c = chunk_length(n, budget, S, res)
     x8, x = np.zeros((c, B, S, S, 3), np.uint8), np.zeros((c, B, res, res, 3), np.float32)
     y, i32 = np.zeros((c, B), np.int32), _specs(np.int32(0), None, device)
-    pre = _program(("augment", n, c, B, S, res, device), lambda: (
+    pre = (("augment", n, c, B, S, res, device), lambda: (
         functools.partial(_augment_chunk, res=res), (*_specs((q.kd, x8, q.hp.aug), n, device), i32, i32)))
-    run = _program(("chunk", _layout(q.diff), _layout(q.frozen), n, c, B, res, budget.remat,
-                    budget.micro_batches, device), lambda: (
-        _per_child(functools.partial(_chunk, remat=budget.remat, micro=budget.micro_batches), n,
-                   (0,) * 8 + (None,) * 4),
+    run = (("chunk", _layout(q.diff), _layout(q.frozen), n, c, B, res, budget.remat, budget.micro_batches, device),
+           lambda: (_per_child(functools.partial(_chunk, remat=budget.remat, micro=budget.micro_batches), n,
+                               (0,) * 8 + (None,) * 4),
         (*_specs((q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, x, y), n, device), i32, i32, i32, i32)))
     return [pre, run, _hits_program(q.diff, q.frozen, n, eval_batch(task, budget), S, res, device)]
 
@@ -558,17 +511,15 @@ class _Loss:
         return float(np.asarray(self.losses)[self.child, self.step])
 
 
-def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: jax.Device | None = None,
-                log: Callable[[dict], None] | None = None) -> list[Snapshot | None]:
-    """Algorithm 1 lines 26–32 for the children of one group, trained together as one program (vectorised over
-    children when there are several, `_per_child`), each with its own data stream and augmentation keys,
-    hyperparameters, gradient mask, score and threshold. For each child: #cycles cycles of `steps_per_cycle`,
-    validation after each, the best snapshot whose score reaches the running threshold (line 29; strictly beats
-    it under `budget.strict`); None when no cycle reached it, or when the child diverged (a non-finite loss after
-    a cycle, or non-finite parameters in the kept snapshot: discarded and logged)."""
+def train_group(plans: Sequence[Plan], task: TaskData, budget: ChildBudget, compiled: Compiled,
+                device: jax.Device | None = None, log: Callable[[dict], None] | None = None) -> list[Snapshot | None]:
+    """Algorithm 1 lines 26–32 for one group, trained as one program (vectorised when n > 1, `_per_child`), each
+    child with its own data, keys, hyperparameters, mask, score and threshold: #cycles cycles, validation after each,
+    the best snapshot that reaches the running threshold (line 29, `retains`); None when none did or the child
+    diverged (a non-finite loss after a cycle, or non-finite kept parameters: discarded and logged)."""
     device = device or jax.local_devices()[0]
     n, B, S = len(plans), budget.batch_size, task.image_size
-    augment_chunk, run_chunk, hits = (_wait(f) for f in compile_ahead(plans, task, budget, device))
+    augment_chunk, run_chunk, hits = (compiled(k, b) for k, b in programs(plans, task, budget, device))
     # One child: a view with the children's axis, not a copy (a host copy of the state the transfer then copies).
     stack = lambda *a: np.asarray(a[0])[None] if n == 1 else np.stack(a)  # noqa: E731
     diff, mom, mask, on, frozen, hp, kd = jax.device_put(
@@ -595,7 +546,7 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
             if log:
                 log(dict(event="cycle", child=q.job.name, cycle=cycle, loss=float(loss[i]), quality=float(qs[i]),
                          score=s))
-            if s > threshold[i] or (s == threshold[i] and not budget.strict):  # Alg. 1 line 29: it rises
+            if retains(s, threshold[i], q.job.strict):  # Alg. 1 line 29: the threshold rises
                 threshold[i] = s
                 best[i] = (diff, mom, float(qs[i]), s)
 
@@ -605,10 +556,7 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
     for cycle in range(budget.cycles):
         for a in range(0, steps, c):
             valid = min(c, steps - a)
-            xs, ys = np.zeros((n, c, B, S, S, 3), np.uint8), np.zeros((n, c, B), np.int32)
-            for j, q in enumerate(plans):
-                for i in range(valid):
-                    xs[j, i], ys[j, i] = task.train_batch(q.seed, t + i, B)
+            xs, ys = _host_chunk(plans, task, t, valid, c, B)
             xs, ys, t0, v = jax.device_put((xs, ys, np.int32(t), np.int32(valid)), device)  # one transfer
             diff, mom, losses = run_chunk(diff, mom, mask, on, frozen, hp, augment_chunk(kd, xs, hp.aug, t0, v), ys,
                                           t0, v, total, k)
@@ -623,6 +571,24 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
         pending = (cycle, diff, mom, _evaluate(hits, diff, on, frozen, val, k), losses, valid - 1, t)
     decide(*pending)
 
+    return _snapshots(plans, best, dead, task, log)
+
+
+def _host_chunk(plans: Sequence[Plan], task: TaskData, t: int, valid: int, c: int, B: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A chunk's uint8 batches of every child (its own data order), steps t .. t + valid - 1; the rest is padding."""
+    S = task.image_size
+    xs, ys = np.zeros((len(plans), c, B, S, S, 3), np.uint8), np.zeros((len(plans), c, B), np.int32)
+    for j, q in enumerate(plans):
+        for i in range(valid):
+            xs[j, i], ys[j, i] = task.train_batch(q.seed, t + i, B)
+    return xs, ys
+
+
+def _snapshots(plans: Sequence[Plan], best: Sequence[tuple | None], dead: Sequence[str | None], task: TaskData,
+               log: Callable[[dict], None] | None) -> list[Snapshot | None]:
+    """Each child's kept cycle brought to host memory (devices hold only the children in flight), its trainable
+    components only; None where nothing was kept or the child diverged."""
     fetched: dict[int, tuple] = {}
     out: list[Snapshot | None] = []
     for i, (q, b) in enumerate(zip(plans, best)):
@@ -631,7 +597,7 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: Budget, device: j
             continue
         d, m, quality, s = b
         if id(d) not in fetched:  # children whose best cycle is the same share one transfer
-            fetched[id(d)] = jax.device_get((d, m))  # components live in host memory; devices hold children in flight
+            fetched[id(d)] = jax.device_get((d, m))
         row = jax.tree.map(operator.itemgetter(i), fetched[id(d)])
         d, m = (_trained_only(r, q.job.trainable, task.num_classes) for r in row)
         if bad := [j for j, c in enumerate(d) if c is not None and not _finite(c)]:
@@ -647,7 +613,7 @@ def _finite(tree: Any) -> bool:
 
 
 def _discard(log: Callable[[dict], None] | None, name: str, reason: str) -> str:
-    """A child whose training diverged (NaN or Inf) is not retained (issue 13): logged with its reason."""
+    """A child whose training diverged (NaN or Inf) is not retained: logged with its reason."""
     if log:
         log(dict(event="discarded", child=name, reason=reason))
     return reason
@@ -659,15 +625,6 @@ def _trained_only(t: Components, trainable: tuple[bool, ...], k: int) -> Compone
     return tuple(a if tr else None for a, tr in zip(t, trainable))
 
 
-def train_child(components: Sequence[eqx.Module], momentum: Sequence[eqx.Module], trainable: tuple[bool, ...],
-                hp: Mapping[str, Any], task: TaskData, budget: Budget, key: jax.Array,
-                score: Callable[[float], float], threshold: float, device: jax.Device | None = None,
-                log: Callable[[dict], None] | None = None, name: str = "") -> Snapshot | None:
-    """Algorithm 1 lines 26–32 for one child: `train_group` of one."""
-    job = Job(components, momentum, trainable, hp, key, score, threshold, name)
-    return train_group([prepare(job, task, budget)], task, budget, device, log)[0]
-
-
 def seed_of(key: jax.Array) -> np.random.Generator:
     """A numpy generator seeded by the bits of an explicit jax key: host-side random choices then cost no device
     round trip and no compile, and stay a pure function of the key (computed eagerly even under a trace, e.g. when
@@ -675,3 +632,20 @@ def seed_of(key: jax.Array) -> np.random.Generator:
     with jax.ensure_compile_time_eval():
         bits = np.asarray(jax.random.key_data(key))
     return np.random.default_rng(bits.ravel().tolist())
+
+
+class Sampler:
+    """Host-side random decisions in a fixed order (a child's mutations, a parent draw), from a numpy generator
+    seeded by the bits of an explicit jax key (`seed_of`); `key` gives fresh jax keys for initialisation."""
+
+    def __init__(self, key: jax.Array):
+        self.base, self.n = key, 0
+        self.rng = seed_of(key)
+
+    def uniform(self) -> float:
+        return float(self.rng.random())
+
+    def key(self) -> jax.Array:
+        """A fresh jax key, for parameter initialisation."""
+        self.n += 1
+        return jax.random.fold_in(self.base, self.n)

@@ -1,4 +1,4 @@
-"""The Vision Transformer as named components (paper Section 3, Figure 1; method-notes "Components").
+"""The Vision Transformer as named components (paper Section 3, Figure 1; docs/method.md, "Components").
 
 A model ("path") is an ordered list of components; `forward` runs any such list. Every component is a small
 Equinox module whose field names follow the AugReg checkpoint layout (big_vision / vision_transformer), so that
@@ -150,7 +150,7 @@ class PosEmbed(eqx.Module):
 
 
 class Head(eqx.Module):
-    """`head`: a Dense on the class token; zero-initialised (method-notes)."""
+    """`head`: a Dense on the class token; zero-initialised (docs/method.md)."""
 
     kernel: Array  # (D, classes)
     bias: Array
@@ -289,7 +289,7 @@ def resolution(posembed: PosEmbed, patch: int) -> int:
 
 
 def resample_posembed(posembed: PosEmbed, res: int, patch: int) -> PosEmbed:
-    """Position embedding for another resolution (method-notes): keep the class-token row, reshape the grid to
+    """Position embedding for another resolution (docs/method.md): keep the class-token row, reshape the grid to
     (g, g, D) and zoom it by g_new/g_old with scipy's order-1 spline (`jax.image.resize` gives other values)."""
     pe = np.asarray(posembed.pos_embedding)
     g_old, g_new = math.isqrt(pe.shape[1] - 1), grid(res, patch)
@@ -382,15 +382,17 @@ def augreg_config(path: str | Path) -> Config:
         raise AugRegError(f"{path}: not an AugReg ViT checkpoint: {e}") from None
 
 
-def load_augreg(path: str | Path, cfg: Config | None = None, num_classes: int | None = None
-                ) -> dict[str, eqx.Module]:
+def load_augreg(path: str | Path, cfg: Config | None = None, num_classes: int | None = None,
+                resolution: int | None = None) -> dict[str, eqx.Module]:
     """Loads an AugReg `.npz` (keys optionally under `opt/target/`) into named components, in path order.
 
     `cfg=None` infers the config from the file's arrays (`infer_config`), so any AugReg file loads without a
     `CONFIGS` entry. The expected key set and shapes come from `init` evaluated abstractly (plus the
     `residual_adapter_{i}` a model exported from this project may carry); a mismatch raises a ValueError listing
     the keys missing from the file, the keys in the file the model does not have, and every shape mismatch.
-    `num_classes=None` takes the head size from the file.
+    `num_classes=None` takes the head size from the file. `resolution`: the position embedding is resampled
+    (`resample_posembed`) for this input size, as a root is loaded at its benchmark's default size; None keeps
+    the file's.
     """
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -430,10 +432,12 @@ def load_augreg(path: str | Path, cfg: Config | None = None, num_classes: int | 
         keys = to_flat({name: shape})
         leaves = [jnp.asarray(arrays[k], jnp.float32) for k in keys]
         out[name] = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), leaves)
+    if resolution is not None and resolution != res:
+        out["posembed_input"] = resample_posembed(out["posembed_input"], resolution, cfg.patch)
     return out
 
 
-# --- component names (method-notes "Components"): the AugReg keys, blocks and adapters carrying their index -----
+# --- component names (docs/method.md, "Components"): the AugReg keys, blocks and adapters carrying their index
 
 CLASSES: dict[str, type] = {
     "embedding": Embedding, "cls": Cls, "posembed_input": PosEmbed, "encoderblock": EncoderBlock,

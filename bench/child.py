@@ -5,7 +5,7 @@
 
 In one run, on the same device, model, batch and data (MNIST-5k at 16 px unless --res, 3 cycles of min(1 epoch,
 2048 samples)):
-  * child: train.train_child, every component trainable, with its validation after each cycle;
+  * child: train.train_group of one, every component trainable, with its validation after each cycle;
   * scan: the same steps by hand: a cycle's batches moved to the device in one transfer, one jitted lax.scan whose
     body preprocesses and takes an SGD step (the same maths, written on component trees), then the same
     validation with a jitted forward; and the scan alone, without validation;
@@ -30,12 +30,13 @@ import optax  # noqa: E402
 
 import augment  # noqa: E402
 import data  # noqa: E402
-import mu2net  # noqa: E402
+import methods  # noqa: E402
+import schedule  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 
 # Crop and flip on, so that preprocessing costs what it costs in a μ2Net run (main() sets the resolution).
-HP = dict(mu2net.PLUS_DEFAULTS, lr=0.05, crop_area_min=0.5, flip=True, resolution=16)
+HP = dict(methods.PLUS_DEFAULTS, lr=0.05, crop_area_min=0.5, flip=True, resolution=16)
 
 
 def timed(fn) -> tuple[float, float]:
@@ -50,11 +51,10 @@ def setup(config: str, task: data.Task):
     return comps, [train.zeros_like_bf16(c) for c in comps]
 
 
-def child_fn(comps, mom, task, budget):
-    """One child trained by train.train_child (what a task iteration runs)."""
-    trainable = (True,) * len(comps)
-    return lambda: train.train_child(comps, mom, trainable, HP, task, budget, jax.random.key(1), lambda q: q,
-                                     -1.0).params[0].kernel
+def child_fn(comps, mom, task, budget, programs):
+    """One child trained by train.train_group of one (what a task iteration runs)."""
+    job = train.Job(comps, mom, (True,) * len(comps), HP, jax.random.key(1), lambda q: q, -1.0)
+    return lambda: train.train_group([train.prepare(job, task, budget)], task, budget, programs)[0].params[0].kernel
 
 
 def scan_fns(comps, task, budget):
@@ -114,11 +114,11 @@ def scan_fns(comps, task, budget):
     return (lambda: run(True)), (lambda: run(False))
 
 
-def child_vs_scan(config: str, batch: int, task: data.Task, repeats: int) -> None:
-    budget = train.Budget(cycles=3, samples_cap=2048, batch_size=batch)
+def child_vs_scan(config: str, batch: int, task: data.Task, repeats: int, budget: train.ChildBudget,
+                  programs: schedule.Programs) -> None:
     comps, mom = setup(config, task)
     scan, scan_train = scan_fns(comps, task, budget)
-    fns = dict(child=child_fn(comps, mom, task, budget), scan=scan, scan_train=scan_train)
+    fns = dict(child=child_fn(comps, mom, task, budget, programs), scan=scan, scan_train=scan_train)
     for f in fns.values():
         f()  # compiles
     images = budget.cycles * train.steps_per_cycle(task, budget) * batch
@@ -135,19 +135,19 @@ def child_vs_scan(config: str, batch: int, task: data.Task, repeats: int) -> Non
           flush=True)
 
 
-def generation(task: data.Task, n: int, batch: int, repeats: int) -> None:
+def generation(task: data.Task, n: int, repeats: int, budget: train.ChildBudget, programs: schedule.Programs) -> None:
     """n tiny children of one architecture: vectorised (one train_group of n) against one by one."""
-    budget = train.Budget(cycles=3, samples_cap=2048, batch_size=batch)
+    batch = budget.batch_size
     comps, mom = setup("tiny", task)
-    lrs = mu2net.TABLE1["lr"]
+    lrs = methods.TABLE1["lr"]
     plans = []
     for i in range(n):
         hp = dict(HP, lr=lrs[3 + i % 6], momentum=0.8 + 0.02 * i, flip=bool(i % 2))
         trainable = tuple(j >= i % 3 for j in range(len(comps)))  # different gradient masks
         job = train.Job(comps, mom, trainable, hp, jax.random.key(10 + i), lambda q: q, -1.0, f"c{i}")
         plans.append(train.prepare(job, task, budget))
-    fns = dict(vectorised=lambda: train.train_group(plans, task, budget),
-               sequential=lambda: [train.train_group([q], task, budget)[0] for q in plans])
+    fns = dict(vectorised=lambda: train.train_group(plans, task, budget, programs),
+               sequential=lambda: [train.train_group([q], task, budget, programs)[0] for q in plans])
     for f in fns.values():
         f()
     images = n * budget.cycles * train.steps_per_cycle(task, budget) * batch
@@ -171,16 +171,21 @@ def main() -> None:
     ap.add_argument("--children", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--res", type=int, default=16)
+    ap.add_argument("--cycles", type=int, default=3)
+    ap.add_argument("--samples-cap", type=int, default=2048)
     ap.add_argument("--skip-generation", action="store_true")
     a = ap.parse_args()
     HP["resolution"] = a.res
     task = data.make_task_data(data.load_catalog()[a.task], a.res)
     print(f"task {a.task} at {a.res} px, device {jax.devices()[0]}, load {os.getloadavg()}", flush=True)
-    for config in a.configs.split(","):
-        for batch in map(int, a.batches.split(",")):
-            child_vs_scan(config, batch, task, a.repeats)
-    if not a.skip_generation:
-        generation(task, a.children, 32, a.repeats)
+    with schedule.Programs() as programs:
+        for config in a.configs.split(","):
+            for batch in map(int, a.batches.split(",")):
+                budget = train.ChildBudget(cycles=a.cycles, samples_cap=a.samples_cap, batch_size=batch)
+                child_vs_scan(config, batch, task, a.repeats, budget, programs)
+        if not a.skip_generation:
+            budget = train.ChildBudget(cycles=a.cycles, samples_cap=a.samples_cap, batch_size=32)
+            generation(task, a.children, a.repeats, budget, programs)
 
 
 if __name__ == "__main__":

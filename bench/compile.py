@@ -4,8 +4,8 @@
 
     python bench/compile.py --quickstart      # the share over the whole embedded quickstart run
 
-For each way of compiling the trainable/frozen split (train.Budget.trainable_split) it runs the same sequence of task
-iterations (two offline tasks, alternating) in a fresh process and prints compiles, seconds compiling, seconds in
+For each way of compiling the trainable/frozen split (train.ChildBudget.trainable_split) it runs the same sequence of
+task iterations (two offline tasks, alternating) in a fresh process and prints compiles, seconds compiling, seconds in
 total and the compile share, plus each split's total time relative to "mask", measured in this run.
 """
 
@@ -26,32 +26,38 @@ def run_one(split: str, args) -> dict:
     import numpy as np
 
     import data
+    import methods
     import mu2net
-    import train
+    import schedule
     import vit
     from bench.compiles import Compiles
 
     catalog = data.load_catalog()
     tasks = [data.make_task_data(catalog[name], 16) for name in ("digits", "digits/parity")]
     cfg = vit.CONFIGS[args.vit]
-    space = mu2net.search_space(cfg.depth, (8, 16), resolution=16)
+    space = methods.search_space(cfg.depth, (8, 16), resolution=16)
     system = mu2net.new_system(cfg, vit.init(cfg, jax.random.key(0), 10, 16), space.defaults)
-    conf = mu2net.Config(space, generations=args.generations, children=args.children, cycles=args.cycles,
-                         samples_cap=args.samples_cap, batch_size=32, P=2e4, F=2e6, trainable_split=split)
+    conf = methods.Config(space, budget=methods.Budget(
+        generations=args.generations, children=args.children, cycles=args.cycles, samples_cap=args.samples_cap,
+        batch_size=32, P=2e4, F=2e6, trainable_split=split))
     t0 = time.perf_counter()
     shares, waits = [], []  # compile share and waiting share of each task iteration: the first pays for most
-    with Compiles() as c:
+    with Compiles() as c, schedule.Programs() as programs:
+        trainer = schedule.Local(programs)
         for i in range(args.iterations):
             for j, task in enumerate(tasks):
-                t1, c1, w1 = time.perf_counter(), c.seconds, train.wait_s[0]
-                system = mu2net.task_iteration(system, task, conf, jax.random.key(100 * i + j))
+                t1, c1, w1 = time.perf_counter(), c.seconds, programs.waited
+                state = mu2net.start(system, task.name, conf)
+                for state in mu2net.generations(state, task, conf, jax.random.key(100 * i + j), trainer):
+                    pass
+                system = mu2net.finish(state, task, conf, trainer)
                 dt = time.perf_counter() - t1
                 shares.append(round(100 * (c.seconds - c1) / dt))
-                waits.append(round(100 * (train.wait_s[0] - w1) / dt))
+                waits.append(round(100 * (programs.waited - w1) / dt))
     total = time.perf_counter() - t0
     acc = {t: float(np.round(m.metrics["test"], 3)) for t, m in system.models.items()}
     steps = sum(n == "jit(_chunk)" for n in c.names)
-    return dict(split=split, compiles=c.count, steps=steps, compile_s=c.seconds, wait_s=train.wait_s[0],
+    return dict(split=split, compiles=c.count, steps=steps, compile_s=c.seconds, wait_s=programs.waited,
                 total_s=total, test=acc, shares=shares, waits=waits, load=os.getloadavg()[0])
 
 
@@ -62,15 +68,15 @@ def quickstart(keep: str | None = None) -> None:
 
     sys.path.insert(0, ROOT)
     import evolve
-    import train
+    import schedule
     from bench.compiles import Compiles
 
     t0 = time.perf_counter()
-    with Compiles() as c, tempfile.TemporaryDirectory() as out:
-        evolve.main(["--out", keep or out, "--compile-cache", ""])
+    with Compiles() as c, tempfile.TemporaryDirectory() as out, schedule.Programs() as programs:
+        evolve.run(evolve.load_manifest(evolve.DEFAULT_MANIFEST), keep or out, programs=programs)
     total = time.perf_counter() - t0
     steps = sum(n == "jit(_chunk)" or "train_step" in n for n in c.names)
-    waited = train.wait_s[0]
+    waited = programs.waited
     print(f"quickstart: {c.count} compiles ({steps} of the training step or chunk), {c.seconds:.1f} s compiling of "
           f"{total:.1f} s = {100 * c.seconds / total:.1f}%; training waited {waited:.1f} s for compiles = "
           f"{100 * waited / total:.1f}%; load {os.getloadavg()[0]:.1f}")
