@@ -2,6 +2,7 @@
 in docs/ that a script prints is the script's output."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,43 @@ def test_compile_bench_runs():
 def test_order_bench_runs():
     out = _run("order.py", "--images", "2", "--steps", "1")
     assert "PSNR" in out and "all on" in out
+
+
+def test_memory_bench_runs():
+    """bench/memory.py's table for a tiny child: remat keeps less than the plain step, 4 micro-batches less again,
+    and a tiny child fits every device; --check runs the program and measures its peak."""
+    out = _run("memory.py", "--cases", "tiny:32:64:1", "--settings", "plain,remat,remat+mb4")
+    rows = [r.split("|")[1:-1] for r in out.splitlines() if r.startswith("| tiny")]
+    temps = {r[3].strip(): float(r[5]) for r in rows}
+    assert set(temps) == {"plain", "remat", "remat+mb4"}
+    assert temps["remat+mb4"] < temps["remat"] < temps["plain"]
+    assert all([c.strip() for c in r[-4:-1]] == ["yes"] * 3 for r in rows)
+    out = _run("memory.py", "--check", "tiny:32:64:1", "--settings", "plain")
+    ratio = float(out.splitlines()[-1].split("|")[-2])
+    assert ratio > 0
+
+
+def test_memory_cases_of_the_paper_manifests():
+    from bench import memory
+
+    cases = {(c.vit, c.depth, c.res, c.batch, c.S) for c in memory.manifest_cases()}
+    assert ("L/16", 0, 384, 64, 384) in cases  # Section 5: L/16 at 384 px, batch 64
+    assert ("Ti/16", 3, 112, 512, 112) in cases  # MCCB μ2Net+: the small space's largest image size
+    assert ("B/16", 0, 384, 256, 384) in cases  # VDDB muNet: its 24 sizes reach 384 px, batch 256
+
+
+def test_realsize_bench_runs():
+    """bench/realsize.py at tiny size, as it is now and --before: validation of 3 images in a batch of 4, padded
+    to eval_batch 256 before; remat keeps fewer activations."""
+    args = ("--vit", "tiny", "--file-res", "8", "--res", "16", "--batch", "2", "--steps", "2", "--val", "3",
+            "--peak-n", "128")
+    after, before = _run("realsize.py", *args), _run("realsize.py", *args, "--before")
+    assert re.search(r"matmul peak \(float32, 128², the larger of two\): [\d.]+ GFLOP/s", after)
+    assert "validation of 3 in batches of 4:" in after and "validation of 3 in batches of 256:" in before
+    acts = [float(re.search(r"activations ([\d.e+-]+)", o).group(1)) for o in (after, before)]
+    assert acts[0] < acts[1]
+    for o in (after, before):
+        assert float(re.search(r"([\d.]+) images/s", o).group(1)) > 0
 
 
 def test_compiles_counts_a_compile():

@@ -226,7 +226,8 @@ def test_micro_batches_preprocess_the_same_images():
                     jax.random.key(3), lambda q: 0.0, 0.0, "c")
     b1, b4 = (train.ChildBudget(cycles=1, samples_cap=64, batch_size=32, micro_batches=m) for m in (1, 4))
     cache = conftest.programs()
-    f1, f4 = ([cache(*p) for p in train.programs([train.prepare(job, task, b)], task, b)] for b in (b1, b4))
+    f1, f4 = ([cache(*p) for p in train.programs([train.prepare(job, task, b)], task, b, jax.devices()[0])]
+              for b in (b1, b4))
     assert f1[0] is f4[0] and f1[1] is not f4[1]  # augment shared, the steps differ
     snap = train.train_group([train.prepare(job, task, b4)], task, b4, cache)[0]
     assert snap is not None and all(np.isfinite(a).all() for a in jax.tree.leaves(snap.params))

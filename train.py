@@ -494,10 +494,10 @@ def programs(plans: Sequence[Plan], task: TaskData, budget: ChildBudget,
     y, i32 = np.zeros((c, B), np.int32), _specs(np.int32(0), None, device)
     pre = (("augment", n, c, B, S, res, device), lambda: (
         functools.partial(_augment_chunk, res=res), (*_specs((q.kd, x8, q.hp.aug), n, device), i32, i32)))
+    step = functools.partial(_chunk, remat=budget.remat, micro=budget.micro_batches)
     run = (("chunk", _layout(q.diff), _layout(q.frozen), n, c, B, res, budget.remat, budget.micro_batches, device),
-           lambda: (_per_child(functools.partial(_chunk, remat=budget.remat, micro=budget.micro_batches), n,
-                               (0,) * 8 + (None,) * 4),
-        (*_specs((q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, x, y), n, device), i32, i32, i32, i32)))
+           lambda: (_per_child(step, n, (0,) * 8 + (None,) * 4),
+                    (*_specs((q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, x, y), n, device), i32, i32, i32, i32)))
     return [pre, run, _hits_program(q.diff, q.frozen, n, eval_batch(task, budget), S, res, device)]
 
 

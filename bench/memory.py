@@ -6,7 +6,7 @@ programs a child runs, compiled for abstract inputs (nothing is allocated).
     python bench/memory.py --manifests      # every (method family, largest resolution) of the paper manifests
     python bench/memory.py --cases tiny:16:8 --settings plain,remat   # a case is VIT:RES:BATCH[:DEPTH]
 
-A child runs three programs (train.compile_ahead): a chunk's preprocessing, the chunk of SGD steps (the fused
+A child runs three programs (train.programs): a chunk's preprocessing, the chunk of SGD steps (the fused
 lax.scan of train._chunk, trainable split "mask": every component differentiated) and validation (train._hits,
 eval_batch images). A program's peak is its arguments + outputs − aliased + temporaries (XLA's buffer assignment:
 `compiled.memory_analysis()`); beside it the device holds what the training loop keeps between calls: the
@@ -15,7 +15,7 @@ the trainable half and its momentum (the best cycle, Algorithm 1 line 29). The c
 program's peak plus these. The analysis is XLA:CPU's (the machine this runs on); XLA:GPU/TPU fuse differently, so
 the figures are this compiler's buffer assignment of the same program, not a TPU's.
 
-Settings (train.Budget): plain (remat = false, micro_batches = 1), remat (per encoder block), and `fit`: remat
+Settings (train.ChildBudget): plain (remat = false, micro_batches = 1), remat (per encoder block), and `fit`: remat
 with the fewest micro-batches (a power of two) that brings the child under `--fit` GiB, a row of its own when
 remat alone does not.
 """
@@ -36,7 +36,8 @@ import numpy as np  # noqa: E402
 
 import data  # noqa: E402
 import manifest  # noqa: E402
-import mu2net  # noqa: E402
+import methods  # noqa: E402
+import schedule  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 
@@ -103,7 +104,7 @@ class Programs:
 
 
 class _Task:
-    """What compile_ahead reads of a task: its image size and validation set size."""
+    """What train.programs reads of a task: its image size and validation set size."""
 
     def __init__(self, size: int, validation: int):
         self.image_size, self.num_validation = size, validation
@@ -117,7 +118,7 @@ def abstract_plan(case: Case) -> train.Plan:
     comps = tuple(shapes[n] for n in vit.path_order(list(shapes)))
     mom = tuple(train.zeros_like_bf16(c) for c in comps)
     diff, frozen, mom, mask = train.partition_trainable(comps, mom, (True,) * len(comps), "mask")
-    hp = jax.tree.map(np.asarray, train.HParams.of(dict(mu2net.PLUS_DEFAULTS, resolution=case.res)))
+    hp = jax.tree.map(np.asarray, train.HParams.of(dict(methods.PLUS_DEFAULTS, resolution=case.res)))
     return train.Plan(None, diff, frozen, mom, np.asarray(mask), np.ones(len(comps), np.float32), hp,
                       np.asarray(jax.random.key_data(jax.random.key(0))), 0, case.res)
 
@@ -126,15 +127,21 @@ def nbytes(tree: Any) -> int:
     return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
-def budget(case: Case, remat: bool, micro: int) -> train.Budget:
-    return train.Budget(batch_size=case.batch, samples_cap=case.samples_cap, eval_batch=case.eval_batch,
+def budget(case: Case, remat: bool, micro: int) -> train.ChildBudget:
+    return train.ChildBudget(batch_size=case.batch, samples_cap=case.samples_cap, eval_batch=case.eval_batch,
                         validation_max=case.validation, remat=remat, micro_batches=micro)
+
+
+def compile_child(plan: train.Plan, case: Case, b: train.ChildBudget) -> list[Any]:
+    """The child's three programs, compiled one at a time (a B/16 or L/16 compile takes GBs of its own)."""
+    with schedule.Programs(workers=1) as cache:
+        return [cache(k, f) for k, f in train.programs([plan], _Task(case.S, case.validation), b, jax.devices()[0])]
 
 
 def analyse(case: Case, remat: bool, micro: int) -> Programs:
     plan, b = abstract_plan(case), budget(case, remat, micro)
     t = time.perf_counter()
-    pre, run, hits = (f.result() for f in train.compile_ahead([plan], _Task(case.S, case.validation), b))
+    pre, run, hits = compile_child(plan, case, b)
     state = nbytes((plan.diff, plan.mom))
     c = train.chunk_length(1, b, case.S, case.res)
     resident = case.validation * case.S ** 2 * 3 + c * case.batch * case.S ** 2 * 3 + state
@@ -199,7 +206,7 @@ def manifest_cases() -> list[Case]:
             sm, cfg = sub.manifest, manifest.root_config(sub.manifest.root)
             S = manifest.image_size(sm)
             for seg in sm.segments:
-                c = manifest.config(sm, seg, sm.root.depth or cfg.depth)
+                c = manifest.segment_config(sm, seg, sm.root.depth or cfg.depth)
                 k = max(t.num_classes for t in data.resolve_tasks(manifest.segment_tasks(sm, seg), sm.catalog or None))
                 fam = sub.family or seg.method
                 case = Case(f"{m.name}: {fam}", sm.root.vit, max(c.resolutions()), seg.batch_size, sm.root.depth, S,
@@ -224,7 +231,7 @@ def check(case: Case, remat: bool, micro: int) -> tuple[int, int, int]:
     peak RSS growth during the call, the program's temps): the arguments are allocated before the peak is reset
     (/proc/self/clear_refs), so what the call adds is its outputs and temporaries."""
     plan, b = abstract_plan(case), budget(case, remat, micro)
-    pre, run, hits = (f.result() for f in train.compile_ahead([plan], _Task(case.S, case.validation), b))
+    pre, run, hits = compile_child(plan, case, b)
     c = train.chunk_length(1, b, case.S, case.res)
     key = iter(jax.random.split(jax.random.key(1), 10_000))
     real = lambda s: jax.random.normal(next(key), s.shape, s.dtype) * 0.02  # noqa: E731
