@@ -25,12 +25,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import fnmatch
 import hashlib
 import json
 import os
+import re
 import socket
+import stat
 import sys
+import tempfile
 import time
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -50,6 +54,9 @@ STATE_FORMAT = "mu2net-state/1"
 COMPONENT_FORMAT = "mu2net-component/1"
 COMMIT = "COMMIT"
 LOCK = "LOCK"
+STATE = re.compile(r"state-\d{6,}\.msgpack")  # the only state file names a COMMIT may name
+MAX_READ = 1 << 30  # bytes a file of a run directory may hold when no commit records its size
+MAX_MARKER = 1 << 16  # ... COMMIT and LOCK (a few hundred bytes of JSON)
 
 
 class CheckpointError(RuntimeError):
@@ -60,8 +67,23 @@ class DiskFull(CheckpointError):
     """No space was left for a checkpoint file: that commit is abandoned, the previous one stands."""
 
 
+class Missing(CheckpointError):
+    """A file (or the run directory) that is not there."""
+
+
 class Locked(CheckpointError):
     """Another live process holds the run directory's lock."""
+
+
+def plain_name(s: Any) -> bool:
+    """One entry of a folder: not empty, no '/', no NUL, not '.' or '..'."""
+    return isinstance(s, str) and s not in ("", ".", "..") and "/" not in s and "\0" not in s
+
+
+def inside(s: Any) -> bool:
+    """A relative path that stays inside its folder: plain names joined by '/' (names that become paths: a run's
+    files, the run and report folders named after a manifest, `cmp/mu2net+/s=0.5/rep0` for a comparison's)."""
+    return isinstance(s, str) and all(map(plain_name, s.split("/")))
 
 
 def component_file(cid: str) -> str:
@@ -116,7 +138,12 @@ def build(cls: type, arrays: Mapping[str, np.ndarray], prefix: str = "") -> eqx.
 
 
 class Store:
-    """A run directory: a local path, or an fsspec URL (`gs://…` on TPU VMs, whose disks do not outlive them)."""
+    """A run directory: a local path, or an fsspec URL (`gs://…` on TPU VMs, whose disks do not outlive them).
+
+    Every name is relative and stays inside the run directory (no absolute names, no `..`). On a local disk every
+    operation walks from the run directory with O_NOFOLLOW: a symbolic link, device, FIFO or socket inside it is
+    refused (the run directory itself may be a link the user made), and a file is read only once its size is
+    known to be at most what is expected of it (`MAX_READ`, or the size a commit recorded)."""
 
     def __init__(self, run: str | os.PathLike):
         self.url = str(run).rstrip("/") or "/"
@@ -128,71 +155,217 @@ class Store:
         return f"{self.url}/{rel}"
 
     def _p(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
+        return f"{self.root}/{'/'.join(self._parts(rel))}"
 
-    def read(self, rel: str) -> bytes:
+    def _parts(self, rel: str) -> list[str]:
+        if not inside(rel):
+            raise CheckpointError(f"{self.name(rel)}: {rel!r} is not a name inside the run directory; refusing it")
+        return rel.split("/")
+
+    @contextlib.contextmanager
+    def _dir(self, rel: str, create: bool = False) -> Iterator[int]:
+        """An fd of the real directory (no symbolic link on the way) that holds `rel`'s last part."""
+        parts = self._parts(rel)
         try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise CheckpointError(f"run directory {self.url} is not a directory (or a loop of symbolic links)") \
+                    from None
+            raise _error(e, self.url) from None
+        try:
+            for i, p in enumerate(parts[:-1]):
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(p, dir_fd=fd)
+                try:
+                    sub = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except OSError as e:
+                    raise _error(e, self.name("/".join(parts[: i + 1]))) from None
+                os.close(fd)
+                fd = sub
+            yield fd
+        finally:
+            os.close(fd)
+
+    def read(self, rel: str, size: int | None = None) -> bytes:
+        """`rel`'s bytes: a regular file of `size` bytes when given, else of at most `MAX_READ` (COMMIT and LOCK:
+        `MAX_MARKER`)."""
+        cap = size if size is not None else MAX_MARKER if rel in (COMMIT, LOCK) else MAX_READ
+        if not self.local:
+            try:
+                info = self.fs.info(self._p(rel))
+            except FileNotFoundError:
+                raise Missing(f"checkpoint file {self.name(rel)} is missing") from None
+            _check_size(self.name(rel), info.get("type") == "file", int(info.get("size") or 0), cap, size)
             return self.fs.cat_file(self._p(rel))
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint file {self.name(rel)} is missing") from None
+        with self._dir(rel) as d:
+            try:
+                fd = os.open(rel.rsplit("/", 1)[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=d)
+            except OSError as e:
+                raise _error(e, self.name(rel)) from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            _check_size(self.name(rel), stat.S_ISREG(st.st_mode), st.st_size, cap, size)
+            data = f.read(cap + 1)  # the file may have grown since
+        _check_size(self.name(rel), True, len(data), cap, size)
+        return data
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self._p(rel))
+        if not self.local:
+            return self.fs.exists(self._p(rel))
+        try:
+            with self._dir(rel) as d:
+                os.stat(rel.rsplit("/", 1)[-1], dir_fd=d, follow_symlinks=False)
+            return True
+        except (FileNotFoundError, Missing):
+            return False
 
     def glob(self, pattern: str) -> list[str]:
         """Relative names matching `pattern` (`*.msgpack`, `components/*.msgpack`: a pattern in the last part only,
         so the run directory's own name may hold any character), sorted."""
         parent, _, pat = pattern.rpartition("/")
         try:
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._p(parent).rstrip("/"), detail=False)]
-        except FileNotFoundError:
+            if self.local:
+                with self._dir(f"{parent}/x" if parent else "x") as d:
+                    names = os.listdir(d)
+            else:
+                names = [p.rstrip("/").rsplit("/", 1)[-1]
+                         for p in self.fs.ls(self._p(parent).rstrip("/") if parent else self.root, detail=False)]
+        except (FileNotFoundError, Missing):
             return []
         return sorted(f"{parent}/{n}" if parent else n for n in names if fnmatch.fnmatchcase(n, pat))
 
     def remove(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self._p(rel))
+        """Removes `rel` (a symbolic link itself, never what it points to)."""
+        if not self.local:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self._p(rel))
+            return
+        with contextlib.suppress(FileNotFoundError, Missing), self._dir(rel) as d:
+            os.unlink(rel.rsplit("/", 1)[-1], dir_fd=d)
 
     def write(self, rel: str, data: bytes) -> None:
         """Writes `rel` whole or not at all (see the module docstring); a full disk raises `DiskFull`."""
         try:
             if self.local:
-                write_atomic(Path(self._p(rel)), data)
+                Path(self.root).mkdir(parents=True, exist_ok=True)
+                with self._dir(rel, create=True) as d:
+                    _write_at(d, rel.rsplit("/", 1)[-1], data)
             else:
                 self.fs.pipe_file(self._p(rel), data)  # one whole-object upload: no rename needed
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull(f"no space left on device while writing {self.name(rel)}") from None
-            raise
+            raise _error(e, self.name(rel)) from None
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
+def _check_size(where: str, regular: bool, n: int, cap: int, size: int | None) -> None:
+    if not regular:
+        raise CheckpointError(f"{where} is not a regular file (a directory, device, FIFO or socket); refusing to "
+                              f"read it")
+    if size is not None and n != size:
+        raise CheckpointError(f"{where} is corrupt or truncated: {n} bytes, but its commit recorded {size}")
+    if n > cap:
+        raise CheckpointError(f"{where} is {n} bytes, more than the {cap} a checkpoint file may hold; refusing to "
+                              f"read it")
+
+
+def _error(e: OSError, where: str) -> CheckpointError:
+    """An OSError of a run-directory operation as the CheckpointError that names the file."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DiskFull(f"no space left on device while writing {where} ({os.strerror(e.errno)})")
+    if e.errno == errno.ENOENT:
+        return Missing(f"checkpoint file {where} is missing")
+    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+        return CheckpointError(f"{where} is a symbolic link or not a directory; a run directory holds only plain "
+                               f"files and folders, and links are never followed")
+    return CheckpointError(f"{where}: {e.strerror or e}")
+
+
+def _put(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
+def _write_at(d: int, name: str, data: bytes) -> None:
+    """`name` in the directory `d` whole or not at all: a temp file created exclusively (never through a link),
+    fsync, rename over `name` (which replaces a link itself), fsync the directory."""
+    tmp = f".{name}.tmp-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=d)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=d)
     try:
-        os.fsync(fd)
+        try:
+            _put(fd, data)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=d)
+        raise
+    os.replace(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+    os.fsync(d)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `path` whole or not at all, never through a symbolic link at `path` (reports, logs, results). On
+    failure (a full disk) the temp file is removed and `path` is as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _write_at(fd, path.name, data)
     finally:
         os.close(fd)
 
 
-def _put(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+# --- the metrics log: appended between commits, its committed length recorded in each commit ------------------
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename over `path`, fsync the directory. On failure (a full disk)
-    the temp file is removed and `path` is as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def open_log(path: str | os.PathLike) -> typing.BinaryIO:
+    """`path` opened to append (created if absent), never through a symbolic link."""
     try:
-        _put(tmp, data)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise _error(e, str(path)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path} is not a regular file; refusing to write to it")
+    return os.fdopen(fd, "ab")
+
+
+def synced_size(f: typing.BinaryIO) -> int:
+    """The length of the log `f` once it is on disk: a commit records it only after the bytes it counts."""
+    f.flush()
+    os.fsync(f.fileno())
+    return f.tell()
+
+
+def cut_log(path: str | os.PathLike, n: int, warn: Callable[[str], None] | None = None) -> int:
+    """On resume: drops what the log `path` gained after its last commit (it held `n` bytes then). A log shorter
+    than `n` (an object store's log is uploaded after its commit, so a kill in between loses the last lines) is
+    kept up to its last whole line, with a warning, never padded. Returns its new length."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise _error(e, str(path)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path} is not a regular file; refusing to write to it")
+        keep = n
+        if st.st_size < n:
+            keep = os.pread(fd, st.st_size, 0).rfind(b"\n") + 1
+            (warn or (lambda s: print(s, file=sys.stderr, flush=True)))(
+                f"warning: {path} holds {st.st_size} bytes but its last commit recorded {n}: its last records were "
+                f"lost; the log goes on from its last whole line ({keep} bytes)")
+        os.ftruncate(fd, keep)
+        os.fsync(fd)
+        return keep
+    finally:
+        os.close(fd)
 
 
 def sha256(data: bytes) -> str:
@@ -228,44 +401,93 @@ def _alive(pid: int, ticks: int | None) -> bool:
 
 
 @contextlib.contextmanager
+def _takeovers(st: Store) -> Iterator[None]:
+    """Serialises the takeovers of `st`'s lock on this host: an advisory lock (flock) on a file in this user's
+    private temp folder, named after the run directory, which the kernel releases when its holder dies. A LOCK is
+    taken over only from a dead process of this host, so every process that may take one over meets here."""
+    key = st.url
+    if st.local:
+        with contextlib.suppress(OSError):
+            s_ = os.stat(st.root)
+            key = f"{s_.st_dev}:{s_.st_ino}"  # the directory however it is spelled
+    d = Path(tempfile.gettempdir()) / f"mu2net-locks-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        d.mkdir(mode=0o700)
+    s_ = os.lstat(d)
+    if not stat.S_ISDIR(s_.st_mode) or s_.st_uid != os.getuid():
+        raise Locked(f"{d} is not a folder of this user; it serialises lock takeovers: move it away")
+    fd = os.open(d / sha256(key.encode())[:32], os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _create(st: Store, data: bytes) -> bool:
+    """Writes LOCK if there is none: atomically on a local disk (O_EXCL); an object store has no such primitive,
+    so there it is written and read back, which narrows a race between hosts that it cannot close."""
+    if st.local:
+        Path(st.root).mkdir(parents=True, exist_ok=True)
+        try:
+            with st._dir(LOCK) as d:
+                fd = os.open(LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                             dir_fd=d)
+        except FileExistsError:
+            return False
+        try:
+            _put(fd, data)
+        finally:
+            os.close(fd)
+        return True
+    if st.exists(LOCK):
+        return False
+    st.write(LOCK, data)
+    return st.read(LOCK) == data
+
+
+@contextlib.contextmanager
 def lock(run: str | os.PathLike) -> Iterator[None]:
     """Holds `run`'s LOCK while the block runs. A second process on the same run gets `Locked`; a lock left by a
-    dead process of this host is taken over. A lock from another host cannot be checked and is refused, naming
-    its holder. On a local disk the lock file is created exclusively (O_EXCL); an object store has no such
-    primitive, so there the lock is written and read back, which narrows a race it cannot close."""
+    dead process of this host is taken over, atomically: under `_takeovers`, and only if LOCK still holds what was
+    judged stale, so of several processes taking over at once exactly one wins. A lock from another host cannot be
+    checked and is refused, naming its holder. What an object store cannot promise: `_create` there narrows, but
+    cannot close, the race of two hosts that find no LOCK at the same moment (docs/guarantees.md)."""
     st = Store(run)
     me = dict(host=socket.gethostname(), pid=os.getpid(), ticks=_start_ticks(os.getpid()), since=time.time())
     data = json.dumps(me).encode()
-    for _ in range(2):
-        if st.local:
-            Path(st.root).mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(st._p(LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                os.write(fd, data)
-                os.close(fd)
-                break
-            except FileExistsError:
-                pass
-        elif not st.exists(LOCK):
-            st.write(LOCK, data)
-            if st.read(LOCK) == data:
-                break
+    for _ in range(3):
+        if _create(st, data):
+            break
         try:
-            held = json.loads(st.read(LOCK))
+            raw = st.read(LOCK)
+        except Missing:
+            continue  # released in between: try again
+        except CheckpointError as e:
+            raise Locked(f"{e}; if no process runs {st.url}, delete {st.name(LOCK)}") from None
+        try:
+            held = json.loads(raw)
             host, pid, ticks, since = held["host"], int(held["pid"]), held.get("ticks"), held.get("since", 0)
-        except (CheckpointError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             raise Locked(f"{st.name(LOCK)} exists but cannot be read; if no process runs {st.url}, delete it") \
                 from None
         if host == me["host"] and not _alive(pid, ticks):
-            print(f"taking over the stale lock of process {pid} (no longer running) on {st.url}", file=sys.stderr,
-                  flush=True)
-            st.remove(LOCK)
-            continue
+            with _takeovers(st):
+                try:
+                    now = st.read(LOCK)
+                except Missing:
+                    now = None
+                if now == raw:
+                    print(f"taking over the stale lock of process {pid} (no longer running) on {st.url}",
+                          file=sys.stderr, flush=True)
+                    st.write(LOCK, data)
+                    break
+            continue  # another process took it over or released it first: look again
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
         raise Locked(f"{st.url} is in use by process {pid} on host {host} (since {when}); refusing to run it twice. "
                      f"If that process is gone, delete {st.name(LOCK)}")
     else:
-        raise Locked(f"could not take {st.name(LOCK)}: another process took it at the same time")
+        raise Locked(f"could not take {st.name(LOCK)}: other processes took and released it meanwhile; try again")
     try:
         yield
     finally:
@@ -297,6 +519,7 @@ class Checkpoint:
     hashes: Mapping[str, str]  # component id -> sha256 of its file (the system's and the pending iteration's)
     state: str  # state file name
     pending: mu2net.Iteration | None = None
+    sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)  # component id -> bytes of its file
 
 
 def component_bytes(cid: str, params: eqx.Module, momentum: eqx.Module) -> bytes:
@@ -367,19 +590,23 @@ def save(run: str | os.PathLike, system: mu2net.System, extra: Mapping[str, Any]
     st = Store(run)
     known = dict(previous.hashes) if previous else {}
     hashes: dict[str, str] = {}
+    sizes: dict[str, int] = {}
     rec, extra_comps = _pending(pending, system) if pending else (None, {})
     comps = {c: (p, system.momentum[c]) for c, p in system.params.items()} | extra_comps
     try:
         for cid, (p, m) in comps.items():
             if cid in known:
                 hashes[cid] = known[cid]
+                if cid in previous.sizes:
+                    sizes[cid] = previous.sizes[cid]
                 continue
             data = component_bytes(cid, p, m)
             st.write(component_file(cid), data)
-            hashes[cid] = sha256(data)
+            hashes[cid], sizes[cid] = sha256(data), len(data)
         k = (int(previous.state.split("-")[1].split(".")[0]) + 1) if previous else 0
         name = f"state-{k:06d}.msgpack"
-        files = lambda ids: {c: {"file": component_file(c), "sha256": hashes[c]} for c in ids}  # noqa: E731
+        files = lambda ids: {c: {"file": component_file(c), "sha256": hashes[c]}  # noqa: E731
+                             | ({"bytes": sizes[c]} if c in sizes else {}) for c in ids}
         state = {
             "format": STATE_FORMAT,
             "cfg": dataclasses.asdict(system.cfg),
@@ -394,11 +621,11 @@ def save(run: str | os.PathLike, system: mu2net.System, extra: Mapping[str, Any]
             state["pending"] = rec | {"components": files(extra_comps)}
         data = msgpack.packb(state, use_bin_type=True)
         st.write(name, data)
-        st.write(COMMIT, json.dumps({"state": name, "sha256": sha256(data)}).encode())
+        st.write(COMMIT, json.dumps({"state": name, "sha256": sha256(data), "bytes": len(data)}).encode())
     except DiskFull as e:
         raise DiskFull(f"{e}: this checkpoint was not committed; the last commit "
                        f"({previous.state if previous else 'none yet'}) stands and stays loadable") from None
-    return Checkpoint(system, dict(extra), hashes, name, pending)
+    return Checkpoint(system, dict(extra), hashes, name, pending, sizes)
 
 
 def prune(run: str | os.PathLike, ck: Checkpoint) -> None:
@@ -426,28 +653,83 @@ def exists(run: str | os.PathLike) -> bool:
     return False
 
 
-def _state(st: Store, read: Callable[[str], bytes]) -> tuple[dict, str]:
-    """The last commit's state record, its hash verified against COMMIT, and the state file's name."""
+# The runner's bookkeeping in a run's commit (`extra` with a cursor): what each key must be, checked on load so
+# that a tampered state gives one error line naming its file, not a failure wherever the value is used.
+_INT = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62  # noqa: E731
+RUN_EXTRA: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "cursor": ("3 integers ≥ 0", lambda v: isinstance(v, list) and len(v) == 3 and all(map(_INT, v))),
+    "manifest": ("a table with a report_set and a name that is a relative path without '..'", lambda v: isinstance(
+        v, dict) and inside(v.get("name")) and isinstance(v.get("report_set"), list)),
+    "history": ("a list of tables", lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v)),
+    "metrics_bytes": ("an integer ≥ 0", _INT),
+    "elapsed": ("a number ≥ 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+    "classes": ("a table of lists of class names", lambda v: isinstance(v, dict) and all(
+        isinstance(c, list) and all(isinstance(x, str) for x in c) for c in v.values())),
+    "sizes": ("a table of image sizes (integers ≥ 1)", lambda v: isinstance(v, dict) and all(
+        _INT(s) and s >= 1 for s in v.values())),
+}
+_OPTIONAL = ("classes", "sizes")  # runs committed before they were kept have none
+_CID = re.compile(r"[a-z_]+(?:_\d+)?:\d+")
+
+
+def _check_extra(extra: Any, path: str) -> None:
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"checkpoint state file {path} has a bad structure: extra is {type(extra).__name__}")
+    if "cursor" not in extra:  # not a run's commit (a bare system, as the tests save)
+        return
+    for k, (expect, ok) in RUN_EXTRA.items():
+        if k in _OPTIONAL and k not in extra:
+            continue
+        if k not in extra or not ok(extra[k]):
+            got = f"= {str(extra[k])[:80]!r}" if k in extra else "is missing"
+            raise CheckpointError(f"checkpoint state file {path} has a bad structure: extra.{k} {got}; expected "
+                                  f"{expect}")
+
+
+def _component_records(comps: Any, path: str) -> dict[str, tuple[str, str, int | None]]:
+    """component id -> (file, sha256, bytes or None) of a state's `components` table: each file the one its id
+    names (`component_file`), so no name read from a state can point outside `components/`."""
+    if not isinstance(comps, dict):
+        raise CheckpointError(f"checkpoint state file {path} has a bad structure: components is {type(comps).__name__}")
+    out = {}
+    for cid, rec in comps.items():
+        ok = isinstance(cid, str) and _CID.fullmatch(cid) and isinstance(rec, dict)
+        try:
+            ok = ok and vit.component_class(mu2net.kind(cid)) is not None and rec.get("file") == component_file(cid)
+        except ValueError:
+            ok = False
+        n = rec.get("bytes") if isinstance(rec, dict) else None
+        if not ok or not isinstance(rec.get("sha256"), str) or not (n is None or _INT(n)):
+            raise CheckpointError(f"checkpoint state file {path} has a bad component record {str(cid)[:80]!r}: "
+                                  f"{str(rec)[:120]}; expected {{file: components/<name>-<n>.msgpack, sha256, bytes}}")
+        out[cid] = (rec["file"], rec["sha256"], n)
+    return out
+
+
+def _state(st: Store, get: Callable[[str, int | None], bytes]) -> tuple[dict, str]:
+    """The last commit's state record, its hash (and size, where recorded) verified against COMMIT, and the state
+    file's name: one the format allows (`STATE`), never a path taken from the marker as it stands."""
     marker = st.name(COMMIT)
+    raw = get(COMMIT, None)
     try:
-        commit = json.loads(read(COMMIT))
-        name, digest = commit["state"], commit["sha256"]
-        if not isinstance(name, str) or "/" in name:
-            raise ValueError(f"bad state name {name!r}")
-    except CheckpointError:
-        raise
+        commit = json.loads(raw)
+        name, digest, size = commit["state"], commit["sha256"], commit.get("bytes")
+        if not isinstance(name, str) or not STATE.fullmatch(name):
+            raise ValueError(f"bad state name {name!r}, expected state-<number>.msgpack")
+        if not isinstance(digest, str) or not (size is None or _INT(size)):
+            raise ValueError(f"bad sha256 {digest!r} or bytes {size!r}")
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"commit marker {marker} is corrupt: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"commit marker {marker} is corrupt: {type(e).__name__}: {str(e)[:200]}") from None
     path = st.name(name)
-    data = read(name)
+    data = get(name, size)
     if sha256(data) != digest:
         raise CheckpointError(f"checkpoint state file {path} is corrupt or truncated: its sha256 does not match the "
                               f"one recorded in {marker}")
     st_ = _unpack(data, path)
     if not isinstance(st_, dict) or st_.get("format") != STATE_FORMAT:
         form = st_.get("format") if isinstance(st_, dict) else type(st_).__name__
-        raise CheckpointError(f"checkpoint state file {path} has a bad structure: format {form!r}, expected "
-                              f"{STATE_FORMAT!r}")
+        raise CheckpointError(f"checkpoint state file {path} has a bad structure: format {str(form)[:80]!r}, "
+                              f"expected {STATE_FORMAT!r}")
     return st_, name
 
 
@@ -456,45 +738,52 @@ def shape(run: str | os.PathLike) -> tuple[vit.Config, Mapping[str, Any]]:
     last commit of `run`, read from its state file alone (no component is read)."""
     st = Store(run)
     st_, name = _state(st, st.read)
+    path = st.name(name)
     try:
-        return vit.Config(**st_["cfg"]), dict(st_["extra"])
+        cfg, extra = vit.Config(**st_["cfg"]), st_["extra"]
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint state file {st.name(name)} has a bad structure: {type(e).__name__}: "
-                              f"{e}") from None
+        raise CheckpointError(f"checkpoint state file {path} has a bad structure: {type(e).__name__}: "
+                              f"{str(e)[:200]}") from None
+    _check_extra(extra, path)
+    return cfg, dict(extra)
 
 
 def load(run: str | os.PathLike, read: Callable[[str], bytes] | None = None) -> Checkpoint:
     """Loads and verifies the last commit of `run` (hashes of the state and of every component file). `read` (a
-    relative name -> its bytes) replaces reading `run` itself, e.g. with bytes one process read for all."""
+    relative name -> its bytes) replaces reading `run` itself, e.g. with bytes one process read for all. Every name
+    read is one the format allows (`STATE`, `component_file`), never one taken from a file as it stands."""
     st = Store(run)
-    read = read or st.read
-    st_, name = _state(st, read)
+    get = (lambda rel, n: read(rel)) if read else st.read  # noqa: E731
+    st_, name = _state(st, get)
     path = st.name(name)
     try:
         cfg = vit.Config(**st_["cfg"])
         root = model_of(st_["root"])
         models = {m.task: m for m in map(model_of, st_["models"])}
         lineage = {mid: (p, tuple(c)) for mid, (p, c) in st_["lineage"].items()}
-        comps = st_["components"]
         counter, extra = int(st_["counter"]), st_["extra"]
         pend = st_.get("pending")
-        pcomps = pend["components"] if pend else {}
+        comps = _component_records(st_["components"], path)
+        pcomps = _component_records(pend["components"], path) if pend else {}
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint state file {path} has a bad structure: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"checkpoint state file {path} has a bad structure: {type(e).__name__}: "
+                              f"{str(e)[:200]}") from None
+    _check_extra(extra, path)
     used = {c for m in (root, *models.values()) for c in m.components}
     if missing := sorted(used - set(comps)):
         raise CheckpointError(f"checkpoint state file {path}: models use components it does not list: {missing[:5]}")
-    params, momentum, hashes = {}, {}, {}
-    for cid, rec in (comps | pcomps).items():
-        f = rec["file"]
-        blob = read(f)
-        if sha256(blob) != rec["sha256"]:
+    params, momentum, hashes, sizes = {}, {}, {}, {}
+    for cid, (f, digest_, n) in (comps | pcomps).items():
+        blob = get(f, n)
+        if sha256(blob) != digest_:
             raise CheckpointError(f"checkpoint component file {st.name(f)} is corrupt or truncated: its sha256 does "
                                   f"not match the one recorded in {path}")
         params[cid], momentum[cid] = component(blob, cid, st.name(f))
-        hashes[cid] = rec["sha256"]
+        hashes[cid] = digest_
+        if n is not None:
+            sizes[cid] = n
     system = mu2net.System(cfg, {c: params[c] for c in comps}, {c: momentum[c] for c in comps}, models, root,
                            lineage, counter)
     pending = None
@@ -504,7 +793,7 @@ def load(run: str | os.PathLike, read: Callable[[str], bytes] | None = None) -> 
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"checkpoint state file {path} has a bad pending iteration: {type(e).__name__}: "
                                   f"{e}") from None
-    return Checkpoint(system, extra, hashes, name, pending)
+    return Checkpoint(system, extra, hashes, name, pending, sizes)
 
 
 def code_version() -> str:

@@ -25,6 +25,11 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+# Unit roundoffs of float32 and bfloat16 (8-bit significand): numerical tests derive their tolerances from these and
+# from how many terms the compared computations sum (test_numerics.py reruns them on AVX2 and on one core).
+U32, UBF16 = 2.0**-24, 2.0**-9
+
+
 class NetworkBlocked(RuntimeError):
     pass
 

@@ -30,6 +30,7 @@ import re
 import sys
 import threading
 import tomllib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -46,6 +47,11 @@ VAL_MAX = 10_000  # validation = the first min(n, 10,000) examples (docs/method.
 CACHE_BYTES = 1 << 30  # decode a whole split once when its S-sized copy fits in this many bytes
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MAX_LISTED = 20  # files named in one error line; the rest are counted
+# Images are decoded whole, up to 8 at a time (scan_folder), then resized to S (a few hundred pixels): 4096²
+# pixels (a 16-megapixel photo) is 50 MB decoded; Pillow's own bomb limit (2 × 89 megapixels) would let 8 decodes
+# take several GB.
+MAX_PIXELS = 4096 * 4096
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # MAX_PIXELS, far lower, refuses them
 
 
 class DataError(ValueError):
@@ -430,7 +436,10 @@ class _Files:
 
 
 def _pixels(f: str | os.PathLike) -> np.ndarray:
-    with Image.open(f) as im:
+    with Image.open(f) as im:  # reads the header only: the size is known before anything is decoded
+        if im.width * im.height > MAX_PIXELS:
+            raise ValueError(f"{im.width}×{im.height} pixels, more than the {MAX_PIXELS:,} an image may have here "
+                             f"(it is resized to the run's image size; larger ones are refused as decompression bombs)")
         return np.asarray(im.convert("RGB"))
 
 
@@ -552,6 +561,9 @@ def _split_dir(root: Path, split: str) -> Path:
 
 def _folder_classes(d: Path, root: Path) -> list[str]:
     cls = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in ROLES)
+    if bad := [ascii(c) for c in cls if not c.isprintable()]:  # undecodable bytes come as unprintable surrogates
+        raise DataError(f"image folder {d}: class folder names {_listed(bad)} are not printable UTF-8 text; a class "
+                        f"name is kept in the run's checkpoint and shown in predictions: rename them")
     if not cls:
         raise DataError(f"image folder {d}: expected one subfolder per class (e.g. {d}/cat/001.jpg), found none")
     return cls

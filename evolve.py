@@ -227,7 +227,7 @@ def train_and_evaluate(r: Run, resuming: bool, every: float, log_every: float) -
     iteration, committed after each generation and at its end, and each segment's reports."""
     system, cursor, pending = (_restore if resuming else _start)(r, every, log_every)
     if r.hosts.main:
-        (r.work / "manifest.json").write_text(json.dumps(resolved(r.m), indent=2) + "\n")
+        checkpoint.write_atomic(r.work / "manifest.json", (json.dumps(resolved(r.m), indent=2) + "\n").encode())
         _upload(r, "manifest.json")
     here = report.machine()
     r.version, r.machines = checkpoint.code_version(), r.machines + ([here] if here not in r.machines else [])
@@ -255,7 +255,7 @@ def _start(r: Run, every: float, log_every: float) -> tuple[mu2net.System, Curso
     """A fresh run: an empty log, the start state (`build_root`) and segment 0's start in the history."""
     metrics = r.work / "metrics.jsonl" if r.hosts.main else None
     if metrics:
-        metrics.write_bytes(b"")
+        checkpoint.write_atomic(metrics, b"")
     total = children_left(r.m, r.ntasks, (0, 0, 0), bool(r.m.root.pretrain.task))
     share = len(jax.local_devices()) / len(jax.devices())  # this process's share of the children
     r.progress = Progress(metrics, round(total * share), 0.0, r.stream, every, log_every)
@@ -282,8 +282,7 @@ def _restore(r: Run, every: float, log_every: float
     if metrics:
         if not store.local:
             metrics.write_bytes(store.read("metrics.jsonl") if store.exists("metrics.jsonl") else b"")
-        with open(metrics, "ab") as f:  # drop the log lines written after the last commit
-            f.truncate(int(ck.extra["metrics_bytes"]))
+        checkpoint.cut_log(metrics, ck.extra["metrics_bytes"], lambda s: print(s, file=r.stream, flush=True))
     system, cursor, pending = ck.system, tuple(ck.extra["cursor"]), ck.pending
     if cursor[0] < len(m.segments) and ck.extra.get("key") != key_data(iteration_key(m.seed, *cursor)):
         raise checkpoint.CheckpointError(f"{store.name(ck.state)}: the stored key of task iteration {cursor} is "

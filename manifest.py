@@ -23,6 +23,7 @@ from typing import Any
 import checkpoint
 import data
 import methods
+import published
 import train
 import vit
 
@@ -135,7 +136,7 @@ class Family:
     fields in every segment (the method and its budget), and each value of `values` is one configuration, set as
     the segment field `vary` (s for μ2Net+ and muNet, clone = 'top:K' for fine-tuning, adapter_dim for adapters)."""
 
-    name: str = _f(check=lambda v: bool(v) and "/" not in v, expect="a non-empty name without '/'")
+    name: str = _f(check=checkpoint.plain_name, expect="a non-empty name without '/' (a folder name)")
     vary: str = ""  # a [[segments]] field; "" = a single configuration
     values: tuple[Any, ...] = ()
     set: Mapping[str, Any] = _f(factory=dict)
@@ -156,7 +157,7 @@ class Manifest:
     metric (Section 5: task-set A). `comparison`: Section 4's method families × configurations × repetitions, each
     a sub-run of this manifest (see `runs`)."""
 
-    name: str
+    name: str = _f(check=checkpoint.inside, expect="a relative path without '..' (runs/<name>-seed<seed>)")
     segments: tuple[Segment, ...] = _f(check=lambda v: len(v) >= 1, expect="at least one [[segments]] table")
     seed: int = _f(0, lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)")
     data_dir: str = ""  # "" = TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
@@ -304,6 +305,11 @@ def _check_root_table(r: Root, where: str) -> vit.Config | None:
     if r.kind == "mu2net_state" and r.depth:
         raise ManifestError(f"{where}: root.depth = {r.depth}: expected 0 (root.kind = {r.kind!r} keeps its models)")
     cfg = root_config(r, where)
+    if r.kind == "mu2net_state" and "://" not in r.path and Path(r.path).expanduser().exists():
+        try:  # its population table now, before any work; the checkpoint is read when the run starts
+            published.population(str(Path(r.path).expanduser()))
+        except published.StateError as e:
+            raise ManifestError(f"{where}: root.path = {r.path!r}: {e}") from None
     name = f"ViT {r.vit!r}" if r.vit else f"the ViT of {r.path}"
     if cfg is not None and r.depth > cfg.depth:
         raise ManifestError(f"{where}: root.depth = {r.depth}: expected 0 or at most the {cfg.depth} blocks of {name}")

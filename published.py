@@ -27,6 +27,7 @@ import io
 import json
 import math
 import re
+import typing
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -54,6 +55,11 @@ HPARAMS = {"opt_lr": "lr", "opt_lr_warmup_ratio": "warmup", "opt_momentum": "mom
            "ds_flip_left_right": "flip", "ds_brightness_delta": "brightness", "ds_contrast_delta": "contrast",
            "ds_saturation_delta": "saturation", "ds_hue_delta": "hue", "ds_image_size": "resolution",
            "_mu_": "mu", "num_layers": "num_layers"}
+
+
+MAX_CSV = 1 << 28  # bytes population.csv or components.csv may declare (a few MB for thousands of paths)
+MAX_ENTRY = 1 << 30  # bytes one entry of the checkpoint (a component's parameters or momentum) may take
+MAX_ID = 1 << 53  # path and component ids are below this (the notebook counts from 0; a float CSV cell holds it)
 
 
 class StateError(ValueError):
@@ -102,10 +108,31 @@ class _Files:
         walk(self.root, "", 0)
         return out
 
-    def read(self, name: str) -> bytes:
+    def size(self, name: str) -> int:
+        """The size the layout declares: the zip directory's uncompressed size, or the file's."""
         try:
-            return self.zip.read(name) if self.zip is not None else (self.root / name).read_bytes()
+            return self.zip.getinfo(name).file_size if self.zip is not None else (self.root / name).stat().length
+        except (OSError, KeyError) as e:
+            raise StateError(f"{self.path(name)}: cannot read it: {e}") from None
+
+    def open(self, name: str, cap: int) -> typing.BinaryIO:
+        """A stream of `name`, refused before any read when its declared size is over `cap`. A zip member never
+        yields more than its declared size (zipfile stops there and checks the CRC), so a zip bomb is refused by
+        what it declares, or ends at it."""
+        n = self.size(name)
+        if n > cap:
+            raise StateError(f"{self.path(name)}: declares {n:,} bytes, more than the {cap:,} this file may have "
+                             f"(a corrupt or malicious state?)")
+        try:
+            return self.zip.open(name) if self.zip is not None else (self.root / name).open("rb")
         except (OSError, KeyError, zipfile.BadZipFile) as e:
+            raise StateError(f"{self.path(name)}: cannot read it: {e}") from None
+
+    def read(self, name: str, cap: int) -> bytes:
+        try:
+            with self.open(name, cap) as f:
+                return f.read(cap)
+        except (OSError, zipfile.BadZipFile) as e:
             raise StateError(f"{self.path(name)}: cannot read it: {e}") from None
 
     def path(self, name: str) -> str:
@@ -162,9 +189,18 @@ def _unchunk(tree: Any) -> Any:
     return {k: _unchunk(v) for k, v in tree.items()}
 
 
-def unpack_flax(data: bytes) -> Any:
-    """Bytes of `flax.serialization.to_bytes` -> nested dicts of numpy arrays."""
-    return _unchunk(msgpack.unpackb(data, ext_hook=_ext, raw=False, strict_map_key=False))
+def stream_flax(f: typing.BinaryIO, keep: Callable[[Any], bool]) -> Iterator[tuple[Any, Any]]:
+    """(key, value) of the top-level table of a Flax msgpack stream, one entry in memory at a time; the value is
+    None where `keep(key)` is false (skipped unparsed). No entry may need more than `MAX_ENTRY` bytes."""
+    u = msgpack.Unpacker(f, ext_hook=_ext, raw=False, strict_map_key=False, max_buffer_size=MAX_ENTRY,
+                         read_size=1 << 20)
+    for _ in range(u.read_map_header()):
+        key = u.unpack()
+        if keep(key):
+            yield key, _unchunk(u.unpack())
+        else:
+            u.skip()
+            yield key, None
 
 
 # --- CSV rows -> models --------------------------------------------------------------------------------------
@@ -189,7 +225,7 @@ def _cell(s: str) -> Any:
 def _ids(s: str, where: str) -> list[int]:
     try:
         return [int(float(v)) for v in str(s).split("_") if v != ""]
-    except ValueError:
+    except (ValueError, OverflowError):
         raise StateError(f"{where}: components = {s!r}: expected component ids joined by '_'") from None
 
 
@@ -236,7 +272,7 @@ def selections(row: Mapping[str, Any], where: str) -> dict[str, float]:
 
 def read_csv(files: _Files, name: str) -> list[dict[str, Any]]:
     try:
-        text = files.read(name).decode("utf-8")
+        text = files.read(name, MAX_CSV).decode("utf-8")
         rows = [{k: v if k in _TEXT else _cell(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(text))]
     except (UnicodeDecodeError, csv.Error) as e:
         raise StateError(f"{files.path(name)}: not a readable CSV file: {e}") from None
@@ -260,30 +296,82 @@ def component(name: str, tree: Any, dtype: Any) -> eqx.Module:
     arrays = {"cls": tree} if name == "cls" and not isinstance(tree, dict) else dict(_flat(tree))
     if other := sorted(k for k, a in arrays.items() if not isinstance(a, np.ndarray)):
         raise ValueError(f"expected arrays, found other values at {other}")
-    module = checkpoint.build(cls, {k: np.asarray(a).astype(dtype) for k, a in arrays.items()})
+    module = checkpoint.build(cls, {k: np.asarray(a, dtype) for k, a in arrays.items()})  # no copy if dtype fits
     extra = set(arrays) - set(vit.flat(module))
     if extra:
         raise ValueError(f"arrays {sorted(extra)} have no place in {cls.__name__}")
     return module
 
 
+def _shown(v: Any) -> str:
+    return "'' (empty)" if v is None else repr(v)
+
+
+def _int(v: Any, lo: int, where: str, what: str) -> int:
+    """An id cell: an integer, or a float that is one (pandas writes a column with a missing value as floats)."""
+    i = int(v) if isinstance(v, float) and math.isfinite(v) and v == int(v) else v
+    if not (isinstance(i, int) and not isinstance(i, bool) and lo <= i < MAX_ID):
+        raise StateError(f"{where}: {what} = {_shown(v)}: expected an integer in [{lo}, 2^53)")
+    return i
+
+
+def check_rows(rows: list[dict[str, Any]], where: str) -> None:
+    """Each population row's fields are what the notebook writes: an integer id and parent_id (made ints here), a
+    task name, the path's component ids, and numbers (or booleans, or nothing) for the Table 1 hyperparameters."""
+    need = {"task_name", "id", "parent_id", "components"}
+    if not rows or not need <= set(rows[0]):
+        raise StateError(f"{where}: expected a header with {sorted(need)} and one row per path, found "
+                         f"{sorted(rows[0]) if rows else 'no rows'}")
+    for i, r in enumerate(rows):
+        at = f"{where}: row {i + 1}"
+        if not isinstance(r["task_name"], str) or not r["task_name"]:
+            raise StateError(f"{at}: task_name = {_shown(r['task_name'])}: expected a task name")
+        r["id"] = _int(r["id"], 0, at, "id")
+        at = f"{where}: path {r['id']} ({r['task_name']})"
+        if r["task_name"] != ROOT_TASK or r["parent_id"] is not None:  # the root's parent: -1 or nothing
+            r["parent_id"] = _int(r["parent_id"], -1, at, "parent_id")
+        for c in _ids(r["components"], at):
+            _int(c, 0, at, "component id")
+        selections(r, at)  # μ2Net's per-task counts: a JSON table, checked before any work
+        for name, ours in HPARAMS.items():
+            v = r.get(f"hparams.{name}")
+            if v is None or isinstance(v, bool) or (isinstance(v, float) and math.isnan(v)):
+                continue
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or (
+                    ours in ("resolution", "num_layers") and (v != int(v) or not 0 <= v < 1 << 16)):
+                raise StateError(f"{at}: hparams.{name} = {_shown(v)}: expected "
+                                 + ("a whole number in [0, 65536)" if ours in ("resolution", "num_layers")
+                                    else "a finite number"))
+
+
+def population(path: str) -> list[dict[str, Any]]:
+    """The checked rows of the population.csv of the published state at `path` (the CSV only: cheap, so a run
+    checks it before it makes its run directory)."""
+    files = _Files(str(path))
+    pop_name, _ = locate(files)
+    rows = read_csv(files, pop_name)
+    check_rows(rows, files.path(pop_name))
+    return rows
+
+
 def read(path: str, log: Callable[[str], None] | None = None) -> mu2net.System:
     """The published state at `path` (folder, .zip or gs://) as a System: the root (the NOT_TRAINABLE path), one
-    model per task with its hyperparameters, metrics and parent, and the components the models share by id."""
-    files = _Files(str(path))
-    pop_name, ck_name = locate(files)
+    model per task with its hyperparameters, metrics and parent, and the components the models share by id. The
+    checkpoint is streamed: one entry in memory at a time, only the components the models use converted."""
+    pop_name, ck_name = locate(files := _Files(str(path)))
     where_pop, where_ck = files.path(pop_name), files.path(ck_name)
     if log:
         log(f"reading the μ2Net state {where_pop} and {where_ck}")
     rows, roots, best = _population(files, pop_name, log)
-    tree, names = _read_tree(files, ck_name)
-    by_id = {int(r["id"]): r for r in rows}
+    keep = {i for r in (roots[0], *(r for r, _ in best.values())) for i in _ids(r["components"], where_pop)}
+    names, params, mom = _stream_arrays(files, ck_name, keep)
+    by_id = {r["id"]: r for r in rows}
 
     def model_id(r: Mapping[str, Any]) -> str:
-        return mu2net.ROOT if r["task_name"] == ROOT_TASK else mu2net.model_id(r["task_name"], int(r["id"]))
+        return mu2net.ROOT if r["task_name"] == ROOT_TASK else mu2net.model_id(r["task_name"], r["id"])
 
     def parent_of(r: Mapping[str, Any]) -> str | None:
-        p = by_id.get(int(r["parent_id"])) if r["task_name"] != ROOT_TASK else None
+        p = by_id.get(r["parent_id"]) if r["task_name"] != ROOT_TASK else None
         return None if p is None else model_id(p)
 
     def comp_ids(r: Mapping[str, Any]) -> tuple[str, ...]:
@@ -303,7 +391,7 @@ def read(path: str, log: Callable[[str], None] | None = None) -> mu2net.System:
     # the experiment's (μ2Net+ turns augmentation off where the published root was trained with μ2Net's).
     root = mu2net.Model(mu2net.ROOT, mu2net.ROOT, comp_ids(roots[0]), {}, {}, None, selections(roots[0], where_pop))
     models = {t: mu2net.Model(model_id(r), t, comp_ids(r), hparams(r), {}, parent_of(r), _metrics(r, where_pop))
-              for t, (r, _) in sorted(best.items(), key=lambda kv: int(kv[1][0]["id"]))}
+              for t, (r, _) in sorted(best.items(), key=lambda kv: kv[1][0]["id"])}
     lineage: dict[str, tuple[str | None, tuple[str, ...]]] = {mu2net.ROOT: (None, root.components)}
     for m in models.values():  # retained models and the chain of their ancestors in the population
         lineage[m.id] = (m.parent, m.components)
@@ -314,7 +402,11 @@ def read(path: str, log: Callable[[str], None] | None = None) -> mu2net.System:
             mid = parent_of(r)
 
     used = sorted({c for m in (root, *models.values()) for c in m.components}, key=mu2net.id_number)
-    params, momentum = _arrays(tree, used, where_ck)
+    if missing := [c for c in used if c not in params]:
+        raise StateError(f"{where_ck}: component {missing[0]!r} does not hold the arrays of a "
+                         f"{mu2net.kind(missing[0])}: its parameters are missing")
+    params = {c: params[c] for c in used}
+    momentum = {c: mom[c] if c in mom else mu2net.zeros_like_bf16(params[c]) for c in used}
     _check_names(files, pop_name, names)
     root_comps = {mu2net.kind(c): params[c] for c in root.components}
     cfg = vit.infer_config({k: v.shape for k, v in vit.to_flat(root_comps).items()})
@@ -326,20 +418,17 @@ def read(path: str, log: Callable[[str], None] | None = None) -> mu2net.System:
 
 def _population(files: _Files, pop_name: str, log: Callable[[str], None] | None
                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, tuple[dict[str, Any], float]]]:
-    """population.csv's rows, its root row, and one retained path per task with its score. A state saved in the
-    middle of a task iteration holds every improved path of the active task: the best is kept, the most recent on
-    ties, as the notebook's `end_task` does."""
+    """population.csv's checked rows, its root row, and one retained path per task with its score. A state saved
+    in the middle of a task iteration holds every improved path of the active task: the best is kept, the most
+    recent on ties, as the notebook's `end_task` does."""
     where_pop = files.path(pop_name)
     rows = read_csv(files, pop_name)
-    need = {"task_name", "id", "parent_id", "components"}
-    if not rows or not need <= set(rows[0]):
-        raise StateError(f"{where_pop}: expected a header with {sorted(need)} and one row per path, found "
-                         f"{sorted(rows[0]) if rows else 'no rows'}")
+    check_rows(rows, where_pop)
     roots = [r for r in rows if r["task_name"] == ROOT_TASK]
     if len(roots) != 1:
         raise StateError(f"{where_pop}: expected exactly one root path (task_name {ROOT_TASK}), found {len(roots)}")
     best: dict[str, tuple[dict[str, Any], float]] = {}
-    for r in sorted(rows, key=lambda r: int(r["id"]), reverse=True):
+    for r in sorted(rows, key=lambda r: r["id"], reverse=True):
         t = r["task_name"]
         s = r.get("score")
         s = -math.inf if not isinstance(s, (int, float)) or math.isnan(s) else float(s)
@@ -350,43 +439,48 @@ def _population(files: _Files, pop_name: str, log: Callable[[str], None] | None
     return rows, roots, best
 
 
-def _read_tree(files: _Files, ck_name: str) -> tuple[dict, dict[int, str]]:
-    """The Flax msgpack checkpoint as a table keyed '<component>:<id>', and each component id's name."""
+_KEY = re.compile(r"(opt_state:)?([A-Za-z_]+(?:_\d+)?):(\d+)")
+
+
+def _stream_arrays(files: _Files, ck_name: str, keep: set[int]
+                   ) -> tuple[dict[int, str], dict[str, eqx.Module], dict[str, eqx.Module]]:
+    """Each component id's name, and the parameters (float32) and momentum (bfloat16) of the ids in `keep`, read
+    from the Flax msgpack checkpoint one entry at a time (`stream_flax`)."""
     where_ck = files.path(ck_name)
+    names: dict[int, str] = {}
+    params: dict[str, eqx.Module] = {}
+    mom: dict[str, eqx.Module] = {}
+
+    def kept(key: Any) -> bool:
+        m = _KEY.fullmatch(str(key))
+        return bool(m) and int(m.group(3)) in keep
+
     try:
-        tree = unpack_flax(files.read(ck_name))
+        with files.open(ck_name, 1 << 62) as f:
+            for key, tree in stream_flax(f, kept):
+                m = _KEY.fullmatch(str(key))
+                if not m:
+                    raise StateError(f"{where_ck}: key {key!r}: expected '<component>:<id>' or "
+                                     f"'opt_state:<component>:<id>'")
+                opt, name, i = m.group(1), m.group(2), _int(int(m.group(3)), 0, where_ck, f"the id of key {key!r}")
+                if not opt:
+                    names[i] = name
+                if tree is None:
+                    continue
+                cid = mu2net.component_id(name, i)
+                try:
+                    (mom if opt else params)[cid] = component(name, tree, ml_dtypes.bfloat16 if opt else np.float32)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise StateError(f"{where_ck}: component {cid!r} does not hold the arrays of a {name}: "
+                                     f"{type(e).__name__}: {e}") from None
     except StateError:
         raise
-    except Exception as e:  # noqa: BLE001 -- msgpack raises several types on truncated or foreign data
+    except Exception as e:  # noqa: BLE001 -- msgpack raises several types on truncated, oversized or foreign data
         raise StateError(f"{where_ck}: not a readable Flax msgpack checkpoint (truncated or corrupt?): "
-                         f"{type(e).__name__}: {e}") from None
-    if not isinstance(tree, dict) or not tree:
-        raise StateError(f"{where_ck}: expected a table keyed '<component>:<id>', found {type(tree).__name__}")
-    names: dict[int, str] = {}
-    for key in tree:
-        m = re.fullmatch(r"(?:opt_state:)?([A-Za-z_]+(?:_\d+)?):(\d+)", str(key))
-        if not m:
-            raise StateError(f"{where_ck}: key {key!r}: expected '<component>:<id>' or 'opt_state:<component>:<id>'")
-        if not str(key).startswith("opt_state:"):
-            names[int(m.group(2))] = m.group(1)
-    return tree, names
-
-
-def _arrays(tree: Mapping[str, Any], used: Sequence[str], where_ck: str
-            ) -> tuple[dict[str, eqx.Module], dict[str, eqx.Module]]:
-    """The parameters (float32) and momentum (bfloat16; zero where the state has none) of the components used."""
-    params: dict[str, eqx.Module] = {}
-    momentum: dict[str, eqx.Module] = {}
-    for cid in used:
-        try:
-            params[cid] = component(mu2net.kind(cid), tree[cid], np.float32)
-            mom = tree.get(f"opt_state:{cid}")
-            momentum[cid] = (mu2net.zeros_like_bf16(params[cid]) if mom is None
-                             else component(mu2net.kind(cid), mom, ml_dtypes.bfloat16))
-        except (KeyError, TypeError, ValueError) as e:
-            raise StateError(f"{where_ck}: component {cid!r} does not hold the arrays of a {mu2net.kind(cid)}: "
-                             f"{type(e).__name__}: {e}") from None
-    return params, momentum
+                         f"{type(e).__name__}: {str(e)[:300]}") from None
+    if not names:
+        raise StateError(f"{where_ck}: expected a table keyed '<component>:<id>', found no component")
+    return names, params, mom
 
 
 def _check_names(files: _Files, pop_name: str, names: Mapping[int, str]) -> None:

@@ -15,6 +15,7 @@ system; nothing trains.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -147,6 +148,13 @@ def machine() -> dict[str, Any]:
         backend=jax.default_backend())
 
 
+def _save(fig: Any, path: str | Path, dpi: int) -> None:
+    """A figure as a PNG written whole (`checkpoint.write_atomic`: never through a link at `path`)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    checkpoint.write_atomic(path, buf.getvalue())
+
+
 def machine_line(machines: Sequence[Mapping[str, Any]]) -> str:
     """Where a run was computed (its figures depend on the CPU's instruction set and core count:
     docs/reproducibility.md)."""
@@ -161,7 +169,8 @@ def write(run: str | Path, history: Sequence[Mapping[str, Any]], report_tasks: S
     run = Path(run)
     text = tables(history)
     where = f"Computed on: {machine_line(machines)}\n\n" if machines else ""
-    (run / "report.md").write_text(f"# {run.name}\n\nReport set: {', '.join(report_tasks)}\n\n{where}{text}")
+    checkpoint.write_atomic(run / "report.md",
+                            f"# {run.name}\n\nReport set: {', '.join(report_tasks)}\n\n{where}{text}".encode())
     if stream is not None:
         print(f"\n## after segment {history[-1]['segment']}\n\n{text}", file=stream, flush=True)
     if final:
@@ -186,7 +195,7 @@ def plot_metrics(history: Sequence[Mapping[str, Any]], path: str | Path) -> None
         ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path, 110)
     plt.close(fig)
 
 
@@ -242,7 +251,7 @@ def plot_graph(system: mu2net.System, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(models) + 2), 7))
     if not models:
         ax.text(0.5, 0.5, "no models yet", ha="center")
-        fig.savefig(path, dpi=110)
+        _save(fig, path, 110)
         plt.close(fig)
         return
     cmap = plt.get_cmap("tab20" if len(models) > 10 else "tab10")
@@ -273,7 +282,7 @@ def plot_graph(system: mu2net.System, path: str | Path) -> None:
     for s in ("top", "right", "bottom"):
         ax.spines[s].set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path, 110)
     plt.close(fig)
 
 
@@ -481,7 +490,7 @@ def plot_hparams(history: Sequence[Mapping[str, Any]], path: str | Path) -> None
         axes.flat[0].legend(fontsize=6)
     fig.suptitle("hyperparameter values of the retained models (count per segment end)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path, 100)
     plt.close(fig)
 
 
@@ -504,7 +513,7 @@ def plot_clone_depth(history: Sequence[Mapping[str, Any]], depth: int, path: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path, 110)
     plt.close(fig)
 
 
@@ -525,7 +534,7 @@ def plot_mu_values(history: Sequence[Mapping[str, Any]], path: str | Path) -> No
         ax.axis("off")
     fig.suptitle(f"μ values (%) over the retained models{' at ' + segs[-1]['segment'] if segs else ''}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path, 100)
     plt.close(fig)
 
 
@@ -537,7 +546,7 @@ def figures(run: str | Path, history: Sequence[Mapping[str, Any]], a_tasks: Sequ
     if machines:
         head, _, rest = text.partition("\n\n")
         text = f"{head}\n\nComputed on: {machine_line(machines)}\n\n{rest}"
-    (run / "analysis.md").write_text(text)
+    checkpoint.write_atomic(run / "analysis.md", text.encode())
     if _segments(history):
         plot_hparams(history, run / "hparams.png")
         plot_clone_depth(history, depth, run / "mu_depth.png")
@@ -623,7 +632,7 @@ def plot_aggregate(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
         ax.set_xticks(x, [r["segment"] for r in rows], rotation=30, ha="right", fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path, 110)
     plt.close(fig)
 
 
@@ -641,8 +650,9 @@ def aggregate_runs(runs: Sequence[str | Path], out: str | Path) -> list[dict]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = ", ".join(f"{r} (seed {ck.extra.get('seed')})" for r, ck in zip(runs, cks))
-    (out / "aggregate.md").write_text(f"# Figure 3 over {len(runs)} runs: mean ± sample std (ddof = 1)\n\n"
-                                      f"Runs: {seeds}\n\n![aggregate](aggregate.png)\n\n{aggregate_table(rows)}")
+    checkpoint.write_atomic(out / "aggregate.md", (f"# Figure 3 over {len(runs)} runs: mean ± sample std (ddof = 1)"
+                                                   f"\n\nRuns: {seeds}\n\n![aggregate](aggregate.png)\n\n"
+                                                   f"{aggregate_table(rows)}").encode())
     plot_aggregate(rows, out / "aggregate.png")
     return rows
 
@@ -737,7 +747,7 @@ def plot_figure2(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path, 110)
     plt.close(fig)
 
 
@@ -747,7 +757,7 @@ def write_comparison(out: str | Path) -> list[dict[str, Any]]:
     out = Path(out)
     rows = compare_rows(sub_runs([out]))
     if rows:
-        (out / "comparison.md").write_text(f"# {out.name}\n\n" + table2(rows))
+        checkpoint.write_atomic(out / "comparison.md", (f"# {out.name}\n\n" + table2(rows)).encode())
         plot_figure2(rows, out / "figure2.png", out.name)
     return rows
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import checkpoint
+
 KILL_ENV = "MU2NET_TEST_KILL_AFTER"  # tests: os._exit after this many finished child trainings
 
 
@@ -36,7 +38,7 @@ class Progress:
     def __init__(self, metrics: Path | None, total: int, elapsed: float, stream: Any = sys.stderr,
                  every: float = 30.0, log_every: float = 300.0):
         self.lock = threading.Lock()
-        self.metrics = open(metrics, "ab") if metrics else None
+        self.metrics = checkpoint.open_log(metrics) if metrics else None
         self.total, self.done, self.t0, self.before = total, 0, time.monotonic(), elapsed
         self.stream, self.where, self.cycles, self.gen = stream, {}, 1, {}
         self.every, self.log_every, self.steps = every, log_every, {}
@@ -63,8 +65,7 @@ class Progress:
         with self.lock:
             if not self.metrics:
                 return 0
-            self.metrics.flush()
-            return self.metrics.tell()
+            return checkpoint.synced_size(self.metrics)  # on disk before a commit records it
 
     def _step(self, rec: dict) -> None:
         """Inside a child: time-based, so a report costs one device sync (the loss) per `every` seconds."""

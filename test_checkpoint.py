@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import jax
@@ -47,7 +48,7 @@ def _snapshot(d: Path) -> dict[str, bytes]:
 
 def test_round_trip_is_bit_identical(tmp_path):
     s = _system()
-    extra = {"cursor": [1, 0, 2], "manifest": {"P": float("inf"), "name": "x"}, "history": []}
+    extra = {"at": [1, 0, 2], "manifest": {"P": float("inf"), "name": "x"}, "history": []}
     ck = checkpoint.save(tmp_path, s, extra)
     got = checkpoint.load(tmp_path)
     t = got.system
@@ -55,7 +56,7 @@ def test_round_trip_is_bit_identical(tmp_path):
     assert any(str(np.asarray(x).dtype) == "bfloat16" for x in jax.tree.leaves(t.momentum))
     m = t.models["digits"]
     assert isinstance(m.components, tuple) and m.hp["nesterov"] is True and isinstance(m.metrics["flops"], int)
-    assert got.extra["cursor"] == [1, 0, 2] and got.extra["manifest"]["P"] == float("inf")
+    assert got.extra["at"] == [1, 0, 2] and got.extra["manifest"]["P"] == float("inf")
     assert got.hashes == ck.hashes and got.state == ck.state
 
 
@@ -191,12 +192,12 @@ def test_object_store_without_rename_saves_and_loads():
     import fsspec
     run = "memory://ckpt-test/run"
     s = _system()
-    ck = checkpoint.save(run, s, {"cursor": [0, 0, 1]}, pending=_pending(s))
+    ck = checkpoint.save(run, s, {"at": [0, 0, 1]}, pending=_pending(s))
     assert checkpoint.exists(run)
-    ck2 = checkpoint.save(run, s, {"cursor": [0, 1, 0]}, ck)
+    ck2 = checkpoint.save(run, s, {"at": [0, 1, 0]}, ck)
     checkpoint.prune(run, ck2)
     got = checkpoint.load(run)
-    assert mu2net.identical(got.system, s) and got.extra["cursor"] == [0, 1, 0] and got.pending is None
+    assert mu2net.identical(got.system, s) and got.extra["at"] == [0, 1, 0] and got.pending is None
     fs = fsspec.filesystem("memory")
     assert [p.rsplit("/", 1)[1] for p in fs.glob("/ckpt-test/run/state-*")] == ["state-000001.msgpack"]
     assert not [p for p in fs.find("/ckpt-test/run") if ".tmp" in p]
@@ -210,11 +211,11 @@ def test_full_disk_leaves_the_last_commit_loadable(tmp_path, monkeypatch):
     before = _snapshot(tmp_path)
     real = checkpoint._put
 
-    def full(path, data):  # the disk fills up half-way through the new state file
-        if "state-" in path.name:
-            real(path, data[: len(data) // 2])
+    def full(fd, data):  # the disk fills up half-way through the new state file
+        if "state-" in os.readlink(f"/proc/self/fd/{fd}"):
+            real(fd, data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
+        real(fd, data)
 
     monkeypatch.setattr(checkpoint, "_put", full)
     with pytest.raises(checkpoint.DiskFull, match=r"no space left on device while writing .*state-000001\.msgpack.*"

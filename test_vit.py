@@ -11,6 +11,7 @@ import scipy.ndimage
 import scipy.special
 
 import vit
+from conftest import U32
 
 CFG = vit.CONFIGS["tiny"]  # width 32, 2 blocks, mlp 64, 2 heads, 4-px patches
 RES = 16
@@ -81,6 +82,7 @@ def test_forward_depths_differ(model):
     assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[1], outs[2])
 
 
+@pytest.mark.numeric
 def test_adapters_before_blocks(model):
     """`residual_adapter_{i}` sits before block i (Section 4 baseline); a fresh one is the identity."""
     x = _images(3)
@@ -94,7 +96,9 @@ def test_adapters_before_blocks(model):
     # an adapter at index 1 acts between block 0 and block 1
     manual = _call(model["encoderblock_1"], _call(trained[1], _call(model["encoderblock_0"], h)))
     path = [model["encoderblock_0"], trained[1], model["encoderblock_1"]]
-    np.testing.assert_allclose(_fwd(path, h), manual, rtol=1e-6, atol=1e-6)
+    # One program against three: the same float32 maths, fused otherwise. Each of the ~10 sums on the way (3 stages
+    # of attention/MLP, at most 64 terms each) may round differently: ≤ 10·64·U of the values' scale.
+    np.testing.assert_allclose(_fwd(path, h), manual, rtol=0, atol=10 * 64 * U32 * float(jnp.abs(manual).max()))
 
 
 # --- AugReg maths against a direct numpy implementation ---------------------------------------------------
@@ -127,18 +131,24 @@ def _np_block(b, x, eps=1e-6, gelu=_np_gelu_tanh):
     return x + gelu(y @ m.Dense_0.kernel + m.Dense_0.bias) @ m.Dense_1.kernel + m.Dense_1.bias
 
 
+@pytest.mark.numeric
 def test_block_matches_augreg_maths(model):
     b = model["encoderblock_0"]
     rng = np.random.default_rng(3)
     x = rng.normal(0.0, 1.0, (2, 5, CFG.width))
     x[0, 1] = 1e-3 * rng.normal(size=CFG.width)  # variance ~1e-6: LayerNorm epsilon matters here
     got = np.asarray(_call(b, jnp.asarray(x, jnp.float32)), np.float64)
-    np.testing.assert_allclose(got, _np_block(b, x), rtol=1e-4, atol=1e-4)
+    ref = _np_block(b, x)
+    # float32 against float64: 8 sums in sequence (LN, q/k/v, logits, softmax, values, out, LN, 2 MLP layers), at
+    # most 64 terms each, on values of the output's scale: ≤ 8·64·U relative to it (≈ 1e-4 here).
+    tol = 8 * 64 * U32 * np.abs(ref).max()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
     # the reference is sharp enough to see the wrong epsilon or the erf gelu
-    assert not np.allclose(got, _np_block(b, x, eps=1e-5), rtol=1e-4, atol=1e-4)
-    assert not np.allclose(got, _np_block(b, x, gelu=_np_gelu_erf), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got, _np_block(b, x, eps=1e-5), rtol=0, atol=tol)
+    assert not np.allclose(got, _np_block(b, x, gelu=_np_gelu_erf), rtol=0, atol=tol)
 
 
+@pytest.mark.numeric
 def test_stem_and_head_match_augreg_maths(model):
     """Patch embedding is a stride-p conv (HWIO kernel); cls is prepended, then posembed added; head reads cls."""
     x = np.asarray(_images(3), np.float64)
@@ -149,17 +159,23 @@ def test_stem_and_head_match_augreg_maths(model):
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest"
     )
     tok = np.asarray(conv, np.float64).reshape(3, -1, CFG.width) + np.asarray(model["embedding"].bias)
-    # the same by hand for one patch: rows i..i+p, cols j..j+p of image 0
-    np.testing.assert_allclose(tok[0, 1], np.einsum("pqc,pqcd->d", x[0, :p, p:2 * p], k) + model["embedding"].bias,
-                               rtol=1e-5, atol=1e-5)
+    # the same by hand for one patch: rows i..i+p, cols j..j+p of image 0. A float32 sum of n = p·p·3 = 48 products
+    # is within n·U·Σ|products| of the exact one (Higham's γ_n), + U of the bias.
+    patch, n = x[0, :p, p:2 * p], p * p * 3
+    bias = np.asarray(model["embedding"].bias, np.float64)
+    bound = n * U32 * np.einsum("pqc,pqcd->d", np.abs(patch), np.abs(k)) + U32 * np.abs(bias)
+    assert np.all(np.abs(tok[0, 1] - (np.einsum("pqc,pqcd->d", patch, k) + bias)) <= bound)
     cls = np.broadcast_to(np.asarray(model["cls"].cls, np.float64), (3, 1, CFG.width))
     h = np.concatenate([cls, tok], 1) + np.asarray(model["posembed_input"].pos_embedding)
     got = _fwd(_path(model, 0)[:3], jnp.asarray(x, jnp.float32))
-    np.testing.assert_allclose(got, h, rtol=1e-4, atol=1e-4)
+    # as a matmul of patches: the same 48-term sums (then two additions), on tokens of h's scale
+    np.testing.assert_allclose(got, h, rtol=0, atol=(n + 2) * U32 * np.abs(h).max())
     n = model["encoder_norm"]
     logits = _np_ln(h, np.asarray(n.scale), np.asarray(n.bias), 1e-6)[:, 0] @ np.asarray(model["head"].kernel)
     logits += np.asarray(model["head"].bias)
-    np.testing.assert_allclose(_fwd(_path(model, 0), jnp.asarray(x, jnp.float32)), logits, rtol=1e-4, atol=1e-4)
+    # + LayerNorm (two 32-term means) and the head (a 32-term sum), on the logits' scale
+    np.testing.assert_allclose(_fwd(_path(model, 0), jnp.asarray(x, jnp.float32)), logits, rtol=0,
+                               atol=(48 + 3 * 32) * U32 * np.abs(logits).max())
 
 
 # --- AugReg checkpoints ----------------------------------------------------------------------------------
@@ -299,12 +315,14 @@ def test_resample_posembed_matches_scipy_zoom(model):
     assert b.shape == (1, 1 + 36, CFG.width) and b.dtype == np.float32
     np.testing.assert_array_equal(b[0, 0], a[0, 0])  # class-token row kept
     ref = scipy.ndimage.zoom(a[0, 1:].reshape(4, 4, -1), (6 / 4, 6 / 4, 1), order=1)
-    np.testing.assert_allclose(b[0, 1:], ref.reshape(36, -1), rtol=1e-6, atol=1e-6)
+    # scipy on both sides (float64 inside, float32 out): the same numbers; the corners keep their value, and so
+    # does a zoom by 1, up to one float32 rounding (U relative)
+    np.testing.assert_array_equal(b[0, 1:], ref.reshape(36, -1))
     np.testing.assert_allclose(b[0, 1:].reshape(6, 6, -1)[[0, 0, -1, -1], [0, -1, 0, -1]],
-                               a[0, 1:].reshape(4, 4, -1)[[0, 0, -1, -1], [0, -1, 0, -1]], rtol=1e-6)  # corners
+                               a[0, 1:].reshape(4, 4, -1)[[0, 0, -1, -1], [0, -1, 0, -1]], rtol=U32)  # corners
     assert vit.resolution(out, CFG.patch) == 24
     same = vit.resample_posembed(pe, RES, CFG.patch)
-    np.testing.assert_allclose(same.pos_embedding, pe.pos_embedding, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(same.pos_embedding, pe.pos_embedding, rtol=U32)
 
 
 def test_resample_posembed_up_then_down():
@@ -319,7 +337,10 @@ def test_resample_posembed_up_then_down():
     u = np.asarray(up.pos_embedding)[0, 1:].reshape(24, 24, d)
     s = (g - 1) / (24 - 1)  # corners align
     ii, jj = np.meshgrid(np.arange(24) * s, np.arange(24) * s, indexing="ij")
-    np.testing.assert_allclose(u, ii[..., None] * w[0] + jj[..., None] * w[1] + w[2], rtol=1e-4, atol=1e-4)
+    # float32 in and out, float64 inside: the input's rounding (U relative) and the output's (U), each on values
+    # of |lin|'s scale; the way back adds two more
+    scale = np.abs(lin).max()
+    np.testing.assert_allclose(u, ii[..., None] * w[0] + jj[..., None] * w[1] + w[2], rtol=0, atol=2 * U32 * scale)
     back = vit.resample_posembed(up, 224, 16)
-    np.testing.assert_allclose(back.pos_embedding, pe.pos_embedding, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(back.pos_embedding, pe.pos_embedding, rtol=0, atol=4 * U32 * scale)
     assert float(back.pos_embedding[0, 0, 0]) == 7.0
