@@ -16,8 +16,8 @@ program's peak plus these. The analysis is XLA:CPU's (the machine this runs on);
 the figures are this compiler's buffer assignment of the same program, not a TPU's.
 
 Settings (train.ChildBudget): plain (remat = false, micro_batches = 1), remat (per encoder block), and `fit`: remat
-with the fewest micro-batches (a power of two) that brings the child under `--fit` GiB, a row of its own when
-remat alone does not.
+with the fewest micro-batches (a power of two) that brings the child under `--fit` GiB: when remat alone does not,
+a row for each count tried (2, 4, ...).
 """
 import argparse
 import dataclasses
@@ -187,12 +187,11 @@ def table(cases: list[Case], names: list[str], fit: float) -> None:
     for case in cases:
         for name, remat, micro in settings(case, names, fit):
             print(row(case, name, analyse(case, remat, micro)), flush=True)
-        if "fit" in names:  # printed when remat alone does not fit
+        if "fit" in names:  # when remat alone does not fit: a row per micro-batch count tried
             micro, p = 1, analyse(case, True, 1)
             while p.child > fit * GiB and case.batch % (micro * 2) == 0:
                 micro *= 2
                 p = analyse(case, True, micro)
-            if micro > 1:
                 print(row(case, f"remat, micro_batches = {micro}", p), flush=True)
 
 

@@ -20,7 +20,9 @@ FLOP/s count the model's work, 3 forward passes per training image (score.flops 
 analysis does; the backward costs two), and beside it what the program executes: with remat one more forward
 of the blocks. The model of the memory (bytes): parameters (float32) + momentum (bfloat16) + gradients (float32)
 + activations (what the backward keeps: per block b·n·(7·d + 3·m) + 2·b·h·n² floats; with remat every block's
-input b·n·d and one block's activations) + data (the uint8 and float32 chunk, the validation set).
+input b·n·d and one block's activations) + data (the uint8 and float32 chunk, the validation set). On a CPU the
+device is the host: the process's RSS also holds the runtime, the compiled programs and the host copy of the
+components a run keeps (mu2net.System), so the child's own memory is the growth of the peak over the RSS before it.
 """
 import argparse
 import dataclasses
@@ -57,12 +59,12 @@ def status(field: str) -> int:
 
 
 class Phase:
-    """Wall seconds and peak RSS (VmHWM, reset on entry) of a block of work."""
+    """Wall seconds, RSS on entry and peak RSS (VmHWM, reset on entry) of a block of work."""
 
     def __enter__(self):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
-        self.t = time.perf_counter()
+        self.t, self.start = time.perf_counter(), status("VmRSS")
         return self
 
     def __exit__(self, *exc):
@@ -221,7 +223,8 @@ def report(r: Result, a: argparse.Namespace) -> None:
           f"{r.executed_s / r.peak:.2f} ×), peak RSS {r.steps.peak / GB:.2f} GB")
     print(f"  validation alone: {r.validation.seconds:.1f} s, peak RSS {r.validation.peak / GB:.2f} GB")
     print("  model: " + ", ".join(f"{k} {v / GB:.3g}" for k, v in r.model.items()) + f" = {r.state / GB:.3g} GB; "
-          f"peak RSS training / model = {r.child.peak / r.state:.2f}")
+          f"peak RSS training / model = {r.child.peak / r.state:.2f}; its growth over the RSS before training "
+          f"({r.child.peak / GB:.2f} − {r.child.start / GB:.2f} GB) / model = {(r.child.peak - r.child.start) / r.state:.2f}")
     print("  RSS after: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in r.rss.items()) + " GB")
     print("  XLA memory analysis: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in r.xla.items()) + " GB")
 
