@@ -10,6 +10,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+import train
+import vit
 from bench.compiles import Compiles
 
 HERE = Path(__file__).resolve().parent
@@ -58,16 +60,18 @@ def test_order_bench_runs():
 
 def test_memory_bench_runs():
     """bench/memory.py's table for a tiny child: remat keeps less than the plain step, 4 micro-batches less again,
-    and a tiny child fits every device; --check runs the program and measures its peak."""
+    and a tiny child fits every device. The --check path in-process (one JAX start less): the program run on real
+    arguments grows the peak RSS, and the analysis' outputs + temps include its temps."""
+    from bench import memory
+
     out = _run("memory.py", "--cases", "tiny:32:64:1", "--settings", "plain,remat,remat+mb4")
     rows = [r.split("|")[1:-1] for r in out.splitlines() if r.startswith("| tiny")]
     temps = {r[3].strip(): float(r[5]) for r in rows}
     assert set(temps) == {"plain", "remat", "remat+mb4"}
     assert temps["remat+mb4"] < temps["remat"] < temps["plain"]
     assert all([c.strip() for c in r[-4:-1]] == ["yes"] * 3 for r in rows)
-    out = _run("memory.py", "--check", "tiny:32:64:1", "--settings", "plain")
-    ratio = float(out.splitlines()[-1].split("|")[-2])
-    assert ratio > 0
+    predicted, measured, temp = memory.check(memory.parse_case("tiny:32:64:1"), False, 1)
+    assert temp > 0 and predicted >= temp and measured > 0
 
 
 def test_memory_cases_of_the_paper_manifests():
@@ -80,17 +84,27 @@ def test_memory_cases_of_the_paper_manifests():
 
 
 def test_realsize_bench_runs():
-    """bench/realsize.py at tiny size, as it is now and --before: validation of 3 images in a batch of 4, padded
-    to eval_batch 256 before; remat keeps fewer activations."""
-    args = ("--vit", "tiny", "--file-res", "8", "--res", "16", "--batch", "2", "--steps", "2", "--val", "3",
-            "--peak-n", "128")
-    after, before = _run("realsize.py", *args), _run("realsize.py", *args, "--before")
-    assert re.search(r"matmul peak \(float32, 128², the larger of two\): [\d.]+ GFLOP/s", after)
-    assert "validation of 3 in batches of 4:" in after and "validation of 3 in batches of 256:" in before
-    acts = [float(re.search(r"activations ([\d.e+-]+)", o).group(1)) for o in (after, before)]
-    assert acts[0] < acts[1]
-    for o in (after, before):
-        assert float(re.search(r"([\d.]+) images/s", o).group(1)) > 0
+    """bench/realsize.py at tiny size: validation of 3 images in a batch of 4 (the set's size, not eval_batch's
+    256), every phase measured. --before's two differences in-process (no second JAX start): its task pads the
+    validation to eval_batch, and without remat the backward keeps every block's activations."""
+    from bench import realsize
+
+    out = _run("realsize.py", "--vit", "tiny", "--file-res", "8", "--res", "16", "--batch", "2", "--steps", "2",
+               "--val", "3", "--peak-n", "128")
+    assert re.search(r"matmul peak \(float32, 128², the larger of two\): [\d.]+ GFLOP/s", out)
+    assert "validation of 3 in batches of 4:" in out
+    assert float(re.search(r"([\d.]+) images/s", out).group(1)) > 0
+    peak, start, ratio = re.search(r"growth over the RSS before training \(([\d.]+) − ([\d.]+) GB\) / model = "
+                                   r"([\d.]+)", out).groups()
+    assert float(peak) >= float(start) > 0 and float(ratio) >= 0
+    task, budget = _Val(3), train.ChildBudget()
+    assert train.eval_batch(task, budget) == 4 and train.eval_batch(realsize.Padded(task, 256), budget) == 256
+    cfg = vit.CONFIGS["B/16"]
+    assert realsize.activations(cfg, 4, 384, True, 1) < realsize.activations(cfg, 4, 384, False, 1) / 4
+
+
+class _Val:
+    num_validation = 3
 
 
 def test_compiles_counts_a_compile():

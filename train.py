@@ -520,8 +520,7 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: ChildBudget, comp
     device = device or jax.local_devices()[0]
     n, B, S = len(plans), budget.batch_size, task.image_size
     augment_chunk, run_chunk, hits = (compiled(k, b) for k, b in programs(plans, task, budget, device))
-    # One child: a view with the children's axis, not a copy (a host copy of the state the transfer then copies).
-    stack = lambda *a: np.asarray(a[0])[None] if n == 1 else np.stack(a)  # noqa: E731
+    stack = lambda *a: np.asarray(a[0])[None] if n == 1 else np.stack(a)  # noqa: E731  (one child: a view, no copy)
     diff, mom, mask, on, frozen, hp, kd = jax.device_put(
         jax.tree.map(stack, *[(q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, q.kd) for q in plans]), device)
     steps = steps_per_cycle(task, budget)

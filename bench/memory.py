@@ -72,7 +72,7 @@ class Case:
 
 
 # Section 5: L/16 at Table 1's two resolutions, batch 64, validation on ≤ 10,000 images, data kept at 384 px.
-# Section 4 (section4.md §2, §6): MCCB's Ti/16 cut to 3 blocks at 32 px (root) and 112 px (μ2Net+'s largest),
+# Section 4 (docs/benchmarks.md §2, §6): MCCB's Ti/16 cut to 3 blocks at 32 px (root) and 112 px (μ2Net+'s largest),
 # batch 512; VDDB's B/16 at 80 px (root) and 112 px with μ2Net+'s batch 128, and at 80 px with muNet's 256.
 PAPER = (
     Case("Sec 5 L/16", "L/16", 224, 64, size=384),
@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.check:
         case = parse_case(a.check)
-        print("| case | setting | predicted outputs + temps | measured peak RSS growth | ratio |\n|---|---|---:|---:|---:|")
+        print("| case | setting | predicted outputs + temps | measured peak RSS growth | ratio |\n"
+              "|---|---|---:|---:|---:|")
         for name, remat, micro in settings(case, a.settings.split(","), a.fit):
             pred, got, _ = check(case, remat, micro)
             print(f"| {case.name} | {name} | {gib(pred)} | {gib(got)} | {got / pred:.3f} |", flush=True)

@@ -137,6 +137,32 @@ class Result:
         return sum(self.model.values())
 
 
+def alone(a: argparse.Namespace, plan: train.Plan, task: data.Task, budget: train.ChildBudget, run_chunk, hits,
+          device: jax.Device) -> tuple[int, Phase, Phase]:
+    """The chunk of steps alone, on the arguments train_group gives it (its first chunk: `steps` valid steps),
+    called twice and the faster kept; then validation alone. Returns the steps and the two phases."""
+    c = train.chunk_length(1, budget, task.image_size, a.res)
+    steps = min(c, a.steps)
+    args = jax.device_put(jax.tree.map(lambda v: np.asarray(v)[None],
+                                       (plan.diff, plan.mom, plan.mask, plan.on, plan.frozen, plan.hp)), device)
+    xs = jax.device_put(np.zeros((1, c, a.batch, a.res, a.res, 3), np.float32), device)
+    ys = jax.device_put(np.zeros((1, c, a.batch), np.int32), device)
+    ints = jax.device_put([np.int32(0), np.int32(steps), np.int32(steps), np.int32(task.num_classes)], device)
+    jax.block_until_ready((args, xs, ys, ints))
+    calls = []
+    for _ in range(2):
+        with Phase() as p:
+            jax.block_until_ready(run_chunk(*args, xs, ys, *ints))
+        calls.append(p)
+    del xs
+    diff, _, _, on, frozen, _ = args
+    val = jax.device_put(list(task.eval_batches("validation", train.eval_batch(task, budget), budget.validation_max)),
+                         device)
+    with Phase() as validation:
+        jax.block_until_ready(train._evaluate(hits, diff, on, frozen, val, ints[-1]))
+    return steps, min(calls, key=lambda p: p.seconds), validation
+
+
 def run(a: argparse.Namespace, work: Path) -> Result:
     cfg = vit.CONFIGS[a.vit]
     rss = dict(start=status("VmRSS"))
@@ -166,38 +192,20 @@ def run(a: argparse.Namespace, work: Path) -> Result:
             fs = [cache.ahead(k, b) for k, b in keys]
             augment_chunk, run_chunk, hits = (f.result() for f in fs)
         rss["compiled"] = status("VmRSS")
-        print(f"  compile (3 programs, schedule.Programs): {compile_.seconds:.1f} s, peak RSS {compile_.peak / GB:.2f} GB",
-              flush=True)
+        print(f"  compile (3 programs, schedule.Programs): {compile_.seconds:.1f} s, "
+              f"peak RSS {compile_.peak / GB:.2f} GB", flush=True)
         with Phase() as child:
             snap = train.train_group([plan], task, budget, cache, device)[0]
         assert snap is not None
         print(f"  child ({a.cycles} × {a.steps} steps + validation of {a.val} in batches of "
-              f"{train.eval_batch(task, budget)}): {child.seconds:.1f} s, peak RSS {child.peak / GB:.2f} GB", flush=True)
+              f"{train.eval_batch(task, budget)}): {child.seconds:.1f} s, peak RSS {child.peak / GB:.2f} GB",
+              flush=True)
         del snap
         rss["trained"] = status("VmRSS")
 
-    # The chunk of steps alone, on the arguments train_group gives it (its first chunk: `steps` valid steps).
+    steps, best_phase, validation = alone(a, plan, task, budget, run_chunk, hits, device)
+    best = best_phase.seconds
     c = train.chunk_length(1, budget, task.image_size, a.res)
-    steps = min(c, a.steps)
-    args = jax.device_put(jax.tree.map(lambda v: np.asarray(v)[None],
-                                       (plan.diff, plan.mom, plan.mask, plan.on, plan.frozen, plan.hp)), device)
-    xs = jax.device_put(np.zeros((1, c, a.batch, a.res, a.res, 3), np.float32), device)
-    ys = jax.device_put(np.zeros((1, c, a.batch), np.int32), device)
-    ints = jax.device_put([np.int32(0), np.int32(steps), np.int32(steps), np.int32(classes)], device)
-    jax.block_until_ready((args, xs, ys, ints))
-    best, best_phase = math.inf, None
-    for _ in range(2):
-        with Phase() as p:
-            jax.block_until_ready(run_chunk(*args, xs, ys, *ints))
-        if p.seconds < best:
-            best, best_phase = p.seconds, p
-    del xs
-    diff, _, _, on, frozen, _ = args
-    val = jax.device_put(list(task.eval_batches("validation", train.eval_batch(task, budget), budget.validation_max)),
-                         device)
-    with Phase() as validation:
-        jax.block_until_ready(train._evaluate(hits, diff, on, frozen, val, ints[-1]))
-    del args, diff, frozen, val
 
     peak = max(a.measured_peak, matmul_peak(a.peak_n))
     fwd = score.flops(cfg, cfg.depth, a.res, train.padded_classes(classes))
@@ -224,7 +232,8 @@ def report(r: Result, a: argparse.Namespace) -> None:
     print(f"  validation alone: {r.validation.seconds:.1f} s, peak RSS {r.validation.peak / GB:.2f} GB")
     print("  model: " + ", ".join(f"{k} {v / GB:.3g}" for k, v in r.model.items()) + f" = {r.state / GB:.3g} GB; "
           f"peak RSS training / model = {r.child.peak / r.state:.2f}; its growth over the RSS before training "
-          f"({r.child.peak / GB:.2f} − {r.child.start / GB:.2f} GB) / model = {(r.child.peak - r.child.start) / r.state:.2f}")
+          f"({r.child.peak / GB:.2f} − {r.child.start / GB:.2f} GB) / model = "
+          f"{(r.child.peak - r.child.start) / r.state:.2f}")
     print("  RSS after: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in r.rss.items()) + " GB")
     print("  XLA memory analysis: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in r.xla.items()) + " GB")
 
