@@ -21,6 +21,7 @@ a row for each count tried (2, 4, ...).
 """
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -132,10 +133,16 @@ def budget(case: Case, remat: bool, micro: int) -> train.ChildBudget:
                         validation_max=case.validation, remat=remat, micro_batches=micro)
 
 
+@functools.cache
+def _programs() -> schedule.Programs:
+    """One cache for the process: settings that differ only in the step share the preprocessing and validation
+    programs; one worker, since a B/16 or L/16 compile takes GBs of its own."""
+    return schedule.Programs(workers=1)
+
+
 def compile_child(plan: train.Plan, case: Case, b: train.ChildBudget) -> list[Any]:
-    """The child's three programs, compiled one at a time (a B/16 or L/16 compile takes GBs of its own)."""
-    with schedule.Programs(workers=1) as cache:
-        return [cache(k, f) for k, f in train.programs([plan], _Task(case.S, case.validation), b, jax.devices()[0])]
+    """The child's three programs (compiled once per process: the compile s of a row count only new ones)."""
+    return [_programs()(k, f) for k, f in train.programs([plan], _Task(case.S, case.validation), b, jax.devices()[0])]
 
 
 def analyse(case: Case, remat: bool, micro: int) -> Programs:
@@ -195,11 +202,14 @@ def table(cases: list[Case], names: list[str], fit: float) -> None:
                 print(row(case, f"remat, micro_batches = {micro}", p), flush=True)
 
 
-def manifest_cases() -> list[Case]:
+MANIFESTS = ("manifests/paper_sec5.toml", "manifests/paper_sec4_mccb.toml", "manifests/paper_sec4_vddb.toml")
+
+
+def manifest_cases(paths: tuple[str, ...] = MANIFESTS) -> list[Case]:
     """Per paper manifest and method family: a child at the largest resolution its search space reaches, with
     the family's batch, validation set and evaluation batch, the data kept at the run's image size S."""
     out: dict[tuple, Case] = {}
-    for path in ("manifests/paper_sec5.toml", "manifests/paper_sec4_mccb.toml", "manifests/paper_sec4_vddb.toml"):
+    for path in paths:
         m = manifest.load_manifest(path)
         for sub in manifest.runs(m):
             sm, cfg = sub.manifest, manifest.root_config(sub.manifest.root)
