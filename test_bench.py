@@ -59,19 +59,18 @@ def test_order_bench_runs():
 
 
 def test_memory_bench_runs():
-    """bench/memory.py's table for a tiny child: remat keeps less than the plain step, 4 micro-batches less again,
-    and a tiny child fits every device. The --check path in-process (one JAX start less): the program run on real
-    arguments grows the peak RSS, and the analysis' outputs + temps include its temps."""
-    from bench import memory
-
-    out = _run("memory.py", "--cases", "tiny:32:64:1", "--settings", "plain,remat,remat+mb4")
-    rows = [r.split("|")[1:-1] for r in out.splitlines() if r.startswith("| tiny")]
+    """bench/memory.py for a tiny child, in one process: --check runs the step and measures its peak RSS against
+    the analysis, then the table, from the same compiled programs: 4 micro-batches with remat keep less than the
+    plain step, and a tiny child fits every device."""
+    out = _run("memory.py", "--check", "tiny:32:64:1", "--cases", "tiny:32:64:1", "--settings", "plain,remat+mb4")
+    checks = [r.split("|")[1:-1] for r in out.splitlines() if r.startswith("| tiny") and len(r.split("|")) == 7]
+    assert [r[1].strip() for r in checks] == ["plain", "remat+mb4"]
+    assert all(float(r[2]) > 0 for r in checks)  # predicted outputs + temps
+    assert float(checks[0][3]) > 0  # the plain step's temporaries are fresh pages; a smaller one may reuse freed ones
+    rows = [r.split("|")[1:-1] for r in out.splitlines() if r.startswith("| tiny") and len(r.split("|")) > 7]
     temps = {r[3].strip(): float(r[5]) for r in rows}
-    assert set(temps) == {"plain", "remat", "remat+mb4"}
-    assert temps["remat+mb4"] < temps["remat"] < temps["plain"]
+    assert set(temps) == {"plain", "remat+mb4"} and temps["remat+mb4"] < temps["plain"]
     assert all([c.strip() for c in r[-4:-1]] == ["yes"] * 3 for r in rows)
-    predicted, measured, temp = memory.check(memory.parse_case("tiny:32:64:1"), False, 1)
-    assert temp > 0 and predicted >= temp and measured > 0
 
 
 def test_memory_cases_of_the_paper_manifests():
@@ -96,7 +95,7 @@ def test_realsize_bench_runs():
     peak, start, ratio = re.search(r"growth over the RSS before training \(([\d.]+) − ([\d.]+) GB\) / model = "
                                    r"([\d.]+)", out).groups()
     assert float(peak) >= float(start) > 0 and float(ratio) >= 0
-    task, budget = _Val(3), train.ChildBudget()
+    task, budget = _Val(), train.ChildBudget()
     assert train.eval_batch(task, budget) == 4 and train.eval_batch(realsize.Padded(task, 256), budget) == 256
     cfg = vit.CONFIGS["B/16"]
     assert realsize.activations(cfg, 4, 384, True, 1) < realsize.activations(cfg, 4, 384, False, 1) / 4

@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="the cases every paper manifest family reaches (those whose name contains MATCH)")
     ap.add_argument("--settings", default="plain,remat,fit")
     ap.add_argument("--fit", type=float, default=32.0, help="GiB the `fit` setting must stay under")
-    ap.add_argument("--check", default="", help="VIT:RES:BATCH[:DEPTH] to run: the analysis against the peak RSS")
+    ap.add_argument("--check", default="", help="VIT:RES:BATCH[:DEPTH] to run: the analysis against the peak RSS "
+                    "(then the table of --cases, if given, from the same compiled programs)")
     ap.add_argument("--validation", type=int, default=0, help="validation images of --cases (default: a batch)")
     a = ap.parse_args(argv)
     if a.check:
@@ -284,7 +285,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, remat, micro in settings(case, a.settings.split(","), a.fit):
             pred, got, _ = check(case, remat, micro)
             print(f"| {case.name} | {name} | {gib(pred)} | {gib(got)} | {got / pred:.3f} |", flush=True)
-        return
+        if not a.cases:
+            return
+        print()
     cases = ([parse_case(s, a.validation) for s in a.cases.split(",")] if a.cases else
              [c for c in manifest_cases() if a.manifests in c.name] if a.manifests is not None else list(PAPER))
     table(cases, a.settings.split(","), a.fit)
