@@ -41,6 +41,7 @@ import methods  # noqa: E402
 import schedule  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
+from bench.realsize import Phase  # noqa: E402
 
 GiB = 1 << 30
 DEVICES = (16, 32, 80)  # GiB: TPUv3 core (Section 4), TPUv4 chip (Section 5), an 80 GiB GPU
@@ -227,14 +228,6 @@ def manifest_cases(paths: tuple[str, ...] = MANIFESTS) -> list[Case]:
 # --- the analysis against a measured peak ---------------------------------------------------------------------
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def check(case: Case, remat: bool, micro: int) -> tuple[int, int, int]:
     """Runs the chunk program once on real (random) arguments and returns (predicted outputs + temps, measured
     peak RSS growth during the call, the program's temps): the arguments are allocated before the peak is reset
@@ -251,11 +244,9 @@ def check(case: Case, remat: bool, micro: int) -> tuple[int, int, int]:
     args = (*q, *fixed, x, y, jnp.int32(0), jnp.int32(c), jnp.int32(c), jnp.int32(10))
     jax.block_until_ready(args)
     a = run.memory_analysis()
-    before = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    jax.block_until_ready(run(*args))
-    return a.output_size_in_bytes + a.temp_size_in_bytes, _status("VmHWM") - before, a.temp_size_in_bytes
+    with Phase() as p:
+        jax.block_until_ready(run(*args))
+    return a.output_size_in_bytes + a.temp_size_in_bytes, p.peak - p.start, a.temp_size_in_bytes
 
 
 def parse_case(s: str, validation: int = 0) -> Case:
