@@ -154,9 +154,6 @@ def test_fused_chunk_equals_step_by_step():
 
 # --- device memory settings: rematerialisation and micro-batches (docs/hardware.md) ------------------------------
 
-U = 2.0 ** -24  # float32 unit roundoff
-
-
 def _run(setup, remat, micro, steps=1):
     (diff, frozen, mom, mask), x, y = setup
     hp, total, k = train.HParams.of(HP), jnp.asarray(100, jnp.int32), jnp.asarray(10, jnp.int32)
