@@ -250,7 +250,10 @@ def _parse(cls: type, raw: Mapping[str, Any], path: str, where: str) -> Any:
         if check is not None and not check(v):
             raise ManifestError(f"{where}: {p} = {raw[name]!r}: expected {f.metadata['expect']}")
         kw[name] = v
-    return cls(**kw)
+    try:
+        return cls(**kw)
+    except ValueError as e:  # a check across fields (Budget: micro_batches against batch_size)
+        raise ManifestError(f"{where}: {pre}{str(e).removeprefix(cls.__name__ + '.')}") from None
 
 
 def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
