@@ -63,7 +63,7 @@ class ChildBudget:
     # backward pass (the same values); `micro_batches` > 1 sums the gradient over that many equal slices of a batch
     # (the same update up to float32 summation order) at the activation memory of one slice.
     remat: bool = checked(lambda v: isinstance(v, bool), "true or false", True)
-    micro_batches: int = at_least_one(1)
+    micro_batches: int = at_least_one(1, 65_536)  # at most batch_size, which it divides
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
