@@ -653,6 +653,11 @@ def exists(run: str | os.PathLike) -> bool:
     return False
 
 
+
+def finished(run: str | os.PathLike) -> bool:
+    """Whether a run directory holds a run whose last commit is its end."""
+    return exists(run) and bool(load(run).extra.get("done"))
+
 # The runner's bookkeeping in a run's commit (`extra` with a cursor): what each key must be, checked on load so
 # that a tampered state gives one error line naming its file, not a failure wherever the value is used.
 _INT = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62  # noqa: E731
@@ -667,8 +672,10 @@ RUN_EXTRA: dict[str, tuple[str, Callable[[Any], bool]]] = {
         isinstance(c, list) and all(isinstance(x, str) for x in c) for c in v.values())),
     "sizes": ("a table of image sizes (integers ≥ 1)", lambda v: isinstance(v, dict) and all(
         _INT(s) and s >= 1 for s in v.values())),
+    "gains": ("a list of numbers", lambda v: isinstance(v, list) and all(
+        isinstance(g, (int, float)) and not isinstance(g, bool) for g in v)),
 }
-_OPTIONAL = ("classes", "sizes")  # runs committed before they were kept have none
+_OPTIONAL = ("classes", "sizes", "gains")  # runs committed before they were kept have none
 _CID = re.compile(r"[a-z_]+(?:_\d+)?:\d+")
 
 

@@ -460,3 +460,13 @@ def test_font_character_tasks_render_offline():
     assert t.num_classes == 32 and t.num_train > 2000
     with pytest.raises(KeyError, match="klingon"):
         data.render_chars("klingon")
+
+
+def test_font_builder_takes_a_sample_count():
+    """"ALPHABET:SAMPLES" renders SAMPLES distortions per (font, character) (the chars48/* tasks); a bad count is one
+    error naming the builder."""
+    assert data.font_builder("digits") == ("digits", data.FONT_SAMPLES)
+    assert data.font_builder("digits:48") == ("digits", 48)
+    for bad in ("digits:0", "digits:x", "digits:1001", "digits:-3"):
+        with pytest.raises(data.UnknownTask, match="ALPHABET:SAMPLES"):
+            data.font_builder(bad)
