@@ -7,6 +7,7 @@ Section 4 baselines are settings of the same functions (methods.py); a `Trainer`
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -58,10 +59,8 @@ class System:
         return {c for m in (self.root, *self.models.values()) for c in m.components}
 
 
-# Ids: a component is `<name>:<n>` and a model `<task>/<n>`, n from the system's one counter.
-
-
 def component_id(name: str, n: int) -> str:
+    """Ids: a component is `<name>:<n>` and a model `<task>/<n>`, n from the system's one counter."""
     return f"{name}:{n}"
 
 
@@ -95,12 +94,7 @@ def new_system(cfg: vit.Config, root: Mapping[str, eqx.Module], hp: Mapping[str,
 
 def sharers(system: System, task: str) -> dict[str, int]:
     """#models(p) of eq. 2: for each component, the retained models of tasks other than `task` using it."""
-    n: dict[str, int] = {}
-    for m in system.models.values():
-        if m.task != task:
-            for c in set(m.components):
-                n[c] = n.get(c, 0) + 1
-    return n
+    return dict(collections.Counter(c for m in system.models.values() if m.task != task for c in set(m.components)))
 
 
 def model_size(params: Mapping[str, eqx.Module], model: Model, shares: Mapping[str, int]) -> float:
@@ -135,9 +129,8 @@ def assemble(system: System, model: Model) -> list[eqx.Module]:
 
 def identical(a: System, b: System) -> bool:
     """Bit-for-bit equality of two systems: models, lineage, counter, and every parameter and momentum array."""
-    if (a.cfg, a.models, a.root, a.lineage, a.counter) != (b.cfg, b.models, b.root, b.lineage, b.counter):
-        return False
-    if list(a.params) != list(b.params) or list(a.momentum) != list(b.momentum):
+    if (a.cfg, a.models, a.root, a.lineage, a.counter, list(a.params), list(a.momentum)) != (
+            b.cfg, b.models, b.root, b.lineage, b.counter, list(b.params), list(b.momentum)):
         return False
     same = lambda x, y: (x.dtype, x.shape) == (y.dtype, y.shape) and (  # noqa: E731
         np.asarray(x).tobytes() == np.asarray(y).tobytes())
@@ -247,10 +240,9 @@ def neighbour(values: tuple, value: Any, rng: Sampler) -> Any:
 
 def query(action: str, hp: Mapping[str, Any], mu: dict[str, float], learned: bool, rng: Sampler) -> bool:
     """Whether mutation `action` fires (Algorithm 1 line 20). Learned μ (μ2Net+): the table entry starts at the
-    model's μ, first moves ±1 step with probability μ, is stored in the child, then fires if it beats U(0,1).
-    The model's μ is 0.2 for a model of a μ2Net+ system (Section 3: "All the values in the lookup table are
-    initialized to 0.2"), but a model descended from a μ2Net model carries the μ that μ2Net tuned, and its unseen
-    entries start there, as the authors' μ2Net+ notebook starts them (docs/deviations.md)."""
+    model's μ (0.2 in a μ2Net+ system, Section 3; μ2Net's tuned μ in a model descended from one: see
+    docs/deviations.md), first moves ±1 step with probability μ, is stored in the child, then fires if it beats
+    U(0,1)."""
     if not learned:
         return hp["mu"] > rng.uniform()
     value = mu.get(action, hp["mu"])
@@ -319,12 +311,10 @@ class Child:
 
 def make_child(pool: Pool, parent: Model, task: str, num_classes: int, config: Config, key: jax.Array,
                counter: int, seed: bool = False, fixed: Mapping[str, Any] | None = None) -> tuple[Child, int]:
-    """Algorithm 1 lines 17–24: sample the mutations Δ of `parent` and apply them. The child's model id and
-    every fresh component id are drawn from `counter`; returns the child and the advanced counter.
-
-    `seed`: muNet's seed clone (docs/benchmarks.md §5.2): no mutation at all, so only what is already trainable
-    for `task` (nothing, for another task's model or the root) and a new head train. `fixed`: hyperparameters the
-    generation fixed (muNet's data hyperparameters)."""
+    """Algorithm 1 lines 17–24: sample the mutations Δ of `parent` and apply them; the child's model id and every
+    fresh component id come from `counter` (returned advanced). `seed`: muNet's seed clone (docs/benchmarks.md
+    §5.2), no mutation, so only what is already trainable for `task` and a new head train. `fixed`:
+    hyperparameters the generation fixed (muNet's data hyperparameters)."""
     system, method, cfg = pool.system, config.method, pool.system.cfg
     child_id = model_id(task, counter)
     rng = Sampler(key)
@@ -403,9 +393,8 @@ Log = Callable[[dict], None]
 
 class Trainer(Protocol):
     """Where children train (lines 26–32): this process's devices (schedule.Local) or every process's
-    (exchange.Spread); Algorithm 1 knows nothing of devices. A call trains `todo` (`more`: a generation follows) and
-    returns the retained children by index, None where nothing was kept; a child left out was not trained (a stop
-    request: its generation resumes from the others). `accuracy` is a model's top-1 accuracy on a split."""
+    (exchange.Spread). A call trains `todo` (`more`: a generation follows) and returns the retained children by
+    index, None where nothing was kept; a child left out was not trained (a stop request). `accuracy`: top-1."""
 
     def __call__(self, pool: Pool, todo: Sequence[Planned], task_data: TaskData, config: Config, log: Log | None,
                  more: bool) -> Mapping[int, Trained | None]: ...
@@ -424,9 +413,9 @@ def best_model(pool: Pool, strict: bool) -> Model | None:
 
 
 def outside(system: System, task: str, method: Method) -> tuple[list[Model], list[Model]]:
-    """ℳ ∖ 𝒜 of line 8: every other task's retained model, by task, then the root; and muNet's seeds
-    (docs/benchmarks.md §5.2–5.3): the same models newest first, each the parent of one of the iteration's first
-    children, and the pool of its fallback (no seeds for the other methods)."""
+    """ℳ ∖ 𝒜 of line 8: every other task's retained model, by task, then the root; and muNet's seeds (the same
+    newest first, each the parent of one of the iteration's first children, and its fallback pool; §5.2–5.3 of
+    docs/benchmarks.md)."""
     rest = [m for m in system.models.values() if m.task != task]
     newest = sorted(rest, key=lambda m: -int(m.id.rsplit("/", 1)[1])) + [system.root]
     others = newest if method.active_only else sorted(rest, key=lambda m: m.task) + [system.root]
@@ -435,8 +424,7 @@ def outside(system: System, task: str, method: Method) -> tuple[list[Model], lis
 
 def choose_parent(pool: Pool, others: Sequence[Model], selections: Mapping[str, int], method: Method,
                   key: jax.Array) -> Model:
-    """Algorithm 1 lines 7–16 (`sample_parent`). The baselines' parent is always the root; muNet walks only the
-    active population (docs/benchmarks.md §5.3)."""
+    """Algorithm 1 lines 7–16 (`sample_parent`); the baselines' parent is always the root."""
     if method.parents == "root":
         return pool.system.root
     return sample_parent(pool.models, pool.scores, others, selections, key, not method.active_only)
@@ -461,9 +449,7 @@ def generation_data(pool: Pool, config: Config, frozen: bool, key: jax.Array) ->
 
 
 def selections_key(task: str) -> str:
-    """The metrics key of #selections(p, t) (Algorithm 1 line 9): how many children of task t were sampled from
-    model p. A model keeps its counts, one per task, across task iterations, as both of the authors' notebooks keep
-    theirs on the model (docs/deviations.md)."""
+    """The metrics key of #selections(p, t) (line 9), kept on a model across task iterations (docs/deviations.md)."""
     return f"selections:{task}"
 
 
@@ -487,8 +473,8 @@ def counted(system: System, task: str, n: Mapping[str, int]) -> System:
 @dataclasses.dataclass(frozen=True)
 class Iteration:
     """A task iteration between two generations, as a value a runner commits and resumes from bit-identically: what
-    Algorithm 1's loop carries (line 4's generation, 𝒜 in `pool`, the id counter, line 9's #selections by model id), and the
-    children of a generation stopped part-way (`done`, by index; None while the generation has not started)."""
+    Algorithm 1's loop carries (line 4's generation, 𝒜 in `pool`, the id counter, line 9's #selections by model
+    id), and the children of a generation stopped part-way (`done`, by index; None while it has not started)."""
 
     task: str
     generation: int
@@ -499,17 +485,15 @@ class Iteration:
 
 
 def start(system: System, task: str, config: Config) -> Iteration:
-    """Algorithm 1 lines 1–3: ℳ is the system, 𝒜 the task's models; #selections(p, t) continue from the counts
-    the models keep (`selections`)."""
+    """Algorithm 1 lines 1–3: ℳ is the system, 𝒜 the task's models; #selections continue (`selections`)."""
     return Iteration(task, 0, Pool.of(system, task, config), system.counter, selections(system, task))
 
 
 def generation(state: Iteration, task_data: TaskData, config: Config, key: jax.Array, trainer: Trainer,
                log: Log | None = None) -> Iteration:
     """One generation (Algorithm 1 lines 5–35): sample #children children from the population as it stands at the
-    generation's start, train them (`trainer`), and add the retained ones to 𝒜 in child order. If the trainer
-    stopped before every child was trained, the state keeps the generation's start and the finished children, so
-    the generation resumes where it stopped."""
+    generation's start, train them (`trainer`), and add the retained ones to 𝒜 in child order. A trainer stopped
+    part-way leaves the generation's start and its finished children in the state, to resume from."""
     pool, t, n, method = state.pool, state.task, config.budget.children, config.method
     others, seeds = outside(pool.system, t, method)
     counter, selections, done = state.counter, dict(state.selections), state.done or {}
@@ -543,9 +527,8 @@ def generation(state: Iteration, task_data: TaskData, config: Config, key: jax.A
 
 def generations(state: Iteration, task_data: TaskData, config: Config, key: jax.Array, trainer: Trainer,
                 log: Log | None = None) -> Iterator[Iteration]:
-    """Algorithm 1 line 4, from `state` (`start`'s, or a committed one to resume): one generation after another,
-    yielding the state after each. A generation the trainer stopped part-way is yielded as it stands, and ends
-    them: a runner commits it and resumes from it."""
+    """Algorithm 1 line 4 from `state` (`start`'s, or a committed one): yields the state after each generation; one
+    the trainer stopped part-way is yielded as it stands and ends them (a runner commits it and resumes from it)."""
     while state.generation < config.budget.generations:
         state = generation(state, task_data, config, key, trainer, log)
         yield state
@@ -556,14 +539,11 @@ def generations(state: Iteration, task_data: TaskData, config: Config, key: jax.
 def finish(state: Iteration, task_data: TaskData, config: Config, trainer: Trainer) -> System:
     """Algorithm 1 line 39: the task keeps its best model, with its accuracy on the task's test split; components
     no retained model uses are dropped."""
-    pool, n = state.pool, state.selections
-    system = counted(dataclasses.replace(pool.system, counter=state.counter), state.task, n)
+    pool, system = state.pool, dataclasses.replace(state.pool.system, counter=state.counter)
     best = best_model(pool, config.method.strict)
     if best is None:
-        return system
+        return counted(system, state.task, state.selections)
     test = trainer.accuracy(pool, best, task_data, "test", config.budget.eval_batch)
-    metrics = {**best.metrics, "score": pool.scores[best.id], "test": test}
-    if n.get(best.id):  # carried into the next iteration's `selections`
-        metrics[selections_key(state.task)] = n[best.id]
-    best = dataclasses.replace(best, metrics=metrics)
-    return collect(dataclasses.replace(system, models={**system.models, state.task: best}), pool)
+    best = dataclasses.replace(best, metrics={**best.metrics, "score": pool.scores[best.id], "test": test})
+    system = dataclasses.replace(system, models={**system.models, state.task: best})
+    return collect(counted(system, state.task, state.selections), pool)  # the counts go on with the models

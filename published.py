@@ -358,8 +358,7 @@ def read(path: str, log: Callable[[str], None] | None = None) -> mu2net.System:
     """The published state at `path` (folder, .zip or gs://) as a System: the root (the NOT_TRAINABLE path), one
     model per task with its hyperparameters, metrics and parent, and the components the models share by id. The
     checkpoint is streamed: one entry in memory at a time, only the components the models use converted."""
-    files = _Files(str(path))
-    pop_name, ck_name = locate(files)
+    pop_name, ck_name = locate(files := _Files(str(path)))
     where_pop, where_ck = files.path(pop_name), files.path(ck_name)
     if log:
         log(f"reading the μ2Net state {where_pop} and {where_ck}")
