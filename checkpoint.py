@@ -270,10 +270,18 @@ def _check_size(where: str, regular: bool, n: int, cap: int, size: int | None) -
                               f"read it")
 
 
+def write_error(e: OSError, where: str) -> CheckpointError:
+    """An OSError of writing `where` as one line naming it: `DiskFull` for a full disk, a quota or a file size limit
+    (ENOSPC, EDQUOT, EFBIG), else what the system said (a read-only file system, no permission, no such folder)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DiskFull(f"no space left on device while writing {where} ({os.strerror(e.errno)})")
+    return CheckpointError(f"cannot write {where}: {e.strerror or e}")
+
+
 def _error(e: OSError, where: str) -> CheckpointError:
     """An OSError of a run-directory operation as the CheckpointError that names the file."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return DiskFull(f"no space left on device while writing {where} ({os.strerror(e.errno)})")
+        return write_error(e, where)
     if e.errno == errno.ENOENT:
         return Missing(f"checkpoint file {where} is missing")
     if e.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -310,15 +318,18 @@ def _write_at(d: int, name: str, data: bytes) -> None:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `path` whole or not at all, never through a symbolic link at `path` (reports, logs, results). On
-    failure (a full disk) the temp file is removed and `path` is as it was."""
+    """Writes `path` whole or not at all, never through a symbolic link at `path` (reports, logs, results, exports).
+    On failure the temp file is removed, `path` is as it was, and `write_error` says why in one line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _write_at(fd, path.name, data)
-    finally:
-        os.close(fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _write_at(fd, path.name, data)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise write_error(e, str(path)) from None
 
 
 # --- the metrics log: appended between commits, its committed length recorded in each commit ------------------
@@ -333,13 +344,16 @@ def open_log(path: str | os.PathLike) -> typing.BinaryIO:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise CheckpointError(f"{path} is not a regular file; refusing to write to it")
-    return os.fdopen(fd, "ab")
+    return open(path, "ab", opener=lambda *_: fd)  # named `path` in errors
 
 
 def synced_size(f: typing.BinaryIO) -> int:
     """The length of the log `f` once it is on disk: a commit records it only after the bytes it counts."""
-    f.flush()
-    os.fsync(f.fileno())
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(e, str(f.name)) from None
     return f.tell()
 
 
@@ -428,17 +442,22 @@ def _create(st: Store, data: bytes) -> bool:
     """Writes LOCK if there is none: atomically on a local disk (O_EXCL); an object store has no such primitive,
     so there it is written and read back, which narrows a race between hosts that it cannot close."""
     if st.local:
-        Path(st.root).mkdir(parents=True, exist_ok=True)
         try:
+            Path(st.root).mkdir(parents=True, exist_ok=True)
             with st._dir(LOCK) as d:
                 fd = os.open(LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                              dir_fd=d)
+                try:
+                    _put(fd, data)
+                except OSError:  # a full disk: no half-written LOCK left behind to refuse the next run
+                    os.unlink(LOCK, dir_fd=d)
+                    raise
+                finally:
+                    os.close(fd)
         except FileExistsError:
             return False
-        try:
-            _put(fd, data)
-        finally:
-            os.close(fd)
+        except OSError as e:
+            raise write_error(e, st.name(LOCK)) from None
         return True
     if st.exists(LOCK):
         return False
@@ -676,6 +695,26 @@ RUN_EXTRA: dict[str, tuple[str, Callable[[Any], bool]]] = {
         isinstance(g, (int, float)) and not isinstance(g, bool) for g in v)),
 }
 _OPTIONAL = ("classes", "sizes", "gains")  # runs committed before they were kept have none
+# One history entry (report.summary, read by the reports): its fields, and those only some entries have.
+_NUM = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+_TABLE = lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)  # noqa: E731
+_RECORD = {"id": ("text", lambda v: isinstance(v, str)), "hp": ("a table", _TABLE), "mu": ("a table", _TABLE),
+           **{k: ("a number", _NUM) for k in ("quality", "score", "test", "params", "flops")}}
+HISTORY: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "segment": ("text", lambda v: isinstance(v, str)),
+    **{k: ("a number", _NUM) for k in ("test_acc_set", "params", "flops")},
+    "set_tasks": ("an integer ≥ 0", _INT), "models": ("an integer ≥ 0", _INT),
+    "test": ("a table of numbers", lambda v: _TABLE(v) and all(map(_NUM, v.values()))),
+    "report_set": ("a list of task names", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
+    "retained": (f"a table of model records, each with {', '.join(_RECORD)}", lambda v: _TABLE(v) and all(
+        isinstance(r, dict) and all(k in r and ok(r[k]) for k, (_, ok) in _RECORD.items()) for r in v.values())),
+    "P": ("a number", _NUM), "F": ("a number", _NUM),
+    # how a segment ended (evolve's rounds: task iterations run, the last round's mean gain, until_gain reached)
+    "iterations": ("an integer ≥ 0", _INT), "gain": ("a number", _NUM),
+    "converged": ("true or false", lambda v: isinstance(v, bool)),
+}
+# The start's entry has no P, F nor an end; older runs have no retained nor an end.
+_HISTORY_OPTIONAL = ("report_set", "retained", "P", "F", "iterations", "gain", "converged")
 _CID = re.compile(r"[a-z_]+(?:_\d+)?:\d+")
 
 
@@ -691,6 +730,12 @@ def _check_extra(extra: Any, path: str) -> None:
             got = f"= {str(extra[k])[:80]!r}" if k in extra else "is missing"
             raise CheckpointError(f"checkpoint state file {path} has a bad structure: extra.{k} {got}; expected "
                                   f"{expect}")
+    for i, h in enumerate(extra["history"]):
+        for k, (expect, ok) in HISTORY.items():
+            if (k in h or k not in _HISTORY_OPTIONAL) and (k not in h or not ok(h[k])):
+                got = f"= {str(h[k])[:80]!r}" if k in h else "is missing"
+                raise CheckpointError(f"checkpoint state file {path} has a bad structure: extra.history[{i}].{k} "
+                                      f"{got}; expected {expect}")
 
 
 def _component_records(comps: Any, path: str) -> dict[str, tuple[str, str, int | None]]:

@@ -742,6 +742,10 @@ class Task:
         if self.num_train == 0:
             raise DataError(f"task {self.name!r}: train split {spec.splits['train']!r} is empty")
 
+    @property
+    def num_validation(self) -> int:
+        return min(len(self.source("validation")), VAL_MAX)
+
     def source(self, role: str) -> Any:
         if role not in ROLES:
             raise DataError(f"task {self.name!r}: split must be one of {ROLES}, got {role!r}")

@@ -40,13 +40,16 @@ import report
 import schedule
 import serve
 import vit
-from manifest import (DEFAULT_MANIFEST, Cursor, Manifest, ManifestError, Tasks, check_data, check_system,  # noqa: F401
-                      differences, image_size, iteration_key, key_data, load_manifest, penalties, readable_tasks,
-                      report_tasks, resolved, root_config, runs, segment_config, segment_tasks, task_key, task_names,
+from manifest import (DEFAULT_MANIFEST, Cursor, Manifest, ManifestError, Tasks, check_data, check_root,  # noqa: F401
+                      differences, image_size, key_data, load_manifest, penalties, readable_tasks, report_tasks,
+                      resolved, root_config, round_end, runs, segment_config, segment_tasks, task_key, task_names,
                       to_dict, validate)
-from runlog import KILL_ENV, Progress, Stop, children_left, hms  # noqa: F401
+from runlog import (KILL_ENV, Progress, Stop, children_left, exit_now, exit_on_signals, hms,  # noqa: F401
+                    resuming_at)
 
 STOPPED = 3  # exit status of a run stopped by SIGTERM / SIGINT at a safe point: it resumes where it stopped
+DISK_FULL = 4  # exit status of a run stopped by a full disk (ENOSPC, EDQUOT, EFBIG): its last commit resumes it
+PEER_LOST = 5  # exit status of a process whose run lost another process (exchange.PeerLost)
 ROOT_TAG = 0x524F4F54  # "ROOT": fold-in tag of the root's keys, apart from the small segment indices
 
 
@@ -71,7 +74,7 @@ def build_root(m: Manifest, tasks: Tasks, progress: Progress | None, trainer: mu
     if r.kind == "mu2net_state":
         log = (lambda s: print(s, file=progress.stream, flush=True)) if progress else None
         system = published.read(r.path if r.path.startswith("gs://") else str(Path(r.path).expanduser()), log)
-        check_system(m, system.cfg)
+        check_root(m, system.cfg)
         # The manifest's root hyperparameters, as for the other kinds; the published root has none of its own.
         return dataclasses.replace(system, root=dataclasses.replace(system.root, hp=dict(r.hp)))
     full = root_config(r)
@@ -113,8 +116,9 @@ def _pretrained(m: Manifest, tasks: Tasks, progress: Progress | None, trainer: m
             raise Stopped("stopped during the root's pre-training")
     trained = mu2net.finish(state, task, conf, trainer)
     best = trained.models.get(name)
-    if best is None:
-        raise RuntimeError(f"pre-training on {name!r} retained no model")
+    if best is None:  # every child discarded (a non-finite loss): a manifest's hyperparameters, not a bug
+        raise ManifestError(f"root.pretrain: every child of the pre-training on {name!r} was discarded (a non-finite "
+                            f"loss or score), so there is no root to start from; try a smaller root.pretrain.hp.lr")
     if progress:
         progress.write(dict(event="pretrain", task=name, metrics=dict(best.metrics)))
     return {mu2net.kind(c): trained.params[c] for c in best.components}
@@ -160,8 +164,8 @@ class Run:
         return [len(n) for n in self.names]
 
     def stopped(self, what: str) -> Stopped:
-        return Stopped(f"stopped at a safe point: {what} committed to {self.out} "
-                       f"({self.ck.state if self.ck else 'no commit'}); rerun the same command to resume")
+        return Stopped(f"stopped at a safe point: {what} committed to {self.out} "  # by process 0 alone
+                       f"({self.ck.state if self.hosts.main else 'by process 0'}); rerun the same command to resume")
 
 
 def run(m: Manifest, out: str | os.PathLike, stream: Any = sys.stderr, hosts: exchange.Hosts | None = None,
@@ -194,7 +198,10 @@ def _first_touch(m: Manifest, out: str, work: Path) -> bytes:
     root = checkpoint.Store(_expand(r.path)) if r.kind != "random" and not r.path.startswith("gs://") else None
     if root and not root.fs.exists(root.root) and not checkpoint.exists(out):
         raise ManifestError(f"root.path = {r.path!r} (root.kind = {r.kind!r}): no such file or directory")
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # /proc/x, a read-only file system, a loop of links
+        raise checkpoint.write_error(e, str(work)) from None
     return b"1" if checkpoint.exists(out) else b"0"
 
 
@@ -274,11 +281,8 @@ def _restore(r: Run, every: float, log_every: float
     share = len(jax.local_devices()) / len(jax.devices())  # this process's share of the children
     r.progress = Progress(metrics, round(children_left(m, r.ntasks, cursor, False, pending) * share),
                           float(ck.extra["elapsed"]), r.stream, every, log_every)
-    where = "" if not pending else (f", generation {pending.generation + 1}/{m.segments[cursor[0]].generations}"
-                                    + (f" ({len(pending.done)} of its children done)"
-                                       if pending.done is not None else ""))
-    print(f"resuming {out} at segment {cursor[0]}, iteration {cursor[1]}, task {cursor[2]}{where} "
-          f"(state {ck.state}, code {ck.extra.get('version')})", file=r.stream, flush=True)
+    print(resuming_at(out, cursor, pending, m.segments[min(cursor[0], len(m.segments) - 1)].generations, ck),
+          file=r.stream, flush=True)
     return system, cursor, pending
 
 
@@ -313,7 +317,10 @@ def _task_iteration(r: Run, system: mu2net.System, cursor: Cursor, pending: mu2n
     gain = ((best.metrics.get("quality", 0.0) if best else 0.0) - q0) * task.validation_size(b.validation_max)
     r.progress.write(dict(event="task_iteration", segment=si, iteration=it, task_index=ti, task=name,
                           model=best.id if best else None, metrics=dict(best.metrics) if best else None, gain=gain))
-    end = _round(r, cursor, gain)
+    r.gains, end = r.gains + [gain], None
+    if ti + 1 == r.ntasks[si]:  # the round's end: its mean gain against until_gain
+        end, r.gains = round_end(seg, it, r.gains), []
+        r.progress.write(dict(event="round", segment=si, until_gain=seg.until_gain, **end))
     cursor = _next(r.m, r.ntasks, cursor, bool(end and end["converged"]))
     if cursor[0] != si:
         r.history.append({**report.summary(system, report_tasks(r.m), seg.name), "P": b.P, "F": b.F, **end})
@@ -329,33 +336,20 @@ def _task_iteration(r: Run, system: mu2net.System, cursor: Cursor, pending: mu2n
     return system, cursor
 
 
-def _round(r: Run, cursor: Cursor, gain: float) -> dict[str, Any] | None:
-    """Keeps a task iteration's gain (validation examples); after the segment's last task, the round's mean gain
-    and whether it is below the segment's `until_gain` (§5.1's convergence), logged."""
-    si, it, ti = cursor
-    r.gains.append(gain)
-    if ti + 1 < r.ntasks[si]:
-        return None
-    until, mean = r.m.segments[si].until_gain, sum(r.gains) / len(r.gains)
-    r.gains = []
-    end = dict(iterations=it + 1, gain=mean, converged=bool(until) and mean < until)
-    r.progress.write(dict(event="round", segment=si, until_gain=until, **end))
-    return end
-
-
 def _commit(r: Run, system: mu2net.System, cursor: Cursor, state: mu2net.Iteration | None = None,
             final: bool = False) -> checkpoint.Checkpoint | None:
     """Commits on the main process (the others receive its outcome). A full disk leaves the last commit standing:
-    the run goes on and the next commit tries again, unless this is the last one (the run's end, or a stop)."""
+    the run goes on and the next commit tries again, unless this is the last one (the run's end, or a stop) or the
+    log lost a record; then `DiskFull` ends the run (exit status DISK_FULL)."""
     done = cursor[0] >= len(r.m.segments)
     key = None if done else key_data(task_key(r.m, cursor))
     extra = dict(cursor=list(cursor), key=key, key_impl="threefry2x32", seed=r.m.seed, manifest=resolved(r.m),
-                 version=r.version, history=r.history, metrics_bytes=r.progress.size(),
-                 elapsed=r.progress.elapsed(), done=done, classes=dict(r.tasks.classes), sizes=dict(r.tasks.sizes),
-                 machines=r.machines, gains=list(r.gains))
+                 version=r.version, history=r.history, elapsed=r.progress.elapsed(), done=done,
+                 classes=dict(r.tasks.classes), sizes=dict(r.tasks.sizes), machines=r.machines, gains=list(r.gains))
     new = [r.ck]
 
     def save() -> bytes:
+        extra["metrics_bytes"] = r.progress.size()  # raises DiskFull if the log lost a record: no commit matches it
         try:
             new[0] = checkpoint.save(r.out, system, extra, r.ck, state)
         except checkpoint.DiskFull as e:
@@ -457,8 +451,7 @@ def run_cli(a: Args, argv: Sequence[str] | None = None) -> int:
 
 
 def _sweep(subs: Sequence[Any], out: str, every: float, programs: schedule.Programs, pairs: Sequence = ()) -> None:
-    """The manifest's run, or each sub-run of its comparison not finished before (a shared run before the arms that
-    continue it), then Table 2, Figure 2 and the paired differences."""
+    """The manifest's run, or each unfinished sub-run of its comparison, then Table 2, Figure 2 and paired.md."""
     for i, sub in enumerate(subs):
         if not sub.path:
             run(sub.manifest, out, every=every, programs=programs)
@@ -491,10 +484,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             cls, fn = COMMANDS[argv[0]]
             return fn(tyro.cli(cls, args=argv[1:], prog=f"evolve.py {argv[0]}"))
         return run_cli(tyro.cli(Args, args=argv[1:] if argv[:1] == ["run"] else argv), given)
-    except USER_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except exchange.PeerLost as e:  # not through JAX's shutdown barrier: it waits for the lost heartbeat, then aborts
+        exit_now(PEER_LOST, f"error: {one_line(e)}")
+    except USER_ERRORS as e:  # a full disk (checkpoint.DiskFull) too, with its own status
+        full = isinstance(e, checkpoint.DiskFull)
+        print(f"error: {one_line(e)}" + ("; free space and rerun the same command (a run resumes from its last "
+                                          "commit)" if full else ""), file=sys.stderr)
+        return DISK_FULL if full else 2
 
 
 if __name__ == "__main__":
+    exit_on_signals()  # outside a run's `Stop` too (before it, and after it stopped): a signal ends with 128 + n
     sys.exit(main())

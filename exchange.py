@@ -37,6 +37,22 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.distributed.initialize(coordinator, num_processes, process_id)
 
 
+class PeerLost(RuntimeError):
+    """A collective failed because a process of the run is gone (killed, preempted, its host down): the others
+    cannot go on without its devices. The run's last commit stands; rerunning every process resumes it."""
+
+
+def _collective(fn: Callable[[], Any], who: str) -> Any:
+    """`fn()`, a JAX collective; a process that died makes it fail at once (gloo: "connection closed by peer"),
+    which becomes `PeerLost` naming `who`."""
+    try:
+        return fn()
+    except jax.errors.JaxRuntimeError as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeerLost(f"{who} of the run is lost ({why[:200]}); this process stops too: the last commit stands, "
+                       f"and rerunning every process's command resumes it") from None
+
+
 def _bucket(n: int) -> int:
     """Broadcast buffers come in powers of two, so a run compiles a few buffer shapes, not one per child."""
     return min(CHUNK, max(1024, 1 << (n - 1).bit_length()))
@@ -55,12 +71,16 @@ class Hosts:
         """The process that reads and writes the run directory."""
         return self.index == 0
 
+    def other(self) -> str:
+        """The process a failed collective lost, as far as this one can tell."""
+        return f"process {1 - self.index}" if self.count == 2 else "another process"
+
     def any(self, flag: bool) -> bool:
         """Whether `flag` is true on any process (e.g. a stop request that reached only some of them)."""
         if self.count == 1:
             return flag
         from jax.experimental import multihost_utils as mh
-        return bool(np.asarray(mh.process_allgather(np.int32(flag))).any())
+        return bool(_collective(lambda: np.asarray(mh.process_allgather(np.int32(flag))).any(), self.other()))
 
     def send(self, blob: bytes | None, source: int) -> bytes:
         """`blob` of process `source`, on every process."""
@@ -68,8 +88,10 @@ class Hosts:
             return blob
         from jax.experimental import multihost_utils as mh
         me = self.index == source
+        who = f"process {source}" if not me else self.other()  # the one sending, else whichever is gone
         n = len(blob) if me else 0
-        hi, lo = np.asarray(mh.broadcast_one_to_all(np.array([n >> 30, n & (1 << 30) - 1], np.int32), me))
+        hi, lo = _collective(lambda: np.asarray(mh.broadcast_one_to_all(
+            np.array([n >> 30, n & (1 << 30) - 1], np.int32), me)), who)
         n = (int(hi) << 30) | int(lo)
         out = bytearray()
         for at in range(0, n, CHUNK):
@@ -77,7 +99,7 @@ class Hosts:
             buf = np.zeros(_bucket(size), np.uint8)
             if me:
                 buf[:size] = np.frombuffer(blob, np.uint8, size, at)
-            out += np.asarray(mh.broadcast_one_to_all(buf, me))[:size].tobytes()
+            out += _collective(lambda: np.asarray(mh.broadcast_one_to_all(buf, me)), who)[:size].tobytes()
         return bytes(out)
 
     def share(self, produce: Callable[[], bytes]) -> bytes:

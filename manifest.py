@@ -55,6 +55,17 @@ def _budget(name: str, default: Any) -> Any:
 
 
 _POS = (lambda v: v >= 1, "an integer ≥ 1")
+_ITERATIONS = (lambda v: 1 <= v <= 2**32, "an integer in [1, 2^32] (an iteration index is folded into its key as 32 "
+               "bits)")
+MAX_RESOLUTION = 4096  # data.MAX_PIXELS's side: no image is read larger
+MAX_BATCH_BYTES = 16 << 30  # one batch of float32 images at a segment's largest resolution (Section 5's: 0.9 GB)
+# Where each hyperparameter's values must lie (a value off the search space's list moves to its nearest entry;
+# one outside these ranges cannot train: a NaN loss, a negative crop, an image larger than any read).
+HP_RANGE: dict[str, tuple[float, float]] = {
+    "lr": (1e-8, 10.0), "warmup": (0.0, 1.0), "momentum": (0.0, 1.0), "crop_area_min": (1e-3, 1.0),
+    "crop_aspect_min": (1e-3, 1.0), "brightness": (0.0, 1.0), "contrast": (0.0, 1.0), "saturation": (0.0, 1.0),
+    "hue": (0.0, 0.5), "quality": (0.0, 1.0), "mu": (0.0, 1.0), "resolution": (1, MAX_RESOLUTION),
+    "adapter_dim": (1, 65_536), "num_layers": (0, 4096)}
 _NONNEG = (lambda v: v >= 0, "an integer ≥ 0")
 _NONNEGF = (lambda v: v >= 0, "a number ≥ 0")
 _METHOD = (lambda v: v in methods.METHODS, f"a method of methods.METHODS {sorted(methods.METHODS)}")
@@ -89,9 +100,10 @@ class Root:
     vit: str = _f("L/16", lambda v: v in vit.CONFIGS or v == "",
                   f"a ViT config of vit.CONFIGS {sorted(vit.CONFIGS)}, or '' (from root.path)")
     path: str = ""
-    resolutions: tuple[int, ...] = _f((224, 384), lambda v: len(v) >= 1 and all(r > 0 for r in v),
-                                      "a non-empty list of positive resolutions")
-    resolution: int = _f(0, *_NONNEG)  # default resolution of fresh models; 0 = the largest
+    resolutions: tuple[int, ...] = _f((224, 384), lambda v: len(v) >= 1 and all(0 < r <= MAX_RESOLUTION for r in v),
+                                      f"a non-empty list of resolutions in [1, {MAX_RESOLUTION}]")
+    resolution: int = _f(0, lambda v: 0 <= v <= MAX_RESOLUTION, f"an integer in [0, {MAX_RESOLUTION}]")  # default
+    # resolution of fresh models; 0 = the largest
     depth: int = _f(0, *_NONNEG)  # keep only the first `depth` blocks of the root (0 = all); Section 4's MCCB
     # root is ViT-Ti/16 cut to 3 layers (its normaliser P = 1,484,162 is that model's size)
     hp: Mapping[str, Any] = _f(factory=dict)  # the root model's hyperparameters over Table 1's defaults: every
@@ -108,7 +120,7 @@ class Segment(methods.Budget):
     name: str
     tasks: tuple[str, ...] = _f(check=lambda v: len(v) >= 1, expect="a non-empty list of task or set names")
     method: str = _f("mu2net+", *_METHOD)
-    iterations: int = _f(1, *_POS)
+    iterations: int = _f(1, *_ITERATIONS)
     adapter_dim: int = _f(0, *_NONNEG)  # residual-adapter baseline: inner dim (0 = the method's own)
     clone: str = ""  # fine-tune-top-layers baseline: 'top:K' ('' = the method's own; checked by methods.Method)
     values: Mapping[str, Any] = _f(factory=dict)  # search-space overrides: hyperparameter -> valid values
@@ -254,7 +266,10 @@ def _parse(cls: type, raw: Mapping[str, Any], path: str, where: str) -> Any:
         if check is not None and not check(v):
             raise ManifestError(f"{where}: {p} = {raw[name]!r}: expected {f.metadata['expect']}")
         kw[name] = v
-    return cls(**kw)
+    try:
+        return cls(**kw)
+    except ValueError as e:  # a check across fields (Budget: micro_batches against batch_size)
+        raise ManifestError(f"{where}: {pre}{str(e).removeprefix(cls.__name__ + '.')}") from None
 
 
 def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
@@ -299,10 +314,23 @@ def validate(raw: Mapping[str, Any], where: str = "manifest") -> Manifest:
             raise ManifestError(f"{where}: segments[{i}]: resolution {bad[0]} of method {s.method!r} (its search "
                                 f"space or values.resolution) is not a multiple of the patch size {cfg.patch}")
         _check_penalties(m, i, where)
+        _check_start(m, i, c, where)
     if r.pretrain.task:
         segment_config(m, r.pretrain, r.depth or cfg.depth, f"{where}: root.pretrain")
     _check_comparison(m, raw, where)
     return m
+
+
+def check_root(m: Manifest, cfg: vit.Config) -> None:
+    """A system read from root.path must be the ViT the manifest names, at resolutions its patch divides."""
+    r = m.root
+    if r.vit and vit.CONFIGS[r.vit] != cfg:
+        raise ManifestError(f"root.vit = {r.vit!r} ({vit.CONFIGS[r.vit]}) but the system at root.path = {r.path!r} "
+                            f"is a {cfg}; set root.vit = '' to take it from the file")
+    for i, res in enumerate(r.resolutions):
+        if res % cfg.patch:
+            raise ManifestError(f"root.resolutions[{i}] = {res}: expected a multiple of the patch size {cfg.patch} "
+                                f"of the system at root.path = {r.path!r}")
 
 
 def _check_root_table(r: Root, where: str) -> vit.Config | None:
@@ -368,8 +396,8 @@ def _check_arms(m: Manifest, where: str) -> None:
                             f"segments, with families to continue them")
     for i, s in enumerate(m.segments[c.shared:], c.shared):
         if 0 <= s.penalty_segment < c.shared:
-            raise ManifestError(f"{where}: segments[{i}].penalty_segment = {s.penalty_segment}: expected -1 or an index "
-                                f"≥ comparison.shared = {c.shared} (the families start at segments[{c.shared}])")
+            raise ManifestError(f"{where}: segments[{i}].penalty_segment = {s.penalty_segment}: expected -1 or an "
+                                f"index ≥ comparison.shared = {c.shared} (the families start at segments[{c.shared}])")
     for i, pair in enumerate(c.pairs):
         if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(fams):
             raise ManifestError(f"{where}: comparison.pairs[{i}] = {list(pair)}: expected [control, arm], two "
@@ -474,15 +502,38 @@ def penalties(seg: Segment, index: int, starts: Sequence[Mapping[str, Any]]) -> 
 
 
 def _check_hp(d: Mapping[str, Any], path: str, where: str, values: bool) -> None:
+    """Hyperparameters (root.hp, a segment's `defaults`, each entry of its `values`): known names, each value of
+    its kind and inside `HP_RANGE`."""
     for k, v in d.items():
         if k not in HP_NAMES:
             raise ManifestError(f"{where}: {path}.{k}: unknown hyperparameter; expected one of {list(HP_NAMES)}")
         if values and (not isinstance(v, (list, tuple)) or not v):
             raise ManifestError(f"{where}: {path}.{k} = {v!r}: expected a non-empty list of values")
-        if not values and k == "schedule" and v not in train.SCHEDULES:
-            raise ManifestError(f"{where}: {path}.{k} = {v!r}: expected one of {list(train.SCHEDULES)}")
-        if not values and k != "schedule" and not isinstance(v, (int, float, bool)):
-            raise ManifestError(f"{where}: {path}.{k} = {v!r}: expected a number or boolean")
+        for i, x in enumerate(v if values else [v]):
+            at = f"{path}.{k}" + (f"[{i}]" if values else "")
+            if k == "schedule" and x not in train.SCHEDULES:
+                raise ManifestError(f"{where}: {at} = {x!r}: expected one of {list(train.SCHEDULES)}")
+            if k != "schedule" and not isinstance(x, (int, float, bool)):
+                raise ManifestError(f"{where}: {at} = {x!r}: expected a number or boolean")
+            lo, hi = HP_RANGE.get(k, (-math.inf, math.inf))
+            if k != "schedule" and not lo <= x <= hi:
+                raise ManifestError(f"{where}: {at} = {x!r}: expected a number in [{lo:g}, {hi:g}]")
+
+
+def _check_start(m: Manifest, i: int, c: methods.Config, where: str) -> None:
+    """What a segment's children start from and reach must be in its search space: the root's hyperparameters'
+    resolution (the input pipeline provides only `c.resolutions()`), and one batch at its largest resolution
+    within MAX_BATCH_BYTES."""
+    res = m.root.hp.get("resolution")
+    if res is not None and m.root.kind in ("random", "augreg") and res not in c.resolutions():
+        raise ManifestError(f"{where}: root.hp.resolution = {res!r}: expected one of segments[{i}]'s resolutions "
+                            f"{list(c.resolutions())} (its search space)")
+    b, top = c.budget, max(c.resolutions())
+    for f in ("batch_size", "eval_batch"):
+        n = getattr(b, f) * top * top * 3 * 4
+        if n > MAX_BATCH_BYTES:
+            raise ManifestError(f"{where}: segments[{i}].{f} = {getattr(b, f)}: one batch at resolution {top} is "
+                                f"{n / 2**30:.1f} GiB of float32 images; expected at most {MAX_BATCH_BYTES >> 30} GiB")
 
 
 def to_dict(m: Any) -> Any:
@@ -506,6 +557,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         val = tomllib.loads(f"v = {v}")["v"]
     except tomllib.TOMLDecodeError:
         val = v
+    except RecursionError:
+        raise ManifestError(f"--set {text[:80]!r}: arrays or tables nested too deeply") from None
     return k.strip().split("."), val
 
 
@@ -543,23 +596,13 @@ def load_manifest(path: str | os.PathLike, overrides: Sequence[str] = (), seed: 
         raise ManifestError(f"manifest {p} not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ManifestError(f"{p}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ManifestError(f"{p}: not valid TOML here: arrays or tables nested too deeply") from None
     raw = apply_overrides(raw, overrides)
     if seed is not None:
         raw["seed"] = seed
     where = str(p) + (" (with --set overrides)" if overrides else "")
     return validate(raw, where)
-
-
-def check_system(m: Manifest, cfg: vit.Config) -> None:
-    """A system read from root.path must be the ViT the manifest names, at resolutions its patch divides."""
-    r = m.root
-    if r.vit and vit.CONFIGS[r.vit] != cfg:
-        raise ManifestError(f"root.vit = {r.vit!r} ({vit.CONFIGS[r.vit]}) but the system at root.path = {r.path!r} "
-                            f"is a {cfg}; set root.vit = '' to take it from the file")
-    for i, res in enumerate(r.resolutions):
-        if res % cfg.patch:
-            raise ManifestError(f"root.resolutions[{i}] = {res}: expected a multiple of the patch size {cfg.patch} "
-                                f"of the system at root.path = {r.path!r}")
 
 
 # --- from manifest to mu2net ---------------------------------------------------------------------------------
@@ -583,6 +626,13 @@ def task_key(m: Manifest, cursor: Cursor) -> jax.Array:
 
 def key_data(k: jax.Array) -> list[int]:
     return [int(x) for x in jax.random.key_data(k).reshape(-1)]
+
+
+def round_end(seg: Segment, iteration: int, gains: Sequence[float]) -> dict[str, Any]:
+    """How a round of task iterations ended: rounds run, the mean gain (validation examples) over its tasks, and
+    whether that is below the segment's `until_gain` (§5.1's "until sufficient convergence")."""
+    mean = sum(gains) / len(gains)
+    return dict(iterations=iteration + 1, gain=mean, converged=bool(seg.until_gain) and mean < seg.until_gain)
 
 
 

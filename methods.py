@@ -208,8 +208,8 @@ class Budget(train.ChildBudget):
     """Algorithm 1's meta-parameters (#generations, #child-models) and eq. 1's s, P, F, over one child's budget;
     and how many alike children of a generation train as one vectorised program."""
 
-    generations: int = train.at_least_one(4)
-    children: int = train.at_least_one(8)
+    generations: int = train.at_least_one(4, 10_000)
+    children: int = train.at_least_one(8, 4_096)  # a generation's children are sampled and held together
     s: float = train.checked(lambda v: 0 < v <= 1, "a number in (0, 1]", 0.99)
     P: float = train.checked(lambda v: v > 0, "a number > 0 (inf = no penalty)", math.inf)
     F: float = train.checked(lambda v: v > 0, "a number > 0 (inf = no penalty)", math.inf)

@@ -119,8 +119,8 @@ def tables(history: Sequence[Mapping[str, Any]]) -> str:
                      f"{_fmt(h.get('F', math.nan))} |")
     ran = [h for h in history if "iterations" in h]
     if ran:  # how each segment ended (evolve: the mean gain of its last round, until_gain)
-        lines += ["", "| segment | task iterations run | mean gain of the last round (validation examples) | ended by |",
-                  "|---|---:|---:|---|"]
+        lines += ["", "| segment | task iterations run | mean gain of the last round (validation examples) | "
+                  "ended by |", "|---|---:|---:|---|"]
         lines += [f"| {h['segment']} | {h['iterations']} | {h['gain']:.3g} | "
                   f"{'convergence (until_gain)' if h['converged'] else 'its iterations'} |" for h in ran]
     tasks: list[str] = []
@@ -798,7 +798,8 @@ def paired_table(results: Sequence[Mapping[str, Any]]) -> str:
     out = []
     for p in results:
         head = " | ".join(f"{t}: control → arm | change ({u})" for _, t, u in PAIRED)
-        out += [f"## {p['control']} → {p['arm']}", "", f"| repetition | {head} |", "|---:|" + "---:|---:|" * len(PAIRED)]
+        out += [f"## {p['control']} → {p['arm']}", "", f"| repetition | {head} |",
+                "|---:|" + "---:|---:|" * len(PAIRED)]
         for r in p["rows"]:
             cells = [f"{_fmt(r[k][0], u == 'points')} → {_fmt(r[k][1], u == 'points')} | {r[k][2]:+.2f}"
                      for k, _, u in PAIRED]
@@ -809,8 +810,8 @@ def paired_table(results: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(out + [PAIRING]) + "\n"
 
 
-PAIRING = ("Pairing: repetition r of each family uses seed + r and, in a comparison with shared segments, continues the "
-           "same committed run (`shared/rep<r>`) with the same keys. A change is arm − control: test accuracy on the "
+PAIRING = ("Pairing: repetition r of each family uses seed + r and, in a comparison with shared segments, continues "
+           "the same committed run (`shared/rep<r>`) with the same keys. A change is arm − control: test accuracy on the "
            "report set in points, average accounted parameters (eq. 2) and FLOPs per image in % of the control's; "
            "mean ± SE is the mean of the per-repetition changes and their sample std (ddof = 1) over √n.")
 

@@ -7,6 +7,7 @@ the run to stop after the children in flight and commit; a second signal stops a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,6 +40,7 @@ class Progress:
                  every: float = 30.0, log_every: float = 300.0):
         self.lock = threading.Lock()
         self.metrics = checkpoint.open_log(metrics) if metrics else None
+        self.failed: checkpoint.CheckpointError | None = None  # a record that could not be written (`size`)
         self.total, self.done, self.t0, self.before = total, 0, time.monotonic(), elapsed
         self.stream, self.where, self.cycles, self.gen = stream, {}, 1, {}
         self.every, self.log_every, self.steps = every, log_every, {}
@@ -56,13 +58,20 @@ class Progress:
             self._write(rec)
 
     def _write(self, rec: Mapping[str, Any]) -> None:
-        if self.metrics:
+        if self.metrics and not self.failed:
             line = json.dumps({**rec, "elapsed": round(self.elapsed(), 3)}, default=str)
-            self.metrics.write(line.encode() + b"\n")
-            self.metrics.flush()
+            try:
+                self.metrics.write(line.encode() + b"\n")
+                self.metrics.flush()
+            except OSError as e:  # often from a training thread: the run meets it at its next commit (`size`)
+                self.failed = checkpoint.write_error(e, self.metrics.name)
 
     def size(self) -> int:
+        """The log's length on disk, which a commit records; a log that lost a record (a full disk) can match no
+        commit any more, so its error is raised here and the run stops before committing."""
         with self.lock:
+            if self.failed:
+                raise self.failed
             if not self.metrics:
                 return 0
             return checkpoint.synced_size(self.metrics)  # on disk before a commit records it
@@ -126,13 +135,37 @@ class Progress:
 
     def close(self) -> None:
         if self.metrics:
-            self.metrics.close()
+            with contextlib.suppress(OSError):  # bytes a full disk refused lie past the last commit: a resume cuts them
+                self.metrics.close()
+
+
+def exit_now(status: int, line: str, stream: Any = None) -> None:
+    """Ends the process now with `status` and one line, skipping Python's and JAX's exit handlers (a lost
+    process's heartbeat, a signal that finds no safe point to wait for). The checkpoint protocol keeps a run's
+    last commit whatever the moment (checkpoint.py)."""
+    with contextlib.suppress(Exception):  # inside a handler a stream may be mid-write (a reentrant call)
+        sys.stdout.flush()
+    with contextlib.suppress(Exception):
+        print(line, file=stream or sys.stderr, flush=True)
+    os._exit(status)
+
+
+def exit_at_once(signum: int, stream: Any = sys.stderr, why: str = "") -> None:
+    """`exit_now` with status 128 + signum."""
+    exit_now(128 + signum, f"{signal.Signals(signum).name}: stopped at once{why}; a run's last commit stands", stream)
+
+
+def exit_on_signals(stream: Any = sys.stderr) -> None:
+    """The CLI process's own handlers, wherever no run's `Stop` is in place (before a run, and after it stopped at
+    a safe point, while the process shuts down): SIGTERM and SIGINT end it at once, not with a traceback."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: exit_at_once(signum, stream))
 
 
 class Stop:
     """SIGTERM and SIGINT (a preempted VM, a scheduler's time limit, ctrl-C): the first asks the run to stop at its
-    next safe point (after the children in flight), commit and exit with `STOPPED`; a second stops at once, and the
-    last commit stands."""
+    next safe point (after the children in flight), commit and exit with `STOPPED`; a second stops at once
+    (`exit_at_once`), and the last commit stands."""
 
     def __init__(self, stream: Any = sys.stderr):
         self.signum, self.stream, self.old = None, stream, {}
@@ -142,10 +175,10 @@ class Stop:
 
     def handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
-            os._exit(128 + signum)  # the second signal: at once; the checkpoint protocol keeps the last commit
+            exit_at_once(signum, self.stream, " (a second signal)")
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after the children in flight, then committing "
-              f"(a second signal stops at once; the last commit stands)", file=self.stream, flush=True)
+        print(f"\n{signal.Signals(signum).name}: stopping after the children in flight, then committing (a second "
+              f"signal stops at once; the last commit stands)", file=self.stream, flush=True)
 
     def __enter__(self) -> Stop:
         if threading.current_thread() is threading.main_thread():
@@ -158,16 +191,27 @@ class Stop:
             signal.signal(s, h)
 
 
+def resuming_at(out: str, cursor: Sequence[int], pending: Any, generations: int, ck: Any) -> str:
+    """The line a resume prints: where it resumes (a mu2net.Iteration `pending` of a task with `generations`
+    generations: at which one, or after its last) from the commit `ck` (a checkpoint.Checkpoint)."""
+    g = pending.generation if pending else 0
+    where = "" if not pending else (f", generation {g + 1}/{generations}" if g < generations else
+                                    f", after its last generation ({generations}/{generations})") + (
+        f" ({len(pending.done)} of its children done)" if pending.done is not None else "")
+    return (f"resuming {out} at segment {cursor[0]}, iteration {cursor[1]}, task {cursor[2]}{where} "
+            f"(state {ck.state}, code {ck.extra.get('version')})")
+
+
 def children_left(m: Any, ntasks: Sequence[int], cursor: tuple[int, int, int], pretrain: bool,
                   pending: Any = None) -> int:
     """How many children a run (a manifest.Manifest) still trains from `cursor`, the pre-training's if it has
-    not run yet, less the generations of an iteration in progress (`pending`, a mu2net.Iteration) already done."""
+    not run yet, less the generations of an iteration in progress (`pending`, a mu2net.Iteration) already done.
+    Counted, not enumerated: a segment may hold up to 2^32 iterations (manifest.py)."""
     n = m.root.pretrain.generations * m.root.pretrain.children if pretrain else 0
     if pending:
         n -= pending.generation * m.segments[cursor[0]].children + len(pending.done or {})
-    for i, s in enumerate(m.segments):
-        for it in range(s.iterations):
-            for t in range(ntasks[i]):
-                if (i, it, t) >= cursor:
-                    n += s.generations * s.children
+    seg, it, t = cursor
+    for i, s in enumerate(m.segments[seg:], seg):
+        left = s.iterations * ntasks[i] if i > seg else (s.iterations - it) * ntasks[i] - t
+        n += s.generations * s.children * left
     return n

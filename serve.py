@@ -153,15 +153,17 @@ def export(system: mu2net.System, task: str, out: str | os.PathLike, classes: Se
     k = int(comps["head"].bias.shape[0])
     if len(classes) != k:
         raise ServeError(f"task {task!r}: {len(classes)} class names for a head of {k} classes")
-    vit.save_augreg(out, comps)
+    buf = io.BytesIO()
+    vit.save_augreg(buf, comps)
+    checkpoint.write_atomic(out, buf.getvalue())  # whole or not at all; an unwritable path is one error line
     cfg = vit.infer_config(vit.to_flat(comps))
     side = out.with_suffix(".json")
-    side.write_text(json.dumps({
+    checkpoint.write_atomic(side, (json.dumps({
         "format": "AugReg ViT .npz (big_vision / vision_transformer key layout); load with vit.load_augreg",
         "task": task, "resolution": int(model.hp["resolution"]), "num_classes": k, "classes": list(classes),
         "config": dataclasses.asdict(cfg), "preprocessing": "RGB in [-1, 1] (x / 127.5 - 1), bilinear resize",
         "model": model.id, "components": list(model.components), "metrics": dict(model.metrics),
-        **({"source": source} if source else {})}, indent=2) + "\n")
+        **({"source": source} if source else {})}, indent=2) + "\n").encode())
     return out, side
 
 

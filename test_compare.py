@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 import evolve
+import manifest
 import report
 
 TINY = """
@@ -148,7 +149,7 @@ report_set = ["digits"]
 [root]
 kind = "random"
 vit = "tiny"
-resolutions = [8, 16]
+resolutions = [16]
 resolution = 16
 hp = { lr = 0.05 }
 
@@ -201,13 +202,14 @@ def test_paired_differences_per_repetition_mean_and_standard_error():
             run("a", 1, 0.80, 180.0, 19.0), run("b", 2, 0.70, 50.0, 5.0)]  # a's repetition 2 has not finished
     (p,) = report.paired(runs, [("b", "a")])
     assert p["n"] == 2 and [r["repetition"] for r in p["rows"]] == [0, 1]
-    assert p["rows"][0]["params"] == (100.0, 80.0, pytest.approx(-20.0)) and p["rows"][1]["flops"][2] == pytest.approx(-5.0)
+    assert p["rows"][0]["params"] == (100.0, 80.0, pytest.approx(-20.0))
+    assert p["rows"][1]["flops"][2] == pytest.approx(-5.0)
     assert p["test_acc_set"][2] == pytest.approx(0.5)  # +1 and 0 points
     # params: -20 % and -10 %, sample std 7.07 over √2; the mean levels are 150 → 130.
     assert p["params"] == (150.0, 130.0, pytest.approx(-15.0), pytest.approx(5.0))
     text = report.paired_table([p])
-    assert "## b → a" in text and ("| mean ± SE (n = 2) | 85.00 → 85.50 | +0.50 ± 0.50 | 150 → 130 | -15.00 ± 5.00 | "
-                                   "15 → 14.5 | -2.50 ± 2.50 |") in text
+    assert "## b → a" in text and ("| mean ± SE (n = 2) | 85.00 → 85.50 | +0.50 ± 0.50 | 150 → 130 | -15.00 ± 5.00 "
+                                   "| 15 → 14.5 | -2.50 ± 2.50 |") in text
 
 
 def test_arms_continue_one_shared_commit_with_the_same_keys(tmp_path, capsys):
@@ -227,11 +229,11 @@ def test_arms_continue_one_shared_commit_with_the_same_keys(tmp_path, capsys):
                                                                              "control/default")]
     arm = subs[1].manifest
     assert (arm.root.kind, arm.root.path, arm.first_segment) == ("system", f"{out}/shared/rep0", 1)
-    assert (arm.root.vit, arm.root.resolutions) == ("tiny", (8, 16)) and not arm.root.pretrain.task
+    assert (arm.root.vit, arm.root.resolutions) == ("tiny", (16,)) and not arm.root.pretrain.task
     assert [s.name for s in arm.segments] == ["two"] and arm.segments[0].penalty_segment == 0
     assert [s.name for s in subs[0].manifest.segments] == ["one"] and subs[3].manifest.seed == 1
-    keys = {evolve.key_data(evolve.task_key(s.manifest, (0, 0, 0))) == evolve.key_data(evolve.iteration_key(r, 1, 0, 0))
-            for r, s in ((0, subs[1]), (0, subs[2]), (1, subs[4]), (1, subs[5]))}
+    keys = {evolve.key_data(evolve.task_key(s.manifest, (0, 0, 0)))
+            == evolve.key_data(manifest.iteration_key(r, 1, 0, 0)) for r, s in ((0, subs[1]), (0, subs[2]), (1, subs[4]), (1, subs[5]))}
     assert keys == {True}
     # One repetition end to end (the plan of two is checked above).
     args = ["--manifest", str(p), "--out", str(out), "--compile-cache", "", "--set", "comparison.repetitions=1"]

@@ -84,7 +84,7 @@ def _write(tmp_path: Path, text: str, name: str = "m.toml") -> Path:
     (("generations = 1\nchildren = 2\ncycles = 2", "generations = \"two\"\nchildren = 2\ncycles = 2"),
      "segments[0].generations = 'two'", "expected an integer"),
     (("generations = 1\nchildren = 2\ncycles = 2", "generations = -2\nchildren = 2\ncycles = 2"),
-     "segments[0].generations = -2", "expected an integer ≥ 1"),
+     "segments[0].generations = -2", "expected an integer in [1, 10,000]"),
     (('tasks = ["digits"]', 'tasks = ["digitz"]'), "segments[1].tasks[0] = 'digitz'", "did you mean"),
     (('method = "mu2net+"', 'method = "mu3net"'), "segments[1].method = 'mu3net'", "methods.METHODS"),
     (("P_factor = 10", "P_factor = 10\ns = 1.5"), "segments[1].s = 1.5", "(0, 1]"),
@@ -103,10 +103,31 @@ def _write(tmp_path: Path, text: str, name: str = "m.toml") -> Path:
     (('method = "mu2net+"', 'method = "mu2net+"\ntrainable_split = "scan"'), "segments[1].trainable_split = 'scan'",
      "'hybrid'"),
     (("cycles = 2", "cycles = 2\nvalidation_max = 20000"), "segments[0].validation_max = 20000", "[1, 10000]"),
+    (("eval_batch = 128", "eval_batch = 128\nmicro_batches = 3"), "segments[0].micro_batches = 3",
+     "expected a divisor of batch_size = 32"),
+    (("cycles = 2", "cycles = 2\nremat = 1"), "segments[0].remat = 1", "expected a boolean"),
     (("seed = 0", 'seed = 0\ncomparison = { families = [{ name = "a", vary = "s", values = [0.5, 2.0] }] }'),
      "comparison a, s=2, repetition 0): segments[0].s = 2.0", "(0, 1]"),
     (("seed = 0", 'seed = 0\ncomparison = { families = [{ name = "a", vary = "lr", values = [0.1] }] }'),
      "comparison.families[0].vary = 'lr'", "a [[segments]] field"),
+    # Values that pass a type check but cannot work: each bounded, the bound in the error.
+    (("children = 2", "children = 1000000000000000000"), "segments[0].children = 1000000000000000000",
+     "expected an integer in [1, 4,096]"),
+    (('name = "two"', 'name = "two"\niterations = 1000000000000000000'),
+     "segments[1].iterations = 1000000000000000000", "expected an integer in [1, 2^32]"),
+    (("batch_size = 32\neval_batch", "batch_size = 1000000000\neval_batch"), "segments[0].batch_size = 1000000000",
+     "expected an integer in [1, 65,536]"),
+    (('name = "two"', 'name = "two"\nvalues = { resolution = [16, 4096] }'),
+     "segments[1].eval_batch = 128: one batch at resolution 4096", "24.0 GiB of float32 images; expected at most 16"),
+    (("hp = { lr = 0.05 }", "hp = { resolution = 7 }"), "root.hp.resolution = 7",
+     "expected one of segments[0]'s resolutions [16]"),
+    (("hp = { lr = 0.05 }", "hp = { lr = 1e30 }"), "root.hp.lr = 1e+30", "expected a number in [1e-08, 10]"),
+    (('name = "two"', 'name = "two"\nvalues = { warmup = [0.1, -1] }'), "segments[1].values.warmup[1] = -1",
+     "expected a number in [0, 1]"),
+    (('name = "two"', 'name = "two"\ndefaults = { crop_area_min = 0 }'), "segments[1].defaults.crop_area_min = 0",
+     "expected a number in [0.001, 1]"),
+    (("", "[tasks.x]\nfolder = " + "[" * 20_000 + "]" * 20_000 + "\n"), "not valid TOML here",
+     "nested too deeply"),
 ])
 def test_bad_manifest_names_the_field(tmp_path, edit, field, expect):
     old, new = edit
@@ -133,7 +154,7 @@ def test_bad_manifest_fails_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
     assert evolve.main(["--manifest", str(p), "--out", str(out)]) == 2
     assert not out.exists()
-    assert "segments[0].cycles = 0: expected an integer ≥ 1" in capsys.readouterr().err
+    assert "segments[0].cycles = 0: expected an integer in [1, 10,000]" in capsys.readouterr().err
     # A bad CLI override is checked like the file.
     good = _write(tmp_path, TINY, "good.toml")
     assert evolve.main(["--manifest", str(good), "--out", str(out), "--set", "segments.1.batch_size=-4"]) == 2
@@ -817,6 +838,56 @@ def test_full_disk_at_a_commit_leaves_the_run_going(small):
     assert "the next commit tries again" in small["a_log"]
     ck = checkpoint.load(small["d"] / "a")
     assert mu2net.identical(ck.system, small["a"]) and ck.extra["done"]
+
+
+def test_a_disk_that_stays_full_stops_the_run_cleanly(tmp_path, monkeypatch, capsys):
+    """The disk fills up at the first generation's commit and stays full: the run warns and goes on, the next
+    log record is lost, and the next commit (the run's end) stops it with one line and `DISK_FULL`; the last commit
+    (the start) stands, loadable, with its log (a resume from it: test_kill_and_resume_equals_uninterrupted)."""
+    import errno
+    man, out = _write(tmp_path, SMALL), tmp_path / "run"
+    argv = ["--manifest", str(man), "--out", str(out), "--compile-cache", ""]
+    full, saves = [False], []
+    real_put, real_save = checkpoint._put, checkpoint.save
+
+    def put(fd, data):  # every byte written to the run directory, through the checkpoint's own write helpers
+        if full[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_put(fd, data)
+
+    def save(*a, **k):
+        saves.append(1)
+        full[0] = full[0] or len(saves) == 2
+        return real_save(*a, **k)
+
+    class Log:  # metrics.jsonl on the same disk
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, k):
+            return getattr(self.f, k)
+
+        def write(self, b):
+            if full[0]:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+    real_log = checkpoint.open_log
+    with monkeypatch.context() as mp:
+        mp.setattr(checkpoint, "_put", put)
+        mp.setattr(checkpoint, "save", save)
+        mp.setattr(checkpoint, "open_log", lambda p: Log(real_log(p)))
+        real_run = evolve.run
+        mp.setattr(evolve, "run", lambda *a, **k: real_run(*a, stream=sys.stderr, **k))  # its warnings, captured
+        assert evolve.main(argv) == evolve.DISK_FULL
+    err = capsys.readouterr().err
+    assert "warning: no space left on device while writing" in err and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: no space left on device while writing {out / 'metrics.jsonl'}"), last
+    assert "free space and rerun the same command" in last
+    ck = checkpoint.load(out)
+    assert ck.extra["cursor"] == [0, 0, 0] and ck.pending is None and not (out / checkpoint.LOCK).exists()
+    assert ck.extra["metrics_bytes"] <= (out / "metrics.jsonl").stat().st_size  # a resume cuts the log back to it
 
 
 def test_object_store_run_stops_resumes_and_equals_a_local_one(small):

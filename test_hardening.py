@@ -379,6 +379,12 @@ def drills(tmp_path_factory, state):
                                          False)
     r = run("nohist", lambda s: s["extra"].pop("history"))
     cases["report: no history"] = (["report", str(r)], "extra.history is missing", False)
+    entry = dict(segment="start", test_acc_set=0.5, set_tasks=1, params=1.0, flops=1.0, models=1, test={"digits": 0.5})
+    r = run("nosegment", lambda s: s["extra"].update(history=[{k: v for k, v in entry.items() if k != "segment"}]))
+    cases["report: a history entry without its segment"] = (["report", str(r)], "extra.history[0].segment is missing",
+                                                             False)
+    r = run("nohp", lambda s: s["extra"].update(history=[dict(entry, retained={"digits": {"id": "digits/1"}})]))
+    cases["report: a retained record without hp"] = (["report", str(r)], "extra.history[0].retained = ", False)
     m = _manifest(w, "resume")
     r = run("bytes", lambda s: s["extra"].update(metrics_bytes="x"),
             dict(RUN_EXTRA, manifest=evolve.resolved(evolve.load_manifest(m))))  # the resume reaches the log
@@ -402,6 +408,15 @@ def drills(tmp_path_factory, state):
     m = _manifest(w, "utf8", task="mine", extra=f'[tasks.mine]\nfolder = "{folder}"')
     cases["a class folder named b'\\xff\\xfe'"] = (["--manifest", str(m), "--out", str(w / "out-utf8"),
                                                      "--compile-cache", ""], "not printable UTF-8", True)
+    m = _manifest(w, "unwritable")
+    cases["--out /proc/mu2net-drill"] = (["--manifest", str(m), "--out", "/proc/mu2net-drill", "--compile-cache", ""],
+                                         "cannot write /proc/mu2net-drill", True)
+    cases["--out below a loop of links"] = (["--manifest", str(m), "--out", str(loop / "run"), "--compile-cache", ""],
+                                            "Too many levels of symbolic links", False)
+    r = run("export", extra=dict(RUN_EXTRA, manifest=evolve.resolved(evolve.load_manifest(m)),
+                                 classes={"digits": ["0", "1"]}))
+    cases["export: /proc/x.npz"] = (["export", str(r), "--task", "digits", "/proc/x.npz"],
+                                    "cannot write /proc/x.npz", False)
     before = _tree(d, skip=w)
 
     def cli(argv: list[str]) -> subprocess.CompletedProcess:
@@ -420,10 +435,11 @@ def _one_error_line(rc: int, err: str, words: str) -> bool:
 
 def test_every_drill_is_one_line_and_exit_2(drills):
     """In real processes: a traversal, /dev/zero, a '..' state, a linked components/, a bad metrics_bytes, a
-    manifest name leaving the report folder, a text id in a published state, a non-UTF-8 class folder."""
+    manifest name leaving the report folder, a text id in a published state, a non-UTF-8 class folder, an --out
+    that cannot be made."""
     bad = {n: (r.returncode, r.stderr[-600:]) for n, r in drills["done"].items()
            if not _one_error_line(r.returncode, r.stderr, drills["cases"][n][1])}
-    assert not bad and len(drills["done"]) == 8, bad
+    assert not bad and len(drills["done"]) == 9, bad
 
 
 def test_the_other_drills_in_process(drills, capsys):
@@ -446,6 +462,51 @@ def test_no_drill_wrote_outside_its_run_directory(drills):
     # The published-state and folder checks come before the run directory is made.
     assert not [p.name for p in w.iterdir() if p.name.startswith("out-") and p.name != "out-sys"]
 
+
+
+def test_a_read_only_run_and_a_pretraining_that_keeps_nothing_are_one_line(tmp_path, monkeypatch, capsys):
+    """`report` on a read-only run directory (EROFS at the checkpoint's write helper, as a read-only mount gives
+    it; then ENOSPC, a full disk: status DISK_FULL) and a pre-training whose every child is discarded (a trainer
+    that keeps none, as a NaN loss does): one line, exit 2; the run directory holds no commit and nothing is written
+    beside it."""
+    import errno
+
+    import evolve
+    import schedule
+    run = tmp_path / "w" / "ro"
+    _committed(run)
+    before = _tree(tmp_path)
+
+    def erofs(d, name, data):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    with monkeypatch.context() as mp:
+        mp.setattr(checkpoint, "_write_at", erofs)
+        assert evolve.main(["report", str(run)]) == 2
+    assert _one_error_line(2, capsys.readouterr().err, f"cannot write {run / 'report.md'}: Read-only file system")
+    assert _tree(tmp_path) == before
+
+    def enospc(d, name, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as mp:  # a full disk instead: its own status
+        mp.setattr(checkpoint, "_write_at", enospc)
+        assert evolve.main(["report", str(run)]) == evolve.DISK_FULL
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no space left on device while writing {run / 'report.md'}")
+    assert err.count("\n") == 1
+    assert _tree(tmp_path) == before
+    (tmp_path / "m.toml").write_text(MANIFEST.format(kind="random", path="", task="digits", extra="") .replace(
+        "[[segments]]", '[root.pretrain]\ntask = "digits/parity"\nsamples_cap = 32\nbatch_size = 32\n[[segments]]'))
+    monkeypatch.setattr(schedule.Local, "__call__", lambda self, pool, todo, *a, **k: {p.index: None for p in todo})
+    out = tmp_path / "w" / "nan"
+    assert evolve.main(["--manifest", str(tmp_path / "m.toml"), "--out", str(out), "--compile-cache", ""]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the progress lines, when the run's stream is this test's stderr
+    assert "Traceback" not in err and last.startswith("error: root.pretrain: every child of the pre-training on "
+                                                      "'digits/parity' was discarded"), err[-2000:]
+    assert not checkpoint.exists(out) and not (out / checkpoint.LOCK).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.toml", "w"]
 
 
 # --- 11: the published-state reader's memory ------------------------------------------------------------------
@@ -483,3 +544,102 @@ def test_published_memory_bench_runs(tmp_path):
     m = out["folder"]
     assert out["array_bytes"] >= 5e5 and m["held"] >= out["array_bytes"] // 2
     assert 0 < m["peak_above_before"] <= out["array_bytes"] + (64 << 20)
+
+
+def test_a_full_disk_at_the_lock_leaves_no_lock(tmp_path, monkeypatch):
+    """LOCK is created, then written: a full disk in between removes it, so the next run is not refused by an
+    empty lock; the error is one line naming it."""
+    import errno
+
+    def enospc(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "_put", enospc)
+    with pytest.raises(checkpoint.DiskFull, match=f"while writing {tmp_path / 'run' / checkpoint.LOCK}"):
+        with checkpoint.lock(tmp_path / "run"):
+            pass
+    assert not (tmp_path / "run" / checkpoint.LOCK).exists()
+
+
+# --- 10: signals and peers ------------------------------------------------------------------------------------
+
+LATE = r"""
+import os, signal, sys, time
+import runlog
+runlog.exit_on_signals()  # as evolve.py's __main__
+with runlog.Stop() as stop:  # a run that stops at its safe point, as evolve.run
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop()
+print("stopped at a safe point", file=sys.stderr, flush=True)
+os.kill(os.getpid(), signal.SIGINT)  # a second signal while the process shuts down
+time.sleep(60)
+"""
+
+
+def test_a_late_second_signal_exits_128_plus_n_without_a_traceback():
+    """After a run's `Stop` gave its handlers back, a second signal ends the process at once with 128 + n and one
+    line, not a KeyboardInterrupt traceback (Python's default handler) nor a kill by the signal."""
+    r = subprocess.run([sys.executable, "-c", LATE], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 128 + 2, r.stderr[-2000:]
+    assert r.stderr.splitlines()[-1] == "SIGINT: stopped at once; a run's last commit stands"
+    assert "Traceback" not in r.stderr
+    src = (HERE / "evolve.py").read_text()
+    assert src.split('if __name__ == "__main__":')[1].lstrip().startswith("exit_on_signals()")
+
+
+def test_a_lost_process_ends_the_others_at_once_with_one_line(tmp_path):
+    """Process 1 of 2 killed (SIGKILL) once the run has started: process 0 meets it at its next collective and
+    ends with one line naming it and `PEER_LOST`, not by JAX's shutdown barrier (which waits for the lost
+    heartbeat, then aborts); its last commit stands."""
+    import socket
+
+    import conftest
+    import evolve
+    from test_evolve import SMALL
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    (tmp_path / "m.toml").write_text(SMALL)
+    env = {k: v for k, v in os.environ.items() if k != evolve.KILL_ENV}
+    env["XLA_FLAGS"] = conftest.CPU_FLAGS.format(2)
+    procs = [subprocess.Popen([sys.executable, str(HERE / "evolve.py"), "--manifest", str(tmp_path / "m.toml"),
+                               "--out", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i), "--compile-cache", ""], cwd=HERE,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for line in procs[1].stderr:
+        if "P = " in line:  # the segment has started: process 1 is about to train its child
+            procs[1].kill()
+            break
+    procs[1].wait(timeout=60)
+    _, err = procs[0].communicate(timeout=300)
+    assert procs[0].returncode == evolve.PEER_LOST, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: process 1 of the run is lost (") and "the last commit stands" in last, last
+    assert "Traceback" not in err and "Check failure" not in err
+    assert checkpoint.load(tmp_path / "run").extra["cursor"] == [0, 0, 0]
+    assert not (tmp_path / "run" / checkpoint.LOCK).exists()  # released as the error left the run
+
+
+# --- 12: what a resume and the other processes say --------------------------------------------------------------
+
+
+def test_resume_and_stop_lines_say_where_the_run_is():
+    """A resume committed after its task's last generation says so (not "generation 2/1"); a process other than
+    the main one, which commits nothing itself, says process 0 committed (not "(no commit)")."""
+    from types import SimpleNamespace as NS
+
+    import evolve
+    import runlog
+    ck = NS(state="state-000004.msgpack", extra={"version": "abc"})
+    last = runlog.resuming_at("runs/x", (0, 0, 1), NS(generation=1, done=None), 1, ck)
+    assert last == ("resuming runs/x at segment 0, iteration 0, task 1, after its last generation (1/1) "
+                    "(state state-000004.msgpack, code abc)")
+    mid = runlog.resuming_at("runs/x", (0, 0, 1), NS(generation=0, done={0: None}), 2, ck)
+    assert ", generation 1/2 (1 of its children done) (state" in mid
+    assert ", generation" not in runlog.resuming_at("runs/x", (1, 0, 0), None, 2, ck)
+    r = evolve.Run(None, "runs/x", None, None, None, NS(main=False), None, None, [], None)
+    assert "committed to runs/x (by process 0); rerun" in str(r.stopped("generation 1/2 of task 'digits'"))
+    r = evolve.Run(None, "runs/x", None, None, None, NS(main=True), None, None, [], None, ck=ck)
+    assert "committed to runs/x (state-000004.msgpack); rerun" in str(r.stopped("generation 1/2 of task 'digits'"))

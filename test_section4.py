@@ -296,6 +296,7 @@ def test_strict_retention_and_ties(tasks):
 
     class Counted:  # the digits task, counting the training batches it serves
         name, num_classes, num_train, image_size = "digits", 10, tasks["digits"].num_train, tasks["digits"].image_size
+        num_validation = tasks["digits"].num_validation
 
         def train_batch(self, seed, step, batch_size):
             steps.append(step)

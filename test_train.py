@@ -9,6 +9,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import conftest
@@ -150,3 +151,143 @@ def test_fused_chunk_equals_step_by_step():
     assert snap.quality == train.accuracy([p for i, p in enumerate(snap.params) if i != off], task, "validation", 16,
                                           budget.eval_batch, conftest.programs())
 
+
+# --- device memory settings: rematerialisation and micro-batches (docs/hardware.md) ------------------------------
+
+def _run(setup, remat, micro, steps=1):
+    (diff, frozen, mom, mask), x, y = setup
+    hp, total, k = train.HParams.of(HP), jnp.asarray(100, jnp.int32), jnp.asarray(10, jnp.int32)
+    for s in range(steps):
+        diff, mom, loss, gnorm = train.train_step(diff, frozen, mom, mask, x, y, hp, jnp.asarray(s, jnp.int32), total,
+                                                  k, remat, micro)
+    return diff, mom, loss, gnorm
+
+
+def _same(a, b):
+    return all(np.array_equal(np.asarray(p), np.asarray(q)) for p, q in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                                           strict=True))
+
+
+def test_remat_is_the_plain_step_bit_for_bit(setup):
+    """Rematerialisation recomputes each block's forward from its kept input with the same operations: XLA gives
+    the same bits, here over steps that change the parameters and momentum."""
+    assert _same(_run(setup, True, 1, steps=4), _run(setup, False, 1, steps=4))
+
+
+def test_remat_in_the_fused_chunk_is_bit_for_bit():
+    """The program a child runs (train_group's chunks, a block switched off by its flag) with and without remat."""
+    task = data.make_task_data(data.load_catalog()["digits"], 16)
+    init = list(vit.init(CFG, jax.random.key(0), 10, 16).values())
+    init[4] = jax.tree.map(np.zeros_like, init[4])  # encoderblock_1, off
+    on = tuple(i != 4 for i in range(len(init)))
+    hp = dict(HP, crop_area_min=0.5, flip=True, resolution=16)
+    out = []
+    for remat in (False, True):
+        budget = train.ChildBudget(cycles=1, samples_cap=96, batch_size=32, remat=remat)
+        job = train.Job(init, [train.zeros_like_bf16(c) for c in init], on, hp, jax.random.key(3), lambda q: 0.0,
+                        0.0, "c", on)
+        out.append(train.train_group([train.prepare(job, task, budget)], task, budget, conftest.programs())[0])
+    assert _same(out[0].params, out[1].params) and _same(out[0].momentum, out[1].momentum)
+    assert out[0].quality == out[1].quality
+
+
+def _per_token_magnitudes(comps, x, y, k):
+    """Σ_j |t_j| for every parameter element, t_j the summands of its gradient, one per (example, token) the
+    parameter acts on: vit.py's maths re-run with a copy of every parameter per (example, token), so that each
+    copy's gradient is one summand. Returns the loss and the magnitudes (checked against train._grad)."""
+    emb, cls, pe, *blocks, norm, head = comps
+    b, p = x.shape[0], emb.kernel.shape[0]
+    g = x.shape[1] // p
+    T = g * g + 1
+    copies = lambda t, m: jax.tree.map(lambda a: jnp.broadcast_to(a, (b, m) + a.shape), t)  # noqa: E731
+    P = (copies(emb, g * g), copies(cls, 1), copies(pe, 1), [copies(c, T) for c in blocks], copies(norm, T),
+         copies(head, 1))
+
+    def ln(z, n):
+        zc = z - z.mean(-1, keepdims=True)
+        return zc * jax.lax.rsqrt(jnp.square(zc).mean(-1, keepdims=True) + vit.EPS) * n.scale + n.bias
+
+    def dense(z, d, spec):
+        return jnp.einsum(spec, z, d.kernel) + d.bias
+
+    def loss(P):
+        emb, cls, pe, blocks, norm, head = P
+        xs = x.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p, p, 3)
+        z = jnp.einsum("bnpqc,bnpqcd->bnd", xs, emb.kernel) + emb.bias
+        z = jnp.concatenate([cls.cls[:, 0, 0], z], 1) + pe.pos_embedding[:, 0, 0]
+        for c in blocks:
+            a, m = c.MultiHeadDotProductAttention_1, c.MlpBlock_3
+            h = ln(z, c.LayerNorm_0)
+            q, kk, v = (dense(h, d, "bnd,bndhk->bnhk") for d in (a.query, a.key, a.value))
+            s = jax.nn.softmax(jnp.einsum("bqhk,bnhk->bhqn", q, kk) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype)), -1)
+            z = z + dense(jnp.einsum("bhqn,bnhk->bqhk", s, v), a.out, "bqhk,bqhkd->bqd")
+            h = jax.nn.gelu(dense(ln(z, c.LayerNorm_2), m.Dense_0, "bnd,bndm->bnm"), approximate=True)
+            z = z + dense(h, m.Dense_1, "bnm,bnmd->bnd")
+        z = dense(ln(z, norm)[:, :1], head, "bnd,bndk->bnk")[:, 0]
+        z = jnp.where(jnp.arange(z.shape[-1])[None, :] < k, z, -1e30)
+        return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+
+    value, gP = jax.value_and_grad(loss)(P)
+    emb, cls, pe, blocks, norm, head = jax.tree.map(lambda a: jnp.abs(a).sum((0, 1)), gP)
+    return value, (emb, cls, pe, *blocks, norm, head)
+
+
+def test_micro_batches_give_the_plain_gradient_and_update(setup):
+    """Micro-batching computes the same sum of per-token gradient terms t_j (one per token of the batch a
+    parameter acts on, N = batch × tokens) in another order, and XLA may round the terms themselves differently
+    in programs of other batch shapes. First-order forward error (Higham, Accuracy and Stability, §3.1, §4.2):
+    a sum or inner product of n terms is within γ_n = n·u/(1 − n·u) of exact, relative to the sum of magnitudes,
+    and along a chain of them the lengths add. A term passes the backward of every layer above its parameter
+    (inner products over the head's classes, the width, the MLP width, the head width and the tokens of the
+    softmax, per block), then the sum over the batch's tokens: K = N + those lengths, and each program's gradient
+    lies within γ_K·Σ_j|t_j| of the exact one, so the two differ by at most E = 2·γ_K·Σ_j|t_j| (Σ_j|t_j| computed
+    token by token by `_per_token_magnitudes`). The update follows: clipping by the global norm (‖g‖ > 1 here)
+    moves by at most E/‖g‖ + |g|·‖E‖/‖g‖², the step by lr times that plus one float32 rounding of the parameter,
+    the bfloat16 momentum by that plus one bfloat16 rounding."""
+    (diff, frozen, mom, mask), x, y = setup
+    b, k = y.shape[0], jnp.asarray(10, jnp.int32)
+    T = (x.shape[1] // CFG.patch) ** 2 + 1
+    K = b * T + CFG.depth * (2 * CFG.width + CFG.mlp_dim + CFG.width // CFG.heads + T) + CFG.width + 16
+    gamma = lambda n: n * U / (1 - n * U)  # noqa: E731
+    grad = jax.jit(train._grad, static_argnums=(6, 7))
+    loss1, g1 = grad(diff, frozen, None, x, y, k, False, 1)
+    value, mag = jax.jit(_per_token_magnitudes)(diff, x, y, k)
+    flat = lambda t: jax.flatten_util.ravel_pytree(t)[0]  # noqa: E731
+    g, e = flat(g1), 2 * gamma(K) * flat(mag)
+    assert abs(float(value - loss1)) <= 2 * gamma(K) * float(loss1)  # the re-run is vit.py's maths
+    norm, enorm = float(jnp.linalg.norm(g)), float(jnp.linalg.norm(e))
+    du = e / norm + jnp.abs(g) * enorm / norm ** 2  # |Δ(g·min(1, 1/‖g‖))|
+    d1, m1, _, n1 = _run(setup, False, 1)
+    p1, u1 = flat(d1), flat(m1).astype(jnp.float32)  # the momentum after step 0 is the clipped gradient
+    lr0 = HP["lr"] * 1e-3  # step 0 of the warm-up
+    for micro in (2, 8):
+        loss, gm = grad(diff, frozen, None, x, y, k, True, micro)
+        assert abs(float(loss - loss1)) <= 2 * gamma(b) * float(loss1)  # b positive terms
+        assert bool(jnp.all(jnp.abs(flat(gm) - g) <= e)), micro
+    dm, mm, _, nm = _run(setup, True, 4)  # the whole step, with remat
+    assert norm > 1 and abs(float(nm - n1)) <= enorm + 2 * gamma(g.size) * norm  # the norm's own rounding
+    assert bool(jnp.all(jnp.abs(flat(dm) - p1) <= lr0 * du + jnp.abs(jnp.spacing(p1))))
+    ulp16 = jnp.exp2(jnp.floor(jnp.log2(jnp.maximum(jnp.abs(u1), 1e-30))) - 7)
+    assert bool(jnp.all(jnp.abs(flat(mm).astype(jnp.float32) - u1) <= du + ulp16))
+
+
+def test_micro_batches_preprocess_the_same_images():
+    """The augmentation runs before the step, one program per chunk whatever the micro-batches: the same
+    compiled program, so the same keys give the same images."""
+    task = data.make_task_data(data.load_catalog()["digits"], 16)
+    comps = list(vit.init(CFG, jax.random.key(0), 10, 16).values())
+    job = train.Job(comps, [train.zeros_like_bf16(c) for c in comps], (True,) * len(comps), dict(HP, resolution=16),
+                    jax.random.key(3), lambda q: 0.0, 0.0, "c")
+    b1, b4 = (train.ChildBudget(cycles=1, samples_cap=64, batch_size=32, micro_batches=m) for m in (1, 4))
+    cache = conftest.programs()
+    f1, f4 = ([cache(*p) for p in train.programs([train.prepare(job, task, b)], task, b, jax.devices()[0])]
+              for b in (b1, b4))
+    assert f1[0] is f4[0] and f1[1] is not f4[1]  # augment shared, the steps differ
+    snap = train.train_group([train.prepare(job, task, b4)], task, b4, cache)[0]
+    assert snap is not None and all(np.isfinite(a).all() for a in jax.tree.leaves(snap.params))
+
+
+def test_micro_batches_must_divide_the_batch():
+    with pytest.raises(ValueError, match=r"^ChildBudget.micro_batches = 3: expected a divisor of batch_size = 16$"):
+        train.ChildBudget(batch_size=16, micro_batches=3)
+    assert train.ChildBudget().remat and train.ChildBudget().micro_batches == 1  # the defaults (docs/hardware.md)

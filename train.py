@@ -37,8 +37,9 @@ def checked(check: Callable[[Any], bool], expect: str, default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"check": check, "expect": expect})
 
 
-def at_least_one(default: int) -> Any:
-    return checked(lambda v: v >= 1, "an integer ≥ 1", default)
+def at_least_one(default: int, most: int) -> Any:
+    """An integer in [1, most]: `most` bounds what a typo can ask for (memory, a 32-bit key) with a clear error."""
+    return checked(lambda v: 1 <= v <= most, f"an integer in [1, {most:,}]", default)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,14 +51,19 @@ class ChildBudget:
     cuts off the frozen prefix below the lowest trainable component and masks the rest (bench/compile.py).
     """
 
-    cycles: int = at_least_one(4)
-    samples_cap: int = at_least_one(51_200)
-    batch_size: int = at_least_one(16)
-    eval_batch: int = at_least_one(256)
+    cycles: int = at_least_one(4, 10_000)
+    samples_cap: int = at_least_one(51_200, 2**31 - 1)  # a 32-bit sample count
+    batch_size: int = at_least_one(16, 65_536)  # and one batch of images in memory: manifest.MAX_BATCH_BYTES
+    eval_batch: int = at_least_one(256, 65_536)
     # Validation reads the first min(n, validation_max) examples; data.VAL_MAX = 10,000 is the most it keeps
     # (docs/method.md; Section 4 used 5,120, and 2,560 for muNet and the baselines on VDDB: docs/benchmarks.md §3).
     validation_max: int = checked(lambda v: 1 <= v <= 10_000, "an integer in [1, 10000]", 10_000)
     trainable_split: str = checked(lambda v: v in SPLITS, "'mask', 'hybrid' or 'partition'", "mask")
+    # A child's device memory (docs/hardware.md): `remat` recomputes each encoder block's activations in the
+    # backward pass (the same values); `micro_batches` > 1 sums the gradient over that many equal slices of a batch
+    # (the same update up to float32 summation order) at the activation memory of one slice.
+    remat: bool = checked(lambda v: isinstance(v, bool), "true or false", True)
+    micro_batches: int = at_least_one(1, 65_536)  # at most batch_size, which it divides
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -65,6 +71,9 @@ class ChildBudget:
             if check is not None and not check(getattr(self, f.name)):
                 raise ValueError(f"{type(self).__name__}.{f.name} = {getattr(self, f.name)!r}: expected "
                                  f"{f.metadata['expect']}")
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"{type(self).__name__}.micro_batches = {self.micro_batches!r}: expected a divisor of "
+                             f"batch_size = {self.batch_size}")
 
 
 class HParams(eqx.Module):
@@ -137,10 +146,10 @@ def unpad_head(head: vit.Head, k: int) -> vit.Head:
 
 
 def logits(components: Sequence[eqx.Module], images: Float[Array, "b h w 3"], num_classes: Int[Array, ""],
-           on: Float[Array, " n"] | None = None) -> Float[Array, "b k"]:
-    """Forward pass (`on`: vit.forward's flags); the padded head columns (index ≥ num_classes) get −1e30, so
+           on: Float[Array, " n"] | None = None, remat: bool = False) -> Float[Array, "b k"]:
+    """Forward pass (`on`, `remat`: vit.forward's); the padded head columns (index ≥ num_classes) get −1e30, so
     their softmax weight and gradients are exactly zero and the padding never changes what is learned."""
-    z = vit.forward(components, images, on)
+    z = vit.forward(components, images, on, remat)
     return jnp.where(jnp.arange(z.shape[-1])[None, :] < num_classes, z, -1e30)
 
 
@@ -155,19 +164,40 @@ def preprocess(key: jax.Array, step: Int[Array, ""], x: Array, aug: augment.Aug,
 Components = tuple[eqx.Module | None, ...]  # one entry per component of the path; None where partitioned away
 
 
+def _grad(diff: Components, frozen: Components, on: Float[Array, " n"] | None, x: Float[Array, "b r r 3"],
+          y: Int[Array, " b"], k: Int[Array, ""], remat: bool, micro: int
+          ) -> tuple[Float[Array, ""], Components]:
+    """The batch's mean cross-entropy and its gradient. With `micro` > 1 the batch is cut into `micro` slices in
+    order, the summed loss and its gradient are accumulated over them (a scan: one slice's activations live at a
+    time) and divided by the batch size: the mean's gradient, summed in another order."""
+
+    def loss_fn(d, x, y, reduce):
+        z = logits(eqx.combine(d, frozen), x, k, on, remat)
+        return reduce(optax.softmax_cross_entropy_with_integer_labels(z, y))
+
+    if micro == 1:
+        return eqx.filter_value_and_grad(loss_fn)(diff, x, y, jnp.mean)
+    b = y.shape[0]
+
+    def body(acc, xy):
+        loss, g = eqx.filter_value_and_grad(loss_fn)(diff, *xy, jnp.sum)
+        return jax.tree.map(jnp.add, acc, (loss, g)), None
+
+    zero = jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), diff))
+    slices = (x.reshape((micro, b // micro) + x.shape[1:]), y.reshape(micro, b // micro))
+    acc, _ = jax.lax.scan(body, zero, slices)
+    return jax.tree.map(lambda a: a / b, acc)
+
+
 def _step(diff: Components, frozen: Components, mom: Components, mask: Float[Array, " n"],
           on: Float[Array, " n"] | None, x: Float[Array, "b r r 3"], y: Int[Array, " b"], hp: HParams,
-          step: Int[Array, ""], total: Int[Array, ""], k: Int[Array, ""]
+          step: Int[Array, ""], total: Int[Array, ""], k: Int[Array, ""], remat: bool = False, micro: int = 1
           ) -> tuple[Components, Components, Float[Array, ""], Float[Array, ""]]:
     """One SGD step on the trainable half: clip by global norm 1.0, momentum kept in bfloat16 (Nesterov traced),
     the gradients of frozen components (mask 0) zeroed; components whose `on` flag is 0 are skipped
-    (vit.forward). Returns the new trainable half and momentum, the loss and the gradient norm before clipping."""
-
-    def loss_fn(d):
-        z = logits(eqx.combine(d, frozen), x, k, on)
-        return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
-
-    loss, g = eqx.filter_value_and_grad(loss_fn)(diff)
+    (vit.forward); `remat`, `micro`: ChildBudget.remat, ChildBudget.micro_batches. Returns the new trainable half and
+    momentum, the loss and the gradient norm before clipping."""
+    loss, g = _grad(diff, frozen, on, x, y, k, remat, micro)
     g = tuple(jax.tree.map(lambda a: a * mask[i], gi) for i, gi in enumerate(g))
     flat, unravel = jax.flatten_util.ravel_pytree(g)  # one flat norm compiles faster than a per-leaf tree of sums
     norm = jnp.linalg.norm(flat)
@@ -182,11 +212,11 @@ def _step(diff: Components, frozen: Components, mom: Components, mask: Float[Arr
 @eqx.filter_jit
 def train_step(diff: Components, frozen: Components, mom: Components, mask: Float[Array, " n"],
                x: Float[Array, "b r r 3"], y: Int[Array, " b"], hp: HParams, step: Int[Array, ""],
-               total: Int[Array, ""], k: Int[Array, ""]
+               total: Int[Array, ""], k: Int[Array, ""], remat: bool = False, micro: int = 1
                ) -> tuple[Components, Components, Float[Array, ""], Float[Array, ""]]:
     """`_step` with every component on, compiled on its own: the single-step reference (test_train.py's golden
     metrics) of what a chunk of fused steps runs."""
-    return _step(diff, frozen, mom, mask, None, x, y, hp, step, total, k)
+    return _step(diff, frozen, mom, mask, None, x, y, hp, step, total, k, remat, micro)
 
 
 # --- one compiled program per chunk of steps -------------------------------------------------------------------
@@ -229,8 +259,8 @@ def _augment_chunk(kd: Array, xs: Array, aug: augment.Aug, t0: Int[Array, ""], v
 
 
 def _chunk(diff: Components, mom: Components, mask: Array, on: Array, frozen: Components, hp: HParams, xs: Array,
-           ys: Array, t0: Int[Array, ""], valid: Int[Array, ""], total: Int[Array, ""], k: Int[Array, ""]
-           ) -> tuple[Components, Components, Float[Array, " c"]]:
+           ys: Array, t0: Int[Array, ""], valid: Int[Array, ""], total: Int[Array, ""], k: Int[Array, ""],
+           remat: bool = False, micro: int = 1) -> tuple[Components, Components, Float[Array, " c"]]:
     """One child's steps t0 .. t0 + valid - 1 of `_step` as one scan over a chunk; returns the trainable half,
     its momentum and the losses."""
 
@@ -238,7 +268,7 @@ def _chunk(diff: Components, mom: Components, mask: Array, on: Array, frozen: Co
         x, y, i = a
 
         def run(c):
-            d, m, loss, _ = _step(c[0], frozen, c[1], mask, on, x, y, hp, t0 + i, total, k)
+            d, m, loss, _ = _step(c[0], frozen, c[1], mask, on, x, y, hp, t0 + i, total, k, remat, micro)
             return (d, m), loss
 
         return jax.lax.cond(i < valid, run, lambda c: (c, jnp.zeros((), jnp.float32)), carry)
@@ -315,6 +345,7 @@ class TaskData(Protocol):
     name: str
     num_classes: int
     num_train: int
+    num_validation: int  # at most data.VAL_MAX
     image_size: int
 
     def train_batch(self, seed: int, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]: ...
@@ -338,11 +369,15 @@ def accuracy(components: Sequence[eqx.Module], task: TaskData, split: str, res: 
     *body, head = components
     comps = (*body, pad_head(head, padded_classes(task.num_classes)))
     diff, frozen, _, _ = partition_trainable(comps, comps, (True,) * len(comps), "mask")
+    host = list(task.eval_batches(split, batch, limit))
+    if len(host) == 1:  # a split smaller than the batch: cut the padding as `eval_batch` does
+        b = _holding(int((host[0][1] >= 0).sum()), batch)
+        host = [(x[:b], y[:b]) for x, y in host]
+        batch = b
     program = compiled(*_hits_program(diff, frozen, 1, batch, task.image_size, res, device))
     on = np.asarray([True] * len(comps) if on is None else on, np.float32)
     one = jax.tree.map(lambda a: np.asarray(a)[None], (diff, on, frozen))
     (diff, on, frozen), k = jax.device_put((one, np.int32(task.num_classes)), device)
-    host = list(task.eval_batches(split, batch, limit))
     hits = _evaluate(program, diff, on, frozen, jax.device_put(host, device), k)
     return int(sum(np.asarray(h)[0] for h in hits)) / max(sum(int((y >= 0).sum()) for _, y in host), 1)
 
@@ -432,6 +467,17 @@ def prepare(job: Job, task: TaskData, budget: ChildBudget) -> Plan:
                 int(job.hp["resolution"]))
 
 
+def _holding(n: int, batch: int) -> int:
+    """An evaluation batch for n examples: `batch`, or the power of two that holds fewer, so that 16 images are
+    not padded to 256 (each padding row costs a forward pass and its activations)."""
+    return min(batch, 1 << max(n - 1, 0).bit_length())
+
+
+def eval_batch(task: TaskData, budget: ChildBudget) -> int:
+    """Validation's batch (`_holding` the validation set)."""
+    return _holding(min(task.num_validation, budget.validation_max), budget.eval_batch)
+
+
 def steps_per_cycle(task: TaskData, budget: ChildBudget) -> int:
     """⌈min(#train, samples cap) / batch⌉: an epoch, capped, as the notebooks count it (a part batch is a step,
     docs/benchmarks.md §4)."""
@@ -449,10 +495,11 @@ def programs(plans: Sequence[Plan], task: TaskData, budget: ChildBudget,
     y, i32 = np.zeros((c, B), np.int32), _specs(np.int32(0), None, device)
     pre = (("augment", n, c, B, S, res, device), lambda: (
         functools.partial(_augment_chunk, res=res), (*_specs((q.kd, x8, q.hp.aug), n, device), i32, i32)))
-    run = (("chunk", _layout(q.diff), _layout(q.frozen), n, c, B, res, device), lambda: (
-        _per_child(_chunk, n, (0,) * 8 + (None,) * 4),
-        (*_specs((q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, x, y), n, device), i32, i32, i32, i32)))
-    return [pre, run, _hits_program(q.diff, q.frozen, n, budget.eval_batch, S, res, device)]
+    step = functools.partial(_chunk, remat=budget.remat, micro=budget.micro_batches)
+    run = (("chunk", _layout(q.diff), _layout(q.frozen), n, c, B, res, budget.remat, budget.micro_batches, device),
+           lambda: (_per_child(step, n, (0,) * 8 + (None,) * 4),
+                    (*_specs((q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, x, y), n, device), i32, i32, i32, i32)))
+    return [pre, run, _hits_program(q.diff, q.frozen, n, eval_batch(task, budget), S, res, device)]
 
 
 class _Loss:
@@ -474,7 +521,7 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: ChildBudget, comp
     device = device or jax.local_devices()[0]
     n, B, S = len(plans), budget.batch_size, task.image_size
     augment_chunk, run_chunk, hits = (compiled(k, b) for k, b in programs(plans, task, budget, device))
-    stack = lambda *a: np.stack(a)  # noqa: E731
+    stack = lambda *a: np.asarray(a[0])[None] if n == 1 else np.stack(a)  # noqa: E731  (one child: a view, no copy)
     diff, mom, mask, on, frozen, hp, kd = jax.device_put(
         jax.tree.map(stack, *[(q.diff, q.mom, q.mask, q.on, q.frozen, q.hp, q.kd) for q in plans]), device)
     steps = steps_per_cycle(task, budget)
@@ -517,7 +564,7 @@ def train_group(plans: Sequence[Plan], task: TaskData, budget: ChildBudget, comp
             for j, q in enumerate(plans) if log else ():
                 log(dict(event="step", child=q.job.name, step=t, steps=T, batch=B, loss=_Loss(losses, j, valid - 1)))
         if val is None:
-            host = list(task.eval_batches("validation", budget.eval_batch, budget.validation_max))
+            host = list(task.eval_batches("validation", eval_batch(task, budget), budget.validation_max))
             val, nval = jax.device_put(host, device), max(sum(int((y >= 0).sum()) for _, y in host), 1)
         if pending:
             decide(*pending)

@@ -15,7 +15,7 @@ import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import equinox as eqx
 import jax
@@ -174,20 +174,28 @@ class ResidualAdapter(eqx.Module):
 Component = Embedding | Cls | PosEmbed | EncoderBlock | LayerNorm | Head | ResidualAdapter
 
 
+# A block's activations recomputed in the backward pass: only its input is kept (docs/hardware.md). The module is an
+# argument, not a closure, so its parameters are differentiated through the recomputation.
+_remat = jax.checkpoint(lambda c, x: c(x), policy=jax.checkpoint_policies.nothing_saveable)
+
+
 def forward(components: Sequence[eqx.Module], images: Float[Array, "b h w 3"],
-            on: Float[Array, " n"] | None = None) -> Float[Array, "b k"]:
+            on: Float[Array, " n"] | None = None, remat: bool = False) -> Float[Array, "b k"]:
     """Runs an ordered list of components (any depth 0..N, with or without adapters) on images in [-1, 1].
 
     `on` (traced, one flag per component): a block or adapter whose flag is 0 is skipped, as if absent. A path of
     any depth then runs as the root's full-depth list with its missing layers off (train.py), and every depth
-    shares one compiled program."""
+    shares one compiled program. `remat`: a gradient through it keeps each encoder block's input only and
+    recomputes the rest (the same values; memory per block b·n·d instead of the attention and MLP activations)."""
     check_size(components, images.shape)
     x = images
     for i, c in enumerate(components):
+        # A closure over c: modules are unhashable, and lax.cond hashes its branches.
+        f = (lambda z, c=c: _remat(c, z)) if remat and isinstance(c, EncoderBlock) else (lambda z, c=c: c(z))
         if on is not None and isinstance(c, (EncoderBlock, ResidualAdapter)):
-            x = jax.lax.cond(on[i] > 0, lambda z, c=c: c(z), lambda z: z, x)  # a closure: modules are unhashable
+            x = jax.lax.cond(on[i] > 0, f, lambda z: z, x)
         else:
-            x = c(x)
+            x = f(x)
     return x
 
 
@@ -324,7 +332,7 @@ def to_flat(components: Mapping[str, eqx.Module]) -> dict[str, Array]:
     return out
 
 
-def save_augreg(path: str | Path, components: Mapping[str, eqx.Module]) -> None:
+def save_augreg(path: str | Path | BinaryIO, components: Mapping[str, eqx.Module]) -> None:
     np.savez(path, **{k: np.asarray(v) for k, v in to_flat(components).items()})
 
 
