@@ -672,6 +672,11 @@ def exists(run: str | os.PathLike) -> bool:
     return False
 
 
+
+def finished(run: str | os.PathLike) -> bool:
+    """Whether a run directory holds a run whose last commit is its end."""
+    return exists(run) and bool(load(run).extra.get("done"))
+
 # The runner's bookkeeping in a run's commit (`extra` with a cursor): what each key must be, checked on load so
 # that a tampered state gives one error line naming its file, not a failure wherever the value is used.
 _INT = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62  # noqa: E731
@@ -686,8 +691,10 @@ RUN_EXTRA: dict[str, tuple[str, Callable[[Any], bool]]] = {
         isinstance(c, list) and all(isinstance(x, str) for x in c) for c in v.values())),
     "sizes": ("a table of image sizes (integers ≥ 1)", lambda v: isinstance(v, dict) and all(
         _INT(s) and s >= 1 for s in v.values())),
+    "gains": ("a list of numbers", lambda v: isinstance(v, list) and all(
+        isinstance(g, (int, float)) and not isinstance(g, bool) for g in v)),
 }
-_OPTIONAL = ("classes", "sizes")  # runs committed before they were kept have none
+_OPTIONAL = ("classes", "sizes", "gains")  # runs committed before they were kept have none
 # One history entry (report.summary, read by the reports): its fields, and those only some entries have.
 _NUM = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
 _TABLE = lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)  # noqa: E731
@@ -702,8 +709,12 @@ HISTORY: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "retained": (f"a table of model records, each with {', '.join(_RECORD)}", lambda v: _TABLE(v) and all(
         isinstance(r, dict) and all(k in r and ok(r[k]) for k, (_, ok) in _RECORD.items()) for r in v.values())),
     "P": ("a number", _NUM), "F": ("a number", _NUM),
+    # how a segment ended (evolve's rounds: task iterations run, the last round's mean gain, until_gain reached)
+    "iterations": ("an integer ≥ 0", _INT), "gain": ("a number", _NUM),
+    "converged": ("true or false", lambda v: isinstance(v, bool)),
 }
-_HISTORY_OPTIONAL = ("report_set", "retained", "P", "F")  # the start's entry has no P, F; older runs no retained
+# The start's entry has no P, F nor an end; older runs have no retained nor an end.
+_HISTORY_OPTIONAL = ("report_set", "retained", "P", "F", "iterations", "gain", "converged")
 _CID = re.compile(r"[a-z_]+(?:_\d+)?:\d+")
 
 

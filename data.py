@@ -25,6 +25,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import sys
@@ -546,12 +547,23 @@ def render_chars(alphabet: str, size: int = 28, samples: int = FONT_SAMPLES, see
     return np.stack(xs)[..., None], np.asarray(ys, np.int64)
 
 
+def font_builder(builder: str) -> tuple[str, int]:
+    """A font_chars builder, "ALPHABET" or "ALPHABET:SAMPLES" → (alphabet, distortions per (font, character))."""
+    alphabet, _, n = builder.partition(":")
+    if n and not (n.isdigit() and 1 <= int(n) <= 1000):
+        raise UnknownTask(f"font_chars builder {builder!r}: expected ALPHABET or ALPHABET:SAMPLES with SAMPLES an "
+                          f"integer in [1, 1000]")
+    return alphabet, int(n) if n else FONT_SAMPLES
+
+
+@functools.lru_cache(maxsize=8)  # a pure function of its arguments: tasks relabelling one set render it once
 def _offline(source: str, builder: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """Offline arrays in a fixed order: images [N,h,w,1] uint8, labels [N]."""
+    """Offline arrays in a fixed order: images [N,h,w,1] uint8, labels [N] (read-only: they are shared)."""
     if source == "font_chars":
-        x, y = render_chars(builder)
+        alphabet, samples = font_builder(builder)
+        x, y = render_chars(alphabet, samples=samples)
         o = _fixed_order(len(y))
-        return x[o], y[o]
+        return _frozen(x[o], y[o])
     if source == "sklearn_digits":  # the file sklearn.datasets.load_digits() reads: 1,797 8x8, values 0..16
         t = _package_csv("sklearn", "datasets/data/digits.csv.gz", "scikit-learn", 65)
         x = np.round(t[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
@@ -560,7 +572,13 @@ def _offline(source: str, builder: str = "") -> tuple[np.ndarray, np.ndarray]:
         x = t[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
     y = t[:, -1].astype(np.int64)
     o = _fixed_order(len(y))
-    return x[o][..., None], y[o]
+    return _frozen(x[o][..., None], y[o])
+
+
+def _frozen(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    for a in arrays:
+        a.setflags(write=False)
+    return arrays
 
 
 def _split_dir(root: Path, split: str) -> Path:
@@ -797,14 +815,17 @@ class Task:
         """uint8 [B,S,S,3], int32 [B]; a resumed run asking for the same (seed, step) gets the same batch."""
         return self.examples("train", self.train_indices(seed, step, batch_size))
 
+    def validation_size(self, limit: int | None = None) -> int:
+        """How many examples validation reads: the first min(n, limit, 10,000)."""
+        return min(len(self.source("validation")), VAL_MAX, limit or VAL_MAX)
+
     def eval_batches(self, split: str, batch_size: int,
                      limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Fixed batches of `split` ("validation": the first min(n, limit, 10,000); "test": all), padded with
         label -1."""
         if split not in ("validation", "test"):
             raise DataError(f"task {self.name!r}: eval split must be 'validation' or 'test', got {split!r}")
-        n = len(self.source(split))
-        n = min(n, VAL_MAX, limit or VAL_MAX) if split == "validation" else n
+        n = self.validation_size(limit) if split == "validation" else len(self.source(split))
         S = self.image_size
         for a in range(0, n, batch_size):
             x, y = self.examples(split, np.arange(a, min(a + batch_size, n)))

@@ -40,9 +40,10 @@ import report
 import schedule
 import serve
 import vit
-from manifest import (DEFAULT_MANIFEST, Manifest, ManifestError, Tasks, check_data, check_root,  # noqa: F401
-                      differences, image_size, load_manifest, penalties, readable_tasks, report_tasks, resolved,
-                      root_config, runs, segment_config, segment_tasks, task_names, to_dict, validate)
+from manifest import (DEFAULT_MANIFEST, Cursor, Manifest, ManifestError, Tasks, check_data, check_root,  # noqa: F401
+                      differences, image_size, key_data, load_manifest, penalties, readable_tasks, report_tasks,
+                      resolved, root_config, round_end, runs, segment_config, segment_tasks, task_key, task_names,
+                      to_dict, validate)
 from runlog import (KILL_ENV, Progress, Stop, children_left, exit_now, exit_on_signals, hms,  # noqa: F401
                     resuming_at)
 
@@ -51,23 +52,9 @@ DISK_FULL = 4  # exit status of a run stopped by a full disk (ENOSPC, EDQUOT, EF
 PEER_LOST = 5  # exit status of a process whose run lost another process (exchange.PeerLost)
 ROOT_TAG = 0x524F4F54  # "ROOT": fold-in tag of the root's keys, apart from the small segment indices
 
-Cursor = tuple[int, int, int]  # (segment, iteration, task index): the next task iteration to run
-
 
 class Stopped(Exception):
     """The run stopped at a safe point on a signal; its last commit resumes it."""
-
-
-def iteration_key(seed: int, segment: int, iteration: int, task: int) -> jax.Array:
-    """The key of one task iteration: a fold-in chain of its coordinates, so no RNG state is carried."""
-    k = jax.random.key(seed)
-    for i in (segment, iteration, task):
-        k = jax.random.fold_in(k, i)
-    return k
-
-
-def key_data(k: jax.Array) -> list[int]:
-    return [int(x) for x in jax.random.key_data(k).reshape(-1)]
 
 
 # --- the start state -------------------------------------------------------------------------------------------
@@ -140,12 +127,12 @@ def _pretrained(m: Manifest, tasks: Tasks, progress: Progress | None, trainer: m
 # --- the run ---------------------------------------------------------------------------------------------------
 
 
-def _next(m: Manifest, ntasks: Sequence[int], cursor: Cursor) -> Cursor:
+def _next(m: Manifest, ntasks: Sequence[int], cursor: Cursor, converged: bool = False) -> Cursor:
     seg, it, t = cursor
     t += 1
     if t == ntasks[seg]:
         t, it = 0, it + 1
-    if it == m.segments[seg].iterations:
+    if it == m.segments[seg].iterations or (converged and t == 0):
         it, seg = 0, seg + 1
     return seg, it, t
 
@@ -167,6 +154,7 @@ class Run:
     trainer: mu2net.Trainer
     progress: Progress | None = None
     history: list[dict] = dataclasses.field(default_factory=list)
+    gains: list[float] = dataclasses.field(default_factory=list)  # this round's gains in validation examples
     ck: checkpoint.Checkpoint | None = None
     machines: list[dict] = dataclasses.field(default_factory=list)
     version: str = ""
@@ -278,14 +266,15 @@ def _restore(r: Run, every: float, log_every: float
             metrics.write_bytes(store.read("metrics.jsonl") if store.exists("metrics.jsonl") else b"")
         checkpoint.cut_log(metrics, ck.extra["metrics_bytes"], lambda s: print(s, file=r.stream, flush=True))
     system, cursor, pending = ck.system, tuple(ck.extra["cursor"]), ck.pending
-    if cursor[0] < len(m.segments) and ck.extra.get("key") != key_data(iteration_key(m.seed, *cursor)):
+    if cursor[0] < len(m.segments) and ck.extra.get("key") != key_data(task_key(m, cursor)):
         raise checkpoint.CheckpointError(f"{store.name(ck.state)}: the stored key of task iteration {cursor} is "
                                          f"not the one this code derives from seed {m.seed}; refusing to resume")
     if pending and (cursor[0] >= len(m.segments) or pending.task != r.names[cursor[0]][cursor[2]]):
         raise checkpoint.CheckpointError(f"{store.name(ck.state)}: its task iteration in progress "
                                          f"({pending.task!r}) is not the one at its cursor {cursor}; refusing to "
                                          f"resume")
-    r.history, r.machines = list(ck.extra["history"]), list(ck.extra.get("machines", []))
+    r.history, r.machines, r.gains = list(ck.extra["history"]), list(ck.extra.get("machines", [])), list(ck.extra.get(
+        "gains", []))
     r.tasks.classes = {**ck.extra.get("classes", {}), **r.tasks.classes}
     r.tasks.sizes = {**ck.extra.get("sizes", {}), **r.tasks.sizes}
     share = len(jax.local_devices()) / len(jax.devices())  # this process's share of the children
@@ -310,7 +299,8 @@ def _task_iteration(r: Run, system: mu2net.System, cursor: Cursor, pending: mu2n
         print(f"[{seg.name}] P = {b.P:.4g}, F = {b.F:.4g}, s = {b.s:g}", file=r.stream, flush=True)
     r.progress.at(seg.cycles, segment=si, segment_name=seg.name, iteration=it, iterations=seg.iterations,
                   task_index=ti, num_tasks=r.ntasks[si], task=name, generations=seg.generations)
-    task, key = r.tasks(name), iteration_key(r.m.seed, *cursor)
+    task, key = r.tasks(name), task_key(r.m, cursor)
+    q0 = (system.models.get(name) or system.root).metrics.get("quality", 0.0)  # the root has no quality: 0
     state = pending or mu2net.start(system, task.name, conf)
     for state in mu2net.generations(state, task, conf, key, r.trainer, r.progress):
         stopping, partial = r.hosts.any(r.stop()), state.done is not None
@@ -323,11 +313,16 @@ def _task_iteration(r: Run, system: mu2net.System, cursor: Cursor, pending: mu2n
                             f"task {t!r}")
     system = mu2net.finish(state, task, conf, r.trainer)
     best = system.models.get(name)
+    gain = ((best.metrics.get("quality", 0.0) if best else 0.0) - q0) * task.validation_size(b.validation_max)
     r.progress.write(dict(event="task_iteration", segment=si, iteration=it, task_index=ti, task=name,
-                          model=best.id if best else None, metrics=dict(best.metrics) if best else None))
-    cursor = _next(r.m, r.ntasks, cursor)
+                          model=best.id if best else None, metrics=dict(best.metrics) if best else None, gain=gain))
+    r.gains, end = r.gains + [gain], None
+    if ti + 1 == r.ntasks[si]:  # the round's end: its mean gain against until_gain
+        end, r.gains = round_end(seg, it, r.gains), []
+        r.progress.write(dict(event="round", segment=si, until_gain=seg.until_gain, **end))
+    cursor = _next(r.m, r.ntasks, cursor, bool(end and end["converged"]))
     if cursor[0] != si:
-        r.history.append({**report.summary(system, report_tasks(r.m), seg.name), "P": b.P, "F": b.F})
+        r.history.append({**report.summary(system, report_tasks(r.m), seg.name), "P": b.P, "F": b.F, **end})
         r.progress.write(dict(event="segment_end", **r.history[-1]))
     stopping = r.hosts.any(r.stop())
     r.ck = _commit(r, system, cursor, final=stopping)
@@ -346,10 +341,10 @@ def _commit(r: Run, system: mu2net.System, cursor: Cursor, state: mu2net.Iterati
     the run goes on and the next commit tries again, unless this is the last one (the run's end, or a stop) or the
     log lost a record; then `DiskFull` ends the run (exit status DISK_FULL)."""
     done = cursor[0] >= len(r.m.segments)
-    key = None if done else key_data(iteration_key(r.m.seed, *cursor))
+    key = None if done else key_data(task_key(r.m, cursor))
     extra = dict(cursor=list(cursor), key=key, key_impl="threefry2x32", seed=r.m.seed, manifest=resolved(r.m),
                  version=r.version, history=r.history, elapsed=r.progress.elapsed(), done=done,
-                 classes=dict(r.tasks.classes), sizes=dict(r.tasks.sizes), machines=r.machines)
+                 classes=dict(r.tasks.classes), sizes=dict(r.tasks.sizes), machines=r.machines, gains=list(r.gains))
     new = [r.ck]
 
     def save() -> bytes:
@@ -439,14 +434,14 @@ def run_cli(a: Args, argv: Sequence[str] | None = None) -> int:
     if a.distributed or any(x is not None for x in explicit):
         exchange.initialize(*explicit)
     out = (a.out or f"runs/{m.name}-seed{m.seed}").rstrip("/")
-    subs = runs(m)
+    subs = runs(m, out=out if "://" in out else os.path.normpath(out))
     if a.sweep_index is not None:
         if not 0 <= a.sweep_index < len(subs):
             raise ManifestError(f"--sweep-index {a.sweep_index}: the manifest has {len(subs)} runs")
         subs = [subs[a.sweep_index]]
     try:
         with schedule.Programs() as programs:  # one compile cache for every sub-run of a comparison
-            _sweep(subs, out, a.progress_every, programs)
+            _sweep(subs, out, a.progress_every, programs, m.comparison.pairs)
     except Stopped as e:
         cmd = " ".join(shlex.quote(x) for x in [sys.executable, *(sys.argv if argv is None else ["evolve.py", *argv])])
         print(f"{e}:\n  {cmd}", file=sys.stderr)
@@ -454,22 +449,25 @@ def run_cli(a: Args, argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _sweep(subs: Sequence[Any], out: str, every: float, programs: schedule.Programs) -> None:
-    """The manifest's run, or each sub-run of its comparison not finished before, then Table 2 and Figure 2."""
+def _sweep(subs: Sequence[Any], out: str, every: float, programs: schedule.Programs, pairs: Sequence = ()) -> None:
+    """The manifest's run, or each unfinished sub-run of its comparison, then Table 2, Figure 2 and paired.md."""
     for i, sub in enumerate(subs):
         if not sub.path:
             run(sub.manifest, out, every=every, programs=programs)
             continue
         d = f"{out}/{sub.path}"
-        if checkpoint.exists(d) and checkpoint.load(d).extra.get("done"):
+        if checkpoint.finished(d):
             print(f"comparison: {sub.path} finished before, skipped", file=sys.stderr, flush=True)
             continue
+        if sub.shared and not checkpoint.finished(f"{out}/{sub.shared}"):
+            raise ManifestError(f"comparison: {sub.path} continues {out}/{sub.shared}, which has not finished; run "
+                                f"it first (the whole comparison, or its --sweep-index)")
         print(f"comparison: run {i + 1}/{len(subs)} {sub.path}", file=sys.stderr, flush=True)
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and sub.family:  # a shared run is no family's
             checkpoint.Store(_expand(d)).write("comparison.json", (json.dumps(sub.info()) + "\n").encode())
         run(sub.manifest, d, every=every, programs=programs)
         if jax.process_index() == 0 and "://" not in out:
-            report.write_comparison(Path(out))  # Table 2 and Figure 2 of what has finished so far
+            report.write_comparison(Path(out), pairs)  # Table 2, Figure 2, paired.md of what has finished so far
 
 
 COMMANDS = {"predict": (serve.PredictArgs, serve.predict_cli), "export": (serve.ExportArgs, serve.export_cli),

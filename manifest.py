@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+
 import checkpoint
 import data
 import methods
@@ -130,6 +132,10 @@ class Segment(methods.Budget):
     P_factor: float = _f(0.0, *_NONNEGF)
     F_factor: float = _f(0.0, *_NONNEGF)
     penalty_segment: int = _f(-1, lambda v: v >= -1, "-1 (this segment) or the index of a segment")
+    # §5.1 runs μ2Net "until sufficient convergence": > 0 ends the segment after the first round of task iterations
+    # whose mean over the segment's tasks of (gain in validation accuracy × validation examples) is below this many
+    # examples; `iterations` is then the most it runs (0 = always `iterations`).
+    until_gain: float = _f(0.0, *_NONNEGF)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,10 +168,17 @@ class Family:
 @dataclasses.dataclass(frozen=True)
 class Comparison:
     """Section 4's parallel replicated runs: every (family, configuration, repetition) is a sub-run of its own in
-    `<out>/<family>/<vary>=<value>/rep<r>`, repetition r with seed `seed + r`."""
+    `<out>/<family>/<vary>=<value>/rep<r>`, repetition r with seed `seed + r`.
+
+    `shared = K` makes it a paired control (Section 5's sequence with arms): the first K segments run once per
+    repetition, in `<out>/shared/rep<r>`, and every family's sub-run continues that run's committed system with the
+    remaining segments (`root.kind = "system"`), at the same segment indices, hence the same keys. `pairs`: (control,
+    arm) family names whose per-repetition differences `paired.md` lists (each family of one configuration)."""
 
     repetitions: int = _f(1, *_POS)
     families: tuple[Family, ...] = ()
+    shared: int = _f(0, *_NONNEG)
+    pairs: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +196,9 @@ class Manifest:
     tasks: Mapping[str, UserTask] = _f(factory=dict)
     report_set: tuple[str, ...] = ("A",)
     comparison: Comparison = _f(factory=Comparison)
+    # The index of segments[0] in the whole sequence: a task iteration's key folds in first_segment + i, so a run
+    # that continues another's system (an arm of a paired comparison) draws the keys one uninterrupted run would.
+    first_segment: int = _f(0, *_NONNEG)
 
 
 def _type_name(t: Any) -> str:
@@ -371,8 +387,30 @@ def _check_comparison(m: Manifest, raw: Mapping[str, Any], where: str) -> None:
         for k in fam.set:
             if k not in seg_fields:
                 raise ManifestError(f"{path}.set.{k}: unknown segment field; expected one of {sorted(seg_fields)}")
+    _check_arms(m, where)
     if m.comparison.families:
         runs(m, raw, where)  # each sub-run validated as a manifest of its own
+
+
+def _check_arms(m: Manifest, where: str) -> None:
+    """comparison.shared leaves every family at least one segment, none measuring P / F at a shared segment's start;
+    comparison.pairs name two families of one configuration each."""
+    c, fams = m.comparison, {f.name: f for f in m.comparison.families}
+    if c.shared and not (c.families and c.shared < len(m.segments)):
+        raise ManifestError(f"{where}: comparison.shared = {c.shared}: expected fewer than the {len(m.segments)} "
+                            f"segments, with families to continue them")
+    for i, s in enumerate(m.segments[c.shared:], c.shared):
+        if 0 <= s.penalty_segment < c.shared:
+            raise ManifestError(f"{where}: segments[{i}].penalty_segment = {s.penalty_segment}: expected -1 or an "
+                                f"index ≥ comparison.shared = {c.shared} (the families start at segments[{c.shared}])")
+    for i, pair in enumerate(c.pairs):
+        if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(fams):
+            raise ManifestError(f"{where}: comparison.pairs[{i}] = {list(pair)}: expected [control, arm], two "
+                                f"different family names of {list(fams)}")
+        for n in pair:
+            if len(fams[n].values) > 1:
+                raise ManifestError(f"{where}: comparison.pairs[{i}]: family {n!r} has {len(fams[n].values)} "
+                                    f"configurations; expected one (a pair compares one run per repetition)")
 
 
 SHAPE = ("vit", "resolutions", "resolution", "depth")  # what a system root takes from the run it continues
@@ -574,6 +612,34 @@ def load_manifest(path: str | os.PathLike, overrides: Sequence[str] = (), seed: 
 
 # --- from manifest to mu2net ---------------------------------------------------------------------------------
 
+Cursor = tuple[int, int, int]  # (segment, iteration, task index): the next task iteration to run
+
+
+def iteration_key(seed: int, segment: int, iteration: int, task: int) -> jax.Array:
+    """The key of one task iteration: a fold-in chain of its coordinates, so no RNG state is carried."""
+    k = jax.random.key(seed)
+    for i in (segment, iteration, task):
+        k = jax.random.fold_in(k, i)
+    return k
+
+
+def task_key(m: Manifest, cursor: Cursor) -> jax.Array:
+    """The key of the task iteration at `cursor`, its segment counted in the whole sequence (`first_segment`): the
+    arms of a paired comparison draw the keys one run of the whole sequence would."""
+    return iteration_key(m.seed, m.first_segment + cursor[0], cursor[1], cursor[2])
+
+
+def key_data(k: jax.Array) -> list[int]:
+    return [int(x) for x in jax.random.key_data(k).reshape(-1)]
+
+
+def round_end(seg: Segment, iteration: int, gains: Sequence[float]) -> dict[str, Any]:
+    """How a round of task iterations ended: rounds run, the mean gain (validation examples) over its tasks, and
+    whether that is below the segment's `until_gain` (§5.1's "until sufficient convergence")."""
+    mean = sum(gains) / len(gains)
+    return dict(iterations=iteration + 1, gain=mean, converged=bool(seg.until_gain) and mean < seg.until_gain)
+
+
 
 @dataclasses.dataclass(frozen=True)
 class SubRun:
@@ -586,6 +652,7 @@ class SubRun:
     value: Any = None
     repetition: int = 0
     tables: tuple[str, ...] = ("",)
+    shared: str = ""  # the sub-run whose committed system this one continues (comparison.shared)
 
     def info(self) -> dict[str, Any]:
         """What a sub-run's `comparison.json` records for Table 2 and Figure 2 (report.sub_runs)."""
@@ -597,25 +664,50 @@ def _label(vary: str, value: Any) -> str:
     return f"{vary}={value:g}" if isinstance(value, float) else f"{vary}={value}" if vary else "default"
 
 
-def runs(m: Manifest, raw: Mapping[str, Any] | None = None, where: str = "manifest") -> list[SubRun]:
+def runs(m: Manifest, raw: Mapping[str, Any] | None = None, where: str = "manifest", out: str = "<out>"
+         ) -> list[SubRun]:
     """The runs a manifest asks for: itself, or one per (family, configuration, repetition) of its comparison,
-    each a manifest without a comparison, validated like a file (`where` names the sub-run in errors). Repetition
-    by repetition, so that a sweep stopped early has every configuration at the same number of repetitions."""
-    if not m.comparison.families:
+    each a manifest without a comparison, validated like a file (`where` names the sub-run in errors), repetition
+    by repetition, so that a sweep stopped early has every configuration at the same number of repetitions. With
+    `comparison.shared = K`, repetition r runs `shared/rep<r>` (the first K segments) before its families' sub-runs,
+    each of which continues that run's system in `out` (`_continuing`)."""
+    c = m.comparison
+    if not c.families:
         return [SubRun("", m)]
     base = dict(to_dict(m) if raw is None else raw)
     base.pop("comparison", None)
-    out = []
-    for r in range(m.comparison.repetitions):
-        for fam in m.comparison.families:
-            for value in fam.values or (None,):
-                label = _label(fam.vary, value)
-                sub = dict(base, seed=m.seed + r, name=f"{m.name}/{fam.name}/{label}/rep{r}")
-                patch = dict(fam.set) | ({fam.vary: value} if fam.vary else {})
-                sub["segments"] = [dict(s) | patch for s in base["segments"]]
-                mm = validate(sub, f"{where} (comparison {fam.name}, {label}, repetition {r})")
-                out.append(SubRun(f"{fam.name}/{label}/rep{r}", mm, fam.name, label, value, r, fam.tables))
-    return out
+    segs, k = list(base["segments"]), c.shared
+    grid = [(fam, value) for fam in c.families for value in fam.values or (None,)]
+    order = [(g, r) for r in range(c.repetitions) for g in ([None] if k else []) + grid]
+    subs = []
+    for g, r in order:
+        shared = f"shared/rep{r}" if k else ""
+        if g is None:
+            sub = dict(base, seed=m.seed + r, name=f"{m.name}/{shared}", segments=segs[:k])
+            subs.append(SubRun(shared, validate(sub, f"{where} (comparison, {shared})"), repetition=r))
+            continue
+        fam, value = g
+        label = _label(fam.vary, value)
+        patch = dict(fam.set) | ({fam.vary: value} if fam.vary else {})
+        sub = dict(base, seed=m.seed + r, name=f"{m.name}/{fam.name}/{label}/rep{r}",
+                   segments=[dict(s) | patch for s in segs[k:]])
+        if k:
+            sub |= _continuing(m, sub["segments"], f"{out}/{shared}")
+        mm = validate(sub, f"{where} (comparison {fam.name}, {label}, repetition {r})")
+        subs.append(SubRun(f"{fam.name}/{label}/rep{r}", mm, fam.name, label, value, r, fam.tables, shared))
+    return subs
+
+
+def _continuing(m: Manifest, segments: list[dict], path: str) -> dict[str, Any]:
+    """What an arm of a paired comparison replaces: its root is the shared run's committed system at `path` (at the
+    root's own shape, SHAPE), its segments keep their indices in the whole sequence (`first_segment`, and
+    penalty_segment counted from the arm's first)."""
+    k = m.comparison.shared
+    for s in segments:
+        if s.get("penalty_segment", -1) >= k:
+            s["penalty_segment"] -= k
+    shape = {f: list(v) if isinstance(v := getattr(m.root, f), tuple) else v for f in SHAPE}
+    return dict(root=dict(kind="system", path=path, **shape), first_segment=m.first_segment + k)
 
 
 def task_names(m: Manifest, names: Sequence[str]) -> list[str]:

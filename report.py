@@ -123,6 +123,12 @@ def tables(history: Sequence[Mapping[str, Any]]) -> str:
         lines.append(f"| {h['segment']} | {_fmt(h['test_acc_set'], True)} ({h['set_tasks']} tasks) | "
                      f"{_fmt(h['params'])} | {_fmt(h['flops'])} | {h['models']} | {_fmt(h.get('P', math.nan))} | "
                      f"{_fmt(h.get('F', math.nan))} |")
+    ran = [h for h in history if "iterations" in h]
+    if ran:  # how each segment ended (evolve: the mean gain of its last round, until_gain)
+        lines += ["", "| segment | task iterations run | mean gain of the last round (validation examples) | "
+                  "ended by |", "|---|---:|---:|---|"]
+        lines += [f"| {h['segment']} | {h['iterations']} | {h['gain']:.3g} | "
+                  f"{'convergence (until_gain)' if h['converged'] else 'its iterations'} |" for h in ran]
     tasks: list[str] = []
     for h in history:
         tasks += [t for t in h["test"] if t not in tasks]
@@ -765,11 +771,70 @@ def figure2_name(table: str) -> str:
     return f"figure2-{table.replace(' ', '-')}.png" if table else "figure2.png"
 
 
-def write_comparison(out: str | Path) -> list[dict[str, Any]]:
-    """`comparison.md` (per table: Table 2 and every configuration) and each table's Figure 2 in `out`, from the
-    finished sub-runs below it; callable while the comparison is still running."""
+# --- paired comparisons: per repetition, an arm against its control ---------------------------------------------
+
+PAIRED = (("test_acc_set", "test acc % on the report set", "points"), ("params", "avg accounted params", "%"),
+          ("flops", "avg FLOPs / image", "%"))
+
+
+def paired(runs: Sequence[Mapping[str, Any]], pairs: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
+    """For each (control, arm) pair of families with repetitions both finished, over those: per repetition the two runs'
+    final Figure 3 metrics and the change control → arm (test accuracy in points, accounted parameters and FLOPs in
+    % of the control's); then per metric the mean control and arm values, and the change's mean and standard error."""
+    by = {(r["family"], r["repetition"]): r for r in runs}
+    out = []
+    for control, arm in pairs:
+        rows = []
+        for k in sorted(k for f, k in by if f == arm and (control, k) in by):
+            b, a = by[control, k], by[arm, k]
+            row: dict[str, Any] = {"repetition": k}
+            for key, _, unit in PAIRED:
+                x, y = float(b[key]), float(a[key])
+                row[key] = (x, y, 100 * (y - x) if unit == "points" else 100 * (y / x - 1))
+            rows.append(row)
+        if not rows:
+            continue
+        stats = {key: (_mean([r[key][0] for r in rows]), _mean([r[key][1] for r in rows]),
+                       *mean_se([r[key][2] for r in rows])) for key, _, _ in PAIRED}
+        out.append(dict(control=control, arm=arm, rows=rows, n=len(rows), **stats))
+    return out
+
+
+def paired_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: one table per pair, a row per repetition (control → arm, and the change), then the means and the
+    change's mean ± standard error."""
+    out = []
+    for p in results:
+        head = " | ".join(f"{t}: control → arm | change ({u})" for _, t, u in PAIRED)
+        out += [f"## {p['control']} → {p['arm']}", "", f"| repetition | {head} |",
+                "|---:|" + "---:|---:|" * len(PAIRED)]
+        for r in p["rows"]:
+            cells = [f"{_fmt(r[k][0], u == 'points')} → {_fmt(r[k][1], u == 'points')} | {r[k][2]:+.2f}"
+                     for k, _, u in PAIRED]
+            out.append(f"| {r['repetition']} | " + " | ".join(cells) + " |")
+        cells = [f"{_fmt(p[k][0], u == 'points')} → {_fmt(p[k][1], u == 'points')} | {p[k][2]:+.2f}"
+                 + (f" ± {p[k][3]:.2f}" if p["n"] > 1 else "") for k, _, u in PAIRED]
+        out += [f"| mean ± SE (n = {p['n']}) | " + " | ".join(cells) + " |", ""]
+    return "\n".join(out + [PAIRING]) + "\n"
+
+
+PAIRING = ("Pairing: repetition r of each family uses seed + r and, in a comparison with shared segments, continues "
+           "the same committed run (`shared/rep<r>`) with the same keys. A change is arm − control: test accuracy on the "
+           "report set in points, average accounted parameters (eq. 2) and FLOPs per image in % of the control's; "
+           "mean ± SE is the mean of the per-repetition changes and their sample std (ddof = 1) over √n.")
+
+
+def write_comparison(out: str | Path, pairs: Sequence[Sequence[str]] | None = None) -> list[dict[str, Any]]:
+    """`comparison.md` (per table: Table 2 and every configuration), each table's Figure 2 and, for a comparison
+    with `pairs` (given, else kept in `pairs.json` from an earlier call), `paired.md` in `out`, from the finished
+    sub-runs below it; callable while the comparison is still running."""
     out = Path(out)
-    rows = compare_rows(sub_runs([out]))
+    runs = sub_runs([out])
+    rows = compare_rows(runs)
+    if pairs:
+        checkpoint.write_atomic(out / "pairs.json", (json.dumps([list(p) for p in pairs]) + "\n").encode())
+    elif (out / "pairs.json").is_file():
+        pairs = json.loads((out / "pairs.json").read_text())
     if rows:
         text = [f"# {out.name}", ""]
         for t in sorted({t for r in rows for t in r["tables"]}, key=lambda t: (t != "", t)):
@@ -777,6 +842,10 @@ def write_comparison(out: str | Path) -> list[dict[str, Any]]:
             plot_figure2(rs, out / figure2_name(t), f"{out.name}: {t}" if t else out.name)
             text += [table2(rs, t), f"![Figure 2{': ' + t if t else ''}]({figure2_name(t)})", ""]
         checkpoint.write_atomic(out / "comparison.md", "\n".join([*text, AGGREGATION, ""]).encode())
+    done = paired(runs, pairs) if pairs else []
+    if done:
+        text = f"# {out.name}: paired differences\n\n" + paired_table(done)
+        checkpoint.write_atomic(out / "paired.md", text.encode())
     return rows
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import textwrap
 
 import pytest
 
 import evolve
+import manifest
 import report
 
 TINY = """
@@ -193,3 +195,129 @@ def test_second_miniature_manifest():
     munet = next(s.manifest.segments[0] for s in subs if s.family == "munet")
     probes = ntasks * (ntasks + 1) // 2 + (munet.iterations - 1) * ntasks * ntasks
     assert probes <= 0.2 * ntasks * children["munet"]
+
+
+# A paired control (comparison.shared): one shared μ2Net segment per repetition, then two arms continuing it.
+PAIRED = """
+name = "paired"
+seed = 0
+report_set = ["digits"]
+
+[root]
+kind = "random"
+vit = "tiny"
+resolutions = [16]
+resolution = 16
+hp = { lr = 0.05 }
+
+[[segments]]
+name = "one"
+method = "mu2net"
+tasks = ["digits"]
+iterations = 3
+until_gain = 1e9
+generations = 1
+children = 2
+cycles = 1
+samples_cap = 64
+batch_size = 32
+eval_batch = 128
+
+[[segments]]
+name = "two"
+method = "mu2net+"
+tasks = ["digits"]
+generations = 1
+children = 2
+cycles = 1
+samples_cap = 64
+batch_size = 32
+eval_batch = 128
+P_factor = 10
+F_factor = 10
+penalty_segment = 1
+
+[comparison]
+repetitions = 2
+shared = 1
+pairs = [["control", "plus"]]
+
+[[comparison.families]]
+name = "plus"
+
+[[comparison.families]]
+name = "control"
+set = { method = "mu2net", P_factor = 0.0, F_factor = 0.0, penalty_segment = -1 }
+"""
+
+
+def test_paired_differences_per_repetition_mean_and_standard_error():
+    def run(fam, rep, acc, params, flops):
+        return dict(family=fam, config="default", repetition=rep, test_acc_set=acc, params=params, flops=flops)
+
+    runs = [run("b", 0, 0.90, 100.0, 10.0), run("a", 0, 0.91, 80.0, 10.0), run("b", 1, 0.80, 200.0, 20.0),
+            run("a", 1, 0.80, 180.0, 19.0), run("b", 2, 0.70, 50.0, 5.0)]  # a's repetition 2 has not finished
+    (p,) = report.paired(runs, [("b", "a")])
+    assert p["n"] == 2 and [r["repetition"] for r in p["rows"]] == [0, 1]
+    assert p["rows"][0]["params"] == (100.0, 80.0, pytest.approx(-20.0))
+    assert p["rows"][1]["flops"][2] == pytest.approx(-5.0)
+    assert p["test_acc_set"][2] == pytest.approx(0.5)  # +1 and 0 points
+    # params: -20 % and -10 %, sample std 7.07 over √2; the mean levels are 150 → 130.
+    assert p["params"] == (150.0, 130.0, pytest.approx(-15.0), pytest.approx(5.0))
+    text = report.paired_table([p])
+    assert "## b → a" in text and ("| mean ± SE (n = 2) | 85.00 → 85.50 | +0.50 ± 0.50 | 150 → 130 | -15.00 ± 5.00 "
+                                   "| 15 → 14.5 | -2.50 ± 2.50 |") in text
+
+
+def test_arms_continue_one_shared_commit_with_the_same_keys(tmp_path, capsys):
+    """comparison.shared = 1: per repetition the first segment runs once (shared/rep<r>), stopped on convergence
+    (until_gain), then each family's sub-run continues that commit at segment index 1, so its keys are those of one
+    uninterrupted run: the arm equals, bit for bit, the whole sequence run straight. paired.md pairs the arms by
+    repetition."""
+    import checkpoint
+    import mu2net
+
+    p = tmp_path / "m.toml"
+    p.write_text(PAIRED)
+    out = tmp_path / "cmp"
+    m = evolve.load_manifest(p)
+    subs = evolve.runs(m, out=str(out))
+    assert [s.path for s in subs] == [f"{x}/rep{r}" for r in (0, 1) for x in ("shared", "plus/default",
+                                                                             "control/default")]
+    arm = subs[1].manifest
+    assert (arm.root.kind, arm.root.path, arm.first_segment) == ("system", f"{out}/shared/rep0", 1)
+    assert (arm.root.vit, arm.root.resolutions) == ("tiny", (16,)) and not arm.root.pretrain.task
+    assert [s.name for s in arm.segments] == ["two"] and arm.segments[0].penalty_segment == 0
+    assert [s.name for s in subs[0].manifest.segments] == ["one"] and subs[3].manifest.seed == 1
+    keys = {evolve.key_data(evolve.task_key(s.manifest, (0, 0, 0)))
+            == evolve.key_data(manifest.iteration_key(r, 1, 0, 0)) for r, s in ((0, subs[1]), (0, subs[2]), (1, subs[4]), (1, subs[5]))}
+    assert keys == {True}
+    # One repetition end to end (the plan of two is checked above).
+    args = ["--manifest", str(p), "--out", str(out), "--compile-cache", "", "--set", "comparison.repetitions=1"]
+    # An arm whose shared run has not finished is refused in one line, before any work.
+    assert evolve.main(args + ["--sweep-index", "1"]) == 2
+    assert "continues" in capsys.readouterr().err and not (out / "plus").exists()
+    assert evolve.main(args) == 0
+    shared = checkpoint.load(out / "shared/rep0").extra["history"][-1]
+    # until_gain: the first round gained less than 1e9 validation examples, so segment 1 stopped after 1 of 3.
+    assert (shared["iterations"], shared["converged"]) == (1, True) and shared["gain"] < 1e9
+    rounds = [e for e in map(json.loads, (out / "shared/rep0/metrics.jsonl").read_text().splitlines())
+              if e.get("event") == "round"]
+    assert [(e["iterations"], e["converged"]) for e in rounds] == [(1, True)]
+    assert "| one | 1 |" in (out / "shared/rep0/report.md").read_text()
+    for fam in ("plus", "control"):
+        start = checkpoint.load(out / f"{fam}/default/rep0").extra["history"][0]
+        assert start["retained"] == shared["retained"]  # every arm starts from the shared run's system
+    # The plus arm is the whole sequence run straight (its segment 2 with the same P, F and keys).
+    straight = evolve.load_manifest(p, ["comparison.families=[]", "comparison.shared=0", "comparison.pairs=[]"])
+    evolve.run(straight, tmp_path / "straight", stream=open(os.devnull, "w"))
+    assert mu2net.identical(checkpoint.load(tmp_path / "straight").system,
+                            checkpoint.load(out / "plus/default/rep0").system)
+    res = {f: json.loads((out / f"{f}/default/rep0/result.json").read_text()) for f in ("plus", "control")}
+    text = (out / "paired.md").read_text()
+    change = 100 * (res["plus"]["params"] / res["control"]["params"] - 1)
+    assert "## control → plus" in text and f"| {change:+.2f} |" in text and "mean ± SE (n = 1)" in text
+    assert not (out / "shared/rep0/comparison.json").exists()  # a shared run is no family's: not in Table 2
+    capsys.readouterr()
+    assert evolve.main(args) == 0
+    assert capsys.readouterr().err.count("finished before, skipped") == 3

@@ -473,3 +473,13 @@ def test_pretraining_corpus_numbers_its_alphabets_on(monkeypatch):
     chars = "".join(data.ALPHABETS[a] for a in data.CORPORA["glyphs"])
     assert len(set(chars)) == len(chars) == data.load_catalog()["chars/glyphs"].num_classes
     assert not set(chars) & set("".join(data.ALPHABETS[a] for a in ("latin", "greek", "cyrillic", "digits")))
+
+
+def test_font_builder_takes_a_sample_count():
+    """"ALPHABET:SAMPLES" renders SAMPLES distortions per (font, character) (the chars48/* tasks); a bad count is one
+    error naming the builder."""
+    assert data.font_builder("digits") == ("digits", data.FONT_SAMPLES)
+    assert data.font_builder("digits:48") == ("digits", 48)
+    for bad in ("digits:0", "digits:x", "digits:1001", "digits:-3"):
+        with pytest.raises(data.UnknownTask, match="ALPHABET:SAMPLES"):
+            data.font_builder(bad)
