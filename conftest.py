@@ -1,6 +1,7 @@
 """Test-wide settings, in the style of Equinox's conftest: strict promotion, fake devices, no network."""
 import os
 import socket
+import tempfile
 
 # Several fake CPU devices so the per-device child training is tested; must precede the first jax import. XLA:CPU
 # splits a matmul over its thread pool in a way that depends on how many devices the process has, so bit-for-bit
@@ -12,13 +13,16 @@ os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-tfds-data-dir")
 os.environ["NO_GCE_CHECK"] = "true"
 
 import functools  # noqa: E402
-import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# Test files compile the same tiny structures again and again: share the executables within one test session.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="mu2net-xla-"))
+# Test files compile the same tiny structures again and again: share the executables within one test session, with
+# the evolve.py and bench/ processes the tests start too (through the environment: JAX reads these at import; a
+# program's key includes XLA_FLAGS, so a process with other flags, e.g. test_numerics' AVX2 run, compiles its own).
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mu2net-xla-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
