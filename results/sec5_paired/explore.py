@@ -8,44 +8,55 @@ import sys
 
 out = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "runs/sec5_paired")
 N = 2640  # validation examples per task (chars48/digits*)
+SEEDS = range(5)
+
+
+def finished(fam: str, r: int) -> tuple[list[dict], dict] | None:
+    """The log's records and result.json of a finished sub-run, else None."""
+    d = out / f"{fam}/default/rep{r}"
+    if not (d / "result.json").exists():
+        return None
+    return [json.loads(x) for x in open(d / "metrics.jsonl")], json.loads((d / "result.json").read_text())
+
+
+def cycles(ev: list[dict]) -> list[dict]:
+    return [e for e in ev if e.get("event") == "cycle"]
+
+
+runs = {(fam, r): finished(fam, r) for fam in ("control", "plus", "plus_s1") for r in SEEDS}
 for fam in ("control", "plus", "plus_s1"):
     tot = collections.Counter()
-    for r in range(5):
-        p = out / f"{fam}/default/rep{r}/metrics.jsonl"
-        if not (out / f"{fam}/default/rep{r}/result.json").exists():
+    for r in SEEDS:
+        if runs[fam, r] is None:
             continue
-        ev = [json.loads(l) for l in open(p)]
+        ev, res = runs[fam, r]
         ch = {e["child"]: e for e in ev if e.get("event") == "child"}
-        cyc = [e for e in ev if e.get("event") == "cycle"]
         best = collections.defaultdict(lambda: collections.defaultdict(float))  # task -> res -> best quality
-        for c in cyc:
+        for c in cycles(ev):
             h = ch[c["child"]]["hp"]
             best[c["task"]][h["resolution"]] = max(best[c["task"]][h["resolution"]], c["quality"])
         gaps = [(best[t][16] - best[t][12]) * N for t in best if 12 in best[t]]
-        res = json.loads((out / f"{fam}/default/rep{r}/result.json").read_text())
-        shared = sum(1 for m in res["retained"].values() if m["params"] < 36000)
-        tot["children"] += len(ch); tot["12px"] += sum(h["hp"]["resolution"] == 12 for h in ch.values())
-        tot["fewer layers"] += sum(h["hp"]["num_layers"] < 4 for h in ch.values())
-        print(f"{fam:8s} seed {r}: children {len(ch)}, at 12 px {sum(h['hp']['resolution'] == 12 for h in ch.values())}, "
-              f"fewer layers {sum(h['hp']['num_layers'] < 4 for h in ch.values())}; best 16 px − best 12 px per task "
-              f"(validation examples): {[round(g) for g in gaps]}; retained at 12 px: "
-              f"{sum(m['hp']['resolution'] == 12 for m in res['retained'].values())}, layers {[m['hp']['num_layers'] for m in res['retained'].values()]}, "
-              f"params/model {[round(m['params']) for m in res['retained'].values()]}")
+        at12 = sum(h["hp"]["resolution"] == 12 for h in ch.values())
+        fewer = sum(h["hp"]["num_layers"] < 4 for h in ch.values())
+        tot["children"] += len(ch)
+        tot["12px"] += at12
+        tot["fewer layers"] += fewer
+        kept = res["retained"].values()
+        print(f"{fam:8s} seed {r}: children {len(ch)}, at 12 px {at12}, fewer layers {fewer}; best 16 px − best 12 px "
+              f"per task (validation examples): {[round(g) for g in gaps]}; retained at 12 px: "
+              f"{sum(m['hp']['resolution'] == 12 for m in kept)}, layers {[m['hp']['num_layers'] for m in kept]}, "
+              f"params/model {[round(m['params']) for m in kept]}")
     print(fam, dict(tot))
 
 print("penalty decided (the best-score snapshot is not the best-quality one) per task iteration:")
-for fam in ("plus",):
-    for r in range(5):
-        p = out / f"{fam}/default/rep{r}/metrics.jsonl"
-        if not (out / f"{fam}/default/rep{r}/result.json").exists():
-            continue
-        ev = [json.loads(l) for l in open(p)]
-        by = collections.defaultdict(list)
-        for c in ev:
-            if c.get("event") == "cycle":
-                by[c["task"]].append(c)
-        dec = []
-        for t, cs in by.items():
-            q = max(cs, key=lambda c: c["quality"]); s = max(cs, key=lambda c: c["score"])
-            dec.append((t.split("/")[-1], q["child"] != s["child"], round((q["quality"] - s["quality"]) * N, 1)))
-        print(f"  seed {r}: {dec}")
+for r in SEEDS:
+    if runs["plus", r] is None:
+        continue
+    by = collections.defaultdict(list)
+    for c in cycles(runs["plus", r][0]):
+        by[c["task"]].append(c)
+    dec = []
+    for t, cs in by.items():
+        q, s = max(cs, key=lambda c: c["quality"]), max(cs, key=lambda c: c["score"])
+        dec.append((t.split("/")[-1], q["child"] != s["child"], round((q["quality"] - s["quality"]) * N, 1)))
+    print(f"  seed {r}: {dec}")
