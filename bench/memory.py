@@ -22,7 +22,6 @@ a row for each count tried (2, 4, ...).
 import argparse
 import dataclasses
 import functools
-import math
 import os
 import re
 import sys
@@ -41,7 +40,7 @@ import methods  # noqa: E402
 import schedule  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
-from bench.realsize import Phase  # noqa: E402
+from bench.realsize import Phase, nbytes  # noqa: E402
 
 GiB = 1 << 30
 DEVICES = (16, 32, 80)  # GiB: TPUv3 core (Section 4), TPUv4 chip (Section 5), an 80 GiB GPU
@@ -123,10 +122,6 @@ def abstract_plan(case: Case) -> train.Plan:
     hp = jax.tree.map(np.asarray, train.HParams.of(dict(methods.PLUS_DEFAULTS, resolution=case.res)))
     return train.Plan(None, diff, frozen, mom, np.asarray(mask), np.ones(len(comps), np.float32), hp,
                       np.asarray(jax.random.key_data(jax.random.key(0))), 0, case.res)
-
-
-def nbytes(tree: Any) -> int:
-    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
 def budget(case: Case, remat: bool, micro: int) -> train.ChildBudget:

@@ -113,7 +113,8 @@ def activations(cfg: vit.Config, b: int, res: int, remat: bool, micro: int) -> i
 
 
 def nbytes(tree) -> int:
-    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+    """Bytes of a tree's arrays, concrete or abstract (jax.ShapeDtypeStruct)."""
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
 @dataclasses.dataclass
