@@ -1,6 +1,6 @@
 """Per arm and seed of runs/sec5_paired: what the search tried (12-px and shallower children), how far the best 12-px
 child was below the best 16-px one (validation examples), what was retained, and in which task iterations of arm (a)
-the penalty changed the final choice among the children's snapshots. Usage: python explore.py [RUN_DIR]"""
+the penalty changed the final choice among the children's snapshots, and how each seed's segment 1 ended. Usage: python explore.py [RUN_DIR]"""
 import collections
 import json
 import pathlib
@@ -22,6 +22,14 @@ def finished(fam: str, r: int) -> tuple[list[dict], dict] | None:
 def cycles(ev: list[dict]) -> list[dict]:
     return [e for e in ev if e.get("event") == "cycle"]
 
+
+print("segment 1 (shared) per seed: rounds run, each round's mean gain (validation examples per task iteration)")
+for r in SEEDS:
+    log = out / f"shared/rep{r}/metrics.jsonl"
+    ends = [e for e in map(json.loads, open(log)) if e.get("event") == "round"] if log.exists() else []
+    if ends:
+        print(f"  seed {r}: {ends[-1]['iterations']} rounds, {'converged' if ends[-1]['converged'] else 'not converged'}"
+              f"; gains {[round(e['gain'], 1) for e in ends]}")
 
 runs = {(fam, r): finished(fam, r) for fam in ("control", "plus", "plus_s1") for r in SEEDS}
 for fam in ("control", "plus", "plus_s1"):

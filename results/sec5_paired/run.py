@@ -1,0 +1,58 @@
+"""The measured run as launched: the sub-runs of
+    python evolve.py --manifest manifests/sec5_paired.toml --out runs/sec5_paired
+on two workers (this machine has 2 cores), a sub-run starting once its seed's shared segment 1 has finished. Order:
+each seed's segment 1, then arms (a) and (b) of the seeds whose segment 1 is done, the s = 1 arm (c) of every seed
+last (the one to cut if time runs out). Rerunning resumes: finished sub-runs are skipped.
+Usage: python results/sec5_paired/run.py [OUT] [WORKERS]"""
+import datetime
+import subprocess
+import sys
+import threading
+
+out = sys.argv[1] if len(sys.argv) > 1 else "runs/sec5_paired"
+workers = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+M, SEEDS = "manifests/sec5_paired.toml", range(5)
+# sweep index 4r + k: k = 0 the shared segment 1 of seed r, 1 (a) plus, 2 (b) control, 3 (c) plus_s1
+todo = [4 * r for r in SEEDS] + [4 * r + k for r in SEEDS for k in (1, 2)] + [4 * r + 3 for r in SEEDS]
+done: set[int] = set()
+lock = threading.Condition()
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%SZ")
+
+
+def take() -> int | None:
+    """The first sub-run whose segment 1 has finished (a shared one needs nothing); None when all are taken."""
+    with lock:
+        while todo:
+            ready = [i for i in todo if i % 4 == 0 or i - i % 4 in done]
+            if ready:
+                todo.remove(ready[0])
+                return ready[0]
+            lock.wait()
+    return None
+
+
+def worker() -> None:
+    while (i := take()) is not None:
+        print(f"{now()} start sweep-index {i}", flush=True)
+        rc = subprocess.call(["/usr/bin/time", "-f", f"sweep-index {i}: %e s wall, %U s user, %S s sys, %M KB max RSS",
+                              sys.executable, "evolve.py", "--manifest", M, "--out", out, "--sweep-index", str(i)])
+        print(f"{now()} end sweep-index {i}" + (f" FAILED ({rc})" if rc else ""), flush=True)
+        with lock:
+            if rc == 0:
+                done.add(i)
+            elif i % 4 == 0:  # a failed segment 1: its arms can never start, and the other worker must not wait
+                todo[:] = [j for j in todo if j - j % 4 != i]
+            lock.notify_all()
+
+
+print(f"start {datetime.datetime.now(datetime.timezone.utc):%FT%TZ}", flush=True)
+threads = [threading.Thread(target=worker) for _ in range(workers)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+subprocess.call([sys.executable, "evolve.py", "report", out])
+print(f"end {datetime.datetime.now(datetime.timezone.utc):%FT%TZ}", flush=True)
