@@ -804,8 +804,8 @@ def paired_table(results: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: one table per pair, a row per repetition (control → arm, and the change), then the means and the
     change's mean ± standard error."""
     out = []
-    for p in results:
-        head = " | ".join(f"{t}: control → arm | change ({u})" for _, t, u in PAIRED)
+    for p in results:  # the pair's own names in the header: the first of a pair need not be named "control"
+        head = " | ".join(f"{t}: {p['control']} → {p['arm']} | change ({u})" for _, t, u in PAIRED)
         out += [f"## {p['control']} → {p['arm']}", "", f"| repetition | {head} |",
                 "|---:|" + "---:|---:|" * len(PAIRED)]
         for r in p["rows"]:

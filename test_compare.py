@@ -265,7 +265,8 @@ def test_paired_differences_per_repetition_mean_and_standard_error():
     # params: -20 % and -10 %, sample std 7.07 over √2; the mean levels are 150 → 130.
     assert p["params"] == (150.0, 130.0, pytest.approx(-15.0), pytest.approx(5.0))
     text = report.paired_table([p])
-    assert "## b → a" in text and ("| mean ± SE (n = 2) | 85.00 → 85.50 | +0.50 ± 0.50 | 150 → 130 | -15.00 ± 5.00 "
+    assert "## b → a" in text and "| test acc % on the report set: b → a |" in text
+    assert ("| mean ± SE (n = 2) | 85.00 → 85.50 | +0.50 ± 0.50 | 150 → 130 | -15.00 ± 5.00 "
                                    "| 15 → 14.5 | -2.50 ± 2.50 |") in text
 
 
