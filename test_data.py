@@ -176,6 +176,10 @@ def test_catalog_errors_name_the_field(tmp_path):
         data.resolve_tasks(["cifar1000"])
     with pytest.raises(FileNotFoundError, match="nowhere.toml"):
         data.load_catalog(tmp_path / "nowhere.toml")
+    # The parsed catalog is cached by content: a rewrite of the same size (within one mtime tick) is read again.
+    for n in (10, 12):
+        p.write_text(good + f"num_classes = {n}\n")
+        assert data.load_catalog(p)["t"].num_classes == n
 
 
 def test_label_functions():
