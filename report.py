@@ -755,7 +755,7 @@ def plot_figure2(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str
                         yerr=[np.nan_to_num(100 * r["se"]) for r in rs], fmt="o", color=col, alpha=0.6, capsize=2)
             front = pareto(pts)
             ax.plot([pts[j][0] for j in front], [pts[j][1] for j in front], "-", color=col, label=fam)
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("mean test accuracy (%)")
         ax.grid(alpha=0.3, which="both")
@@ -765,6 +765,18 @@ def plot_figure2(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str
     fig.tight_layout()
     _save(fig, path, 110)
     plt.close(fig)
+
+
+def _log_x(ax: Any) -> None:
+    """A log x axis; over less than a decade (the arms of a paired comparison) matplotlib labels every minor tick,
+    which overlap: a few plain ticks instead."""
+    from matplotlib import ticker
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    if 0 < lo and hi < 10 * lo:
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(4))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.4g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def figure2_name(table: str) -> str:
