@@ -126,3 +126,22 @@ def test_aggregate_plot_written(tmp_path):
     runs = [[_fig3("s1", a, 10.0 * a, 1e5)] for a in (0.5, 0.6)]
     report.plot_aggregate(report.aggregate(runs), tmp_path / "a.png")
     assert (tmp_path / "a.png").stat().st_size > 5000
+
+
+def test_figure2_narrow_log_axis_has_a_few_plain_tick_labels():
+    """Arms of a paired comparison span less than a decade of FLOPs: matplotlib's log axis would label every minor
+    tick there, one over the other."""
+    plt = report._plt()
+    fig, (a, b) = plt.subplots(1, 2)
+    for ax in (a, b):
+        ax.plot([1.38e6, 1.413e6], [0.0, 1.0])
+    a.set_xscale("log")
+    report._log_x(b)
+    fig.canvas.draw()
+
+    def labels(ax, minor):  # the labels drawn: inside the axis, not empty
+        lo, hi = ax.get_xlim()
+        return [t.get_text() for t in ax.get_xticklabels(minor=minor) if t.get_text() and lo <= t.get_position()[0] <= hi]
+    assert len(labels(a, True)) > 5  # what the plain log axis does
+    assert labels(b, True) == [] and 2 <= len(labels(b, False)) <= 5
+    plt.close(fig)
