@@ -176,6 +176,9 @@ def test_catalog_errors_name_the_field(tmp_path):
         data.resolve_tasks(["cifar1000"])
     with pytest.raises(FileNotFoundError, match="nowhere.toml"):
         data.load_catalog(tmp_path / "nowhere.toml")
+    p.write_bytes(b'[tasks."\xff"]\n')
+    with pytest.raises(data.DataError, match="not valid TOML"):
+        data.load_catalog(p)
     # The parsed catalog is cached by content: a rewrite of the same size (within one mtime tick) is read again.
     for n in (10, 12):
         p.write_text(good + f"num_classes = {n}\n")
