@@ -267,7 +267,7 @@ def test_paired_differences_per_repetition_mean_and_standard_error():
     text = report.paired_table([p])
     assert "## b → a" in text and "| test acc % on the report set: b → a |" in text
     assert ("| mean ± SE (n = 2) | 85.00 → 85.50 | +0.50 ± 0.50 | 150 → 130 | -15.00 ± 5.00 "
-                                   "| 15 → 14.5 | -2.50 ± 2.50 |") in text
+            "| 15 → 14.5 | -2.50 ± 2.50 |") in text
 
 
 def test_arms_continue_one_shared_commit_with_the_same_keys(tmp_path, capsys):

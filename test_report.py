@@ -141,7 +141,8 @@ def test_figure2_narrow_log_axis_has_a_few_plain_tick_labels():
 
     def labels(ax, minor):  # the labels drawn: inside the axis, not empty
         lo, hi = ax.get_xlim()
-        return [t.get_text() for t in ax.get_xticklabels(minor=minor) if t.get_text() and lo <= t.get_position()[0] <= hi]
+        return [t.get_text() for t in ax.get_xticklabels(minor=minor)
+                if t.get_text() and lo <= t.get_position()[0] <= hi]
     assert len(labels(a, True)) > 5  # what the plain log axis does
     assert labels(b, True) == [] and 2 <= len(labels(b, False)) <= 5
     plt.close(fig)

@@ -1,6 +1,7 @@
 """Per arm and seed of runs/sec5_paired: what the search tried (12-px and shallower children), how far the best 12-px
 child was below the best 16-px one (validation examples), what was retained, and in which task iterations of arm (a)
-the penalty changed the final choice among the children's snapshots, and how each seed's segment 1 ended. Usage: python explore.py [RUN_DIR]"""
+the penalty changed the final choice among the children's snapshots, and how each seed's segment 1 ended.
+Usage: python explore.py [RUN_DIR]"""
 import collections
 import json
 import pathlib
@@ -11,12 +12,17 @@ N = 2640  # validation examples per task (chars48/digits*)
 SEEDS = range(5)
 
 
+def records(log: pathlib.Path) -> list[dict]:
+    with open(log) as f:
+        return [json.loads(x) for x in f]
+
+
 def finished(fam: str, r: int) -> tuple[list[dict], dict] | None:
     """The log's records and result.json of a finished sub-run, else None."""
     d = out / f"{fam}/default/rep{r}"
     if not (d / "result.json").exists():
         return None
-    return [json.loads(x) for x in open(d / "metrics.jsonl")], json.loads((d / "result.json").read_text())
+    return records(d / "metrics.jsonl"), json.loads((d / "result.json").read_text())
 
 
 def cycles(ev: list[dict]) -> list[dict]:
@@ -26,10 +32,10 @@ def cycles(ev: list[dict]) -> list[dict]:
 print("segment 1 (shared) per seed: rounds run, each round's mean gain (validation examples per task iteration)")
 for r in SEEDS:
     log = out / f"shared/rep{r}/metrics.jsonl"
-    ends = [e for e in map(json.loads, open(log)) if e.get("event") == "round"] if log.exists() else []
+    ends = [e for e in records(log) if e.get("event") == "round"] if log.exists() else []
     if ends:
-        print(f"  seed {r}: {ends[-1]['iterations']} rounds, {'converged' if ends[-1]['converged'] else 'not converged'}"
-              f"; gains {[round(e['gain'], 1) for e in ends]}")
+        how = "converged" if ends[-1]["converged"] else "not converged"
+        print(f"  seed {r}: {ends[-1]['iterations']} rounds, {how}; gains {[round(e['gain'], 1) for e in ends]}")
 
 runs = {(fam, r): finished(fam, r) for fam in ("control", "plus", "plus_s1") for r in SEEDS}
 for fam in ("control", "plus", "plus_s1"):
